@@ -1,0 +1,108 @@
+"""Wiring: settings -> pipeline, store, bus -> the roles a process runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+import handlers
+from cistate import pipeline as p
+from cistate.bus import Bus
+from cistate.config import Settings
+from cistate.orchestrator import Orchestrator
+from cistate.relay import Relay
+from cistate.run import Decider
+from cistate.store import Store, connect
+from cistate.worker import Worker
+
+log = structlog.get_logger("cistate")
+
+ROLES = ("api", "orchestrator", "worker")
+
+
+def load_pipeline(path: Path | None) -> p.Pipeline:
+    if path is None:
+        return p.load_default(handlers.names())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise p.PipelineError(f"{path}: cannot read pipeline file: {exc.strerror}") from None
+    return p.parse(text, str(path), handlers.names())
+
+
+@dataclass
+class App:
+    settings: Settings
+    pipeline: p.Pipeline
+    store: Store
+    bus: Bus | None
+    orchestrator: Orchestrator
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[App]:
+    pipeline = load_pipeline(settings.pipeline)
+    store = await connect(settings.database_url)
+    bus: Bus | None = None
+    try:
+        if with_bus:
+            bus = Bus(settings.rabbitmq_url, settings.bus_prefix)
+            await bus.connect()
+            await bus.declare_all(pipeline.step_names)
+        orchestrator = Orchestrator(store, Decider(pipeline), bus)
+        yield App(settings, pipeline, store, bus, orchestrator)
+    finally:
+        if bus is not None:
+            await bus.close()
+        await store.close()
+
+
+async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] | None = None,
+                ready: asyncio.Event | None = None) -> None:
+    """Run the given roles until cancelled."""
+    roles = set(roles)
+    async with open_app(settings) as app:
+        assert app.bus is not None
+        background: list[asyncio.Task[None]] = []
+        runner: web.AppRunner | None = None
+        try:
+            if "orchestrator" in roles:
+                channel = await app.bus.consumer_channel(prefetch=64)
+                queue = await app.bus.declare_orchestrator(channel=channel)
+                await queue.consume(app.orchestrator.on_message, no_ack=False)
+                relay = Relay(app.store, app.bus)
+                background.append(asyncio.create_task(relay.run_forever()))
+                background.append(asyncio.create_task(app.orchestrator.flush_sent_forever()))
+            if "worker" in roles:
+                worker = Worker(app.bus, settings.workdir, handlers.load,
+                                settings.worker_concurrency)
+                await worker.start(steps or app.pipeline.step_names)
+            if "api" in roles:
+                from cistate.api import make_app
+
+                runner = web.AppRunner(make_app(app), access_log=None)
+                await runner.setup()
+                site = web.TCPSite(runner, settings.listen_host, settings.listen_port)
+                await site.start()
+            log.info("serving", roles=sorted(roles), pipeline=app.pipeline.name,
+                     listen=settings.listen if "api" in roles else None)
+            if ready is not None:
+                ready.set()
+            await asyncio.Event().wait()
+        finally:
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await app.orchestrator.flush_sent()
+            if runner is not None:
+                await runner.cleanup()

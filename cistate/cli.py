@@ -1,0 +1,337 @@
+"""The `cistate` command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from cistate import app as wiring
+from cistate.bus import Bus
+from cistate.config import Settings, redact
+from cistate.messages import MESSAGE_MODELS, Push
+from cistate.pipeline import PipelineError
+from cistate.run import RunState, run_id_for
+from cistate.store import connect
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="CI/CD pipelines as event-sourced state machines.")
+db_cli = typer.Typer(no_args_is_help=True, help="The event store's database.")
+runs_cli = typer.Typer(no_args_is_help=True, help="Look at runs.")
+schema_cli = typer.Typer(no_args_is_help=True, help="Message and API schemas.")
+cli.add_typer(db_cli, name="db")
+cli.add_typer(runs_cli, name="runs")
+cli.add_typer(schema_cli, name="schema")
+
+out = Console()
+T = TypeVar("T")
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"cistate: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "CISTATE_" + str(err["loc"][0]).upper() if err["loc"] else "CISTATE_*"
+        fail(f"bad configuration: {name}: {err['msg']}", 2)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning the errors a person can fix into one clear line."""
+    try:
+        return asyncio.run(coro)
+    except PipelineError as exc:
+        fail(str(exc), 2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        fail(f"{_what_failed(exc)}: {exc}")
+
+
+def _what_failed(exc: BaseException) -> str:
+    s = Settings()
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return f"PostgreSQL at {redact(s.database_url)}"
+    return (f"cannot connect (PostgreSQL {redact(s.database_url)}, "
+            f"RabbitMQ {redact(s.rabbitmq_url)})")
+
+
+def configure_logging(fmt: str) -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
+                     else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"), renderer],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
+def print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+def parse_run_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        fail(f"{raw!r} is not a run id (a UUID, as `cistate runs list` shows)", 2)
+
+
+# -- db
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Create the database if needed and apply migrations; safe to run twice."""
+    s = settings()
+
+    async def go() -> list[str]:
+        await _ensure_database(s.database_url)
+        store = await connect(s.database_url, min_size=1, max_size=1)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    applied = run_async(go())
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+
+
+async def _ensure_database(dsn: str) -> None:
+    try:
+        conn = await asyncpg.connect(dsn)
+    except asyncpg.InvalidCatalogNameError:
+        parts = urlsplit(dsn)
+        name = parts.path.lstrip("/")
+        admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+        try:
+            await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), "")}"')
+        except asyncpg.DuplicateDatabaseError:
+            pass
+        finally:
+            await admin.close()
+        return
+    await conn.close()
+
+
+# -- serve
+
+
+@cli.command()
+def serve(
+    role: Annotated[list[str] | None, typer.Option(
+        "--role", help="api, orchestrator or worker (repeatable); default: all")] = None,
+    step: Annotated[list[str] | None, typer.Option(
+        "--step", help="with --role worker: only these steps (repeatable)")] = None,
+) -> None:
+    """Run the API, the orchestrator and workers (or the roles given)."""
+    s = settings()
+    roles = role or list(wiring.ROLES)
+    unknown = set(roles) - set(wiring.ROLES)
+    if unknown:
+        fail(f"unknown role(s) {', '.join(sorted(unknown))}; use {', '.join(wiring.ROLES)}", 2)
+    configure_logging(s.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        run_async(wiring.serve(s, roles, steps=step))
+
+
+# -- push
+
+
+@cli.command()
+def push(
+    repo: Annotated[str, typer.Option(help="Clone URL of the code repository.")],
+    ref: Annotated[str, typer.Option(help="The pushed ref, e.g. refs/heads/main.")],
+    commit: Annotated[str, typer.Option(help="The pushed commit sha.")],
+    delivery_id: Annotated[str | None, typer.Option(
+        help="Message id; the same id twice opens one run.")] = None,
+    pusher: Annotated[str | None, typer.Option(help="Who pushed.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Publish a push event on the bus, as any producer would."""
+    s = settings()
+    try:
+        body = Push(repo=repo, ref=ref, commit=commit, pusher=pusher, provider="cli")
+    except ValidationError as exc:
+        fail("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors()), 2)
+    message_id = delivery_id or str(uuid.uuid4())
+
+    async def go() -> None:
+        bus = Bus(s.rabbitmq_url, s.bus_prefix)
+        await bus.connect()
+        try:
+            await bus.declare_orchestrator()
+            await bus.publish("push", body.model_dump(mode="json", exclude_none=True), message_id)
+        finally:
+            await bus.close()
+
+    run_async(go())
+    try:
+        run_id = str(run_id_for(uuid.UUID(message_id)))
+    except ValueError:
+        run_id = str(run_id_for(uuid.uuid5(uuid.NAMESPACE_URL, f"cistate:message:{message_id}")))
+    if as_json:
+        print_json({"delivery_id": message_id, "run_id": run_id})
+    else:
+        typer.echo(f"published push {message_id}; its run will be {run_id}")
+
+
+# -- runs
+
+
+def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    s = settings()
+
+    async def go() -> T:
+        store = await connect(s.database_url, min_size=1, max_size=2)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return run_async(go())
+
+
+@runs_cli.command("list")
+def runs_list(
+    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, "
+                                                   "cancelled")] = None,
+    repo: Annotated[str | None, typer.Option(help="Only runs of this repo URL.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Runs, newest first."""
+    runs: list[RunState] = _with_store(lambda st: st.list_runs(state=state, repo=repo,
+                                                               limit=limit))
+    if as_json:
+        print_json([r.to_json(with_steps=False) for r in runs])
+        return
+    table = Table("id", "state", "step", "repo", "ref", "commit", "created")
+    for r in runs:
+        table.add_row(str(r.id), _styled(r.status), r.step or "", r.repo, r.ref, r.commit[:12],
+                      _ago(r.created_at))
+    out.print(table)
+
+
+@runs_cli.command("show")
+def runs_show(run: str, as_json: JsonFlag = False) -> None:
+    """One run and its steps."""
+    run_id = parse_run_id(run)
+    state = _with_store(lambda st: st.load(run_id))
+    if state is None:
+        fail(f"no run {run_id}")
+    if as_json:
+        print_json(state.to_json())
+        return
+    out.print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
+              f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
+    table = Table("step", "state", "attempts", "outputs / error", "started", "finished")
+    for step in state.steps.values():
+        detail = (step.error or {}).get("message", "") if step.error else (
+            ", ".join(f"{k}={v}" for k, v in step.outputs.items()))
+        table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
+                      _time(step.started_at), _time(step.finished_at))
+    out.print(table)
+
+
+@runs_cli.command("events")
+def runs_events(run: str, as_json: JsonFlag = False) -> None:
+    """The run's events, in order."""
+    run_id = parse_run_id(run)
+    events = _with_store(lambda st: st.events(run_id))
+    if not events:
+        fail(f"no run {run_id}")
+    if as_json:
+        print_json([e.to_json() for e in events])
+        return
+    table = Table("seq", "type", "step", "attempt", "actor", "recorded")
+    for e in events:
+        table.add_row(str(e.seq), e.type, str(e.data.get("step", "")),
+                      str(e.data.get("attempt", "")), str(e.meta.get("actor", "")),
+                      _time(e.recorded_at))
+    out.print(table)
+
+
+@runs_cli.command("logs")
+def runs_logs(run: str, step: str) -> None:
+    """The full output of a step (every attempt)."""
+    run_id = parse_run_id(run)
+    logs = _with_store(lambda st: st.step_log(run_id, step))
+    if not logs:
+        fail(f"no log for step {step!r} of run {run_id}")
+    for attempt, text in logs:
+        typer.echo(f"--- attempt {attempt} ---")
+        typer.echo(text, nl=False)
+
+
+# -- graph and schemas
+
+
+@cli.command()
+def graph() -> None:
+    """The pipeline's state machine as a Mermaid diagram."""
+    s = settings()
+    try:
+        pipeline = wiring.load_pipeline(s.pipeline)
+    except PipelineError as exc:
+        fail(str(exc), 2)
+    from cistate.machine import RunMachine
+
+    typer.echo(RunMachine(pipeline).mermaid(), nl=False)
+
+
+@schema_cli.command("export")
+def schema_export(
+    directory: Annotated[Path, typer.Option(help="Where to write.")] = SCHEMA_DIR,
+) -> None:
+    """Write the JSON Schemas of bus messages (schema/<name>.schema.json)."""
+    for name, text in message_schemas().items():
+        (directory / f"{name}.schema.json").write_text(text, encoding="utf-8")
+        typer.echo(f"wrote {directory / f'{name}.schema.json'}")
+
+
+def message_schemas() -> dict[str, str]:
+    return {
+        name: json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True) + "\n"
+        for name, model in MESSAGE_MODELS.items()
+    }
+
+
+def _styled(state: str) -> str:
+    colour = {"succeeded": "green", "failed": "red", "running": "cyan", "cancelled": "yellow",
+              "timed_out": "red", "retrying": "yellow"}.get(state)
+    return f"[{colour}]{state}[/]" if colour else state
+
+
+def _time(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _ago(value: datetime | None) -> str:
+    return _time(value)
+
+
+def main() -> None:
+    cli()

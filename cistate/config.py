@@ -1,0 +1,61 @@
+"""Configuration from the environment (CISTATE_*), validated once at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/cistate"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    pipeline: Path | None = None  # None: the packaged nodejs pipeline
+    workdir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cistate")
+    listen: str = "127.0.0.1:8080"
+    bus_prefix: str = Field(default="cistate", pattern=r"^[a-zA-Z0-9_.-]{1,100}$")
+    worker_concurrency: int = Field(default=4, ge=1, le=256)
+    log_format: str = Field(default="console", pattern=r"^(console|json)$")
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0]
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))

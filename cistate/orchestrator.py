@@ -1,0 +1,242 @@
+"""The orchestrator: consumes push, result and control messages; folds, decides, appends.
+
+For each message: load the run (cache, else its projection row), decide, store the events
+with the outbox rows in one transaction, publish the outbox rows with confirms, then ack.
+A Conflict (another orchestrator appended first) reloads and decides again; a Duplicate (a
+redelivered message) is acked with nothing changed. Messages that can never be handled go to
+the dead-letter queue with a reason; messages that arrive in the wrong state become
+`message.rejected` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import BaseModel, ValidationError
+
+from cistate import run as r
+from cistate.bus import Bus
+from cistate.messages import Control, Push, StepResult
+from cistate.store import Conflict, Duplicate, OutboxRow, Store
+
+log = structlog.get_logger("cistate.orchestrator")
+
+MAX_CONFLICT_RETRIES = 20
+CACHE_SIZE = 10_000
+# How long the relay leaves an orchestrator's own rows alone before publishing them itself.
+OUTBOX_GRACE = timedelta(seconds=5)
+
+
+class Unprocessable(Exception):
+    """A message no state of any run could accept: it goes to the dead-letter queue."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: uuid.UUID
+    status: str  # recorded | duplicate | ignored | rejected
+    detail: str | None = None
+    state: r.RunState | None = None
+
+
+def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
+    """The message for a routing key; Unprocessable (with a reason a person can use) if not."""
+    model: type[BaseModel]
+    if routing_key == "push":
+        model = Push
+    elif routing_key == "control":
+        model = Control
+    elif routing_key.startswith("step.") and routing_key.endswith(".result"):
+        model = StepResult
+    else:
+        raise Unprocessable(f"no message type for routing key {routing_key!r}")
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Unprocessable(f"body is not JSON: {exc}") from None
+    try:
+        message = model.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise Unprocessable(f"{routing_key} message does not match its schema: {problems}"
+                            ) from None
+    assert isinstance(message, Push | StepResult | Control)
+    return message
+
+
+class Orchestrator:
+    def __init__(self, store: Store, decider: r.Decider, bus: Bus | None = None) -> None:
+        self.store = store
+        self.decider = decider
+        self.bus = bus
+        self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
+        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._sent: list[int] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- the consumer
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        routing_key = message.routing_key or ""
+        try:
+            message_id = _message_id(message)
+            body = parse(routing_key, message.body)
+            outcome = await self.submit(body, message_id, actor=_actor(body))
+        except Unprocessable as exc:
+            assert self.bus is not None
+            log.warning("dead-lettered", routing_key=routing_key, reason=str(exc),
+                        message_id=message.message_id)
+            await self.bus.dead_letter(message, str(exc))
+            await message.ack()
+            return
+        log.info(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
+                 detail=outcome.detail)
+        await message.ack()
+
+    async def submit(
+        self,
+        message: Push | StepResult | Control,
+        message_id: uuid.UUID,
+        actor: str = "system",
+        record_rejection: bool = True,
+    ) -> Outcome:
+        """Decide and store what `message` does to its run. Used by the consumer and by the
+        API for operator requests (which report a rejection instead of recording it)."""
+        run_id = r.run_id_for(message_id) if isinstance(message, Push) else message.run_id
+        if isinstance(message, Push):
+            reason = r.ignore_reason(message, self.decider.pipeline)
+            if reason is not None:
+                return Outcome(run_id, "ignored", reason)
+        lock = self._locks.setdefault(run_id, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._submit_locked(run_id, message, message_id, actor,
+                                                 record_rejection)
+            finally:
+                if not lock._waiters:  # no one else queued for this run
+                    self._locks.pop(run_id, None)
+
+    async def _submit_locked(
+        self, run_id: uuid.UUID, message: Push | StepResult | Control,
+        message_id: uuid.UUID, actor: str, record_rejection: bool,
+    ) -> Outcome:
+        for _ in range(MAX_CONFLICT_RETRIES):
+            state = await self._load(run_id)
+            if not state.exists and not isinstance(message, Push):
+                raise Unprocessable(f"no run {run_id}")
+            now = datetime.now(UTC)
+            status = "recorded"
+            try:
+                decision = self.decider.decide(state, message, message_id, now, actor)
+            except r.Rejected as exc:
+                if not record_rejection:
+                    return Outcome(run_id, "rejected", exc.reason, state)
+                status = "rejected"
+                decision = self.decider.rejection(
+                    state, message_id, _kind(message),
+                    message.model_dump(mode="json", exclude={"log"}), exc.reason, actor)
+            if decision.ignored:
+                return Outcome(run_id, "ignored", decision.ignored, state)
+            expected = state.version
+            for event in decision.events:
+                r.apply(state, event.type, event.data, now)
+            try:
+                rows = await self.store.append(
+                    state, expected, decision.events, decision.outgoing, message_id, now,
+                    outbox_grace=now + OUTBOX_GRACE if self.bus else None,
+                    log=_step_log(message) if status == "recorded" else None,
+                )
+            except Conflict:
+                self._cache.pop(run_id, None)
+                continue
+            except Duplicate:
+                self._cache.pop(run_id, None)
+                return Outcome(run_id, "duplicate", "message already handled")
+            except BaseException:
+                self._cache.pop(run_id, None)
+                raise
+            self._remember(state)
+            await self._publish(rows)
+            return Outcome(run_id, status, decision.events[-1].type, state)
+        raise RuntimeError(f"run {run_id}: gave up after {MAX_CONFLICT_RETRIES} conflicts")
+
+    async def _load(self, run_id: uuid.UUID) -> r.RunState:
+        cached = self._cache.get(run_id)
+        if cached is not None:
+            return cached
+        stored = await self.store.load(run_id)
+        return stored if stored is not None else r.RunState(id=run_id)
+
+    def _remember(self, state: r.RunState) -> None:
+        if state.status in ("succeeded", "failed", "cancelled"):
+            self._cache.pop(state.id, None)  # terminal runs only change by operator request
+            return
+        self._cache[state.id] = state
+        self._cache.move_to_end(state.id)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _publish(self, rows: list[OutboxRow]) -> None:
+        if self.bus is None or not rows:
+            return
+        await asyncio.gather(*(
+            self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
+        self._sent.extend(row.id for row in rows)
+
+    # -- background: marking sent rows in batches
+
+    async def flush_sent_forever(self, interval: float = 0.2) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.flush_sent()
+
+    async def flush_sent(self) -> None:
+        ids, self._sent = self._sent, []
+        if ids:
+            try:
+                await self.store.mark_sent(ids)
+            except Exception:
+                # Unmarked rows get published again by the relay; consumers dedupe them.
+                log.warning("could not mark outbox rows sent", count=len(ids), exc_info=True)
+
+
+def _message_id(message: AbstractIncomingMessage) -> uuid.UUID:
+    if not message.message_id:
+        raise Unprocessable("message has no message_id (set the AMQP message-id property)")
+    try:
+        return uuid.UUID(message.message_id)
+    except ValueError:
+        # Producers may use their own delivery ids: map them onto UUIDs stably.
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"cistate:message:{message.message_id}")
+
+
+def _actor(message: Push | StepResult | Control) -> str:
+    if isinstance(message, Push):
+        return f"producer:{message.pusher}" if message.pusher else "producer"
+    if isinstance(message, StepResult):
+        return f"handler:{message.worker}" if message.worker else "handler"
+    return message.actor
+
+
+def _kind(message: Push | StepResult | Control) -> str:
+    if isinstance(message, Push):
+        return "push"
+    if isinstance(message, StepResult):
+        return "step-result"
+    return f"control.{message.action}"
+
+
+def _step_log(message: Any) -> tuple[str, int, str] | None:
+    if isinstance(message, StepResult) and message.log is not None:
+        return (message.step, message.attempt, message.log)
+    return None

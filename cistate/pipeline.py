@@ -1,0 +1,194 @@
+"""Pipeline spec: YAML -> validated steps and their policies.
+
+Parsing is pure: `parse(text, source, known_handlers)` takes the file's text and the handler
+names a worker can run, so the core never imports a handler. Every error names the file, the
+step and the field, because the person reading it has to go and fix that file.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
+DEFAULT_PIPELINE = "nodejs"
+DEFAULT_TIMEOUT_SECONDS = 3600.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Accept 30, 2.5, "30s", "10m", "1h", "500ms"; leave anything else for pydantic to reject."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use seconds, or 500ms/30s/10m/1h)")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+
+
+class PipelineError(ValueError):
+    """A pipeline file that cannot be used, with a message that says where and why."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Backoff(_Spec):
+    initial: Seconds = 2.0
+    factor: float = Field(default=2.0, ge=1.0)
+    max: Seconds = 300.0
+    jitter: float = Field(default=0.2, ge=0.0, le=1.0)
+
+    def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before the attempt after `failed_attempt` (1-based), jittered
+        so that runs failing together do not all retry in the same instant."""
+        base = min(self.max, self.initial * self.factor ** (failed_attempt - 1))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+
+class When(_Spec):
+    branches: list[str] = Field(min_length=1)
+
+    def matches(self, branch: str | None) -> bool:
+        return branch is not None and any(fnmatch.fnmatchcase(branch, p) for p in self.branches)
+
+
+class Step(_Spec):
+    name: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+    uses: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    run: str | None = None
+    retries: int = Field(default=0, ge=0, le=100)
+    backoff: Backoff = Field(default_factory=Backoff)
+    retry_on: frozenset[str] = Field(default=frozenset({"error", "timeout"}))
+    timeout: Seconds | None = DEFAULT_TIMEOUT_SECONDS
+    when: When | None = None
+
+    @model_validator(mode="after")
+    def _script_needs_run(self) -> Step:
+        if self.uses == "script" and not (self.run and self.run.strip()):
+            raise ValueError("`uses: script` needs a `run:` command")
+        if self.uses != "script" and self.run is not None:
+            raise ValueError(f"`run:` is only for `uses: script`, not `uses: {self.uses}`")
+        unknown = self.retry_on - {"error", "timeout"}
+        if unknown:
+            raise ValueError(f"retry_on takes error and timeout, not {sorted(unknown)}")
+        return self
+
+    @property
+    def max_attempts(self) -> int:
+        return self.retries + 1
+
+    def runs_on(self, branch: str | None) -> bool:
+        return self.when is None or self.when.matches(branch)
+
+
+class _PipelineSpec(_Spec):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    branches: list[str] | None = Field(default=None, min_length=1)
+    steps: list[Step] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    steps: tuple[Step, ...]
+    branches: tuple[str, ...] | None = None  # which branch pushes open a run (None: all)
+    source: str = "<memory>"
+
+    def step(self, name: str) -> Step:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.steps)
+
+    def accepts_branch(self, branch: str) -> bool:
+        return self.branches is None or any(fnmatch.fnmatchcase(branch, p) for p in self.branches)
+
+
+def parse(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: expected a mapping with `name` and `steps`")
+    try:
+        spec = _PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(_describe(exc, source, raw)) from None
+    _check_steps(spec.steps, source, frozenset(known_handlers))
+    return Pipeline(
+        name=spec.name,
+        steps=tuple(spec.steps),
+        branches=tuple(spec.branches) if spec.branches else None,
+        source=source,
+    )
+
+
+def load_default(known_handlers: Iterable[str]) -> Pipeline:
+    path = resources.files("cistate") / "pipelines" / f"{DEFAULT_PIPELINE}.yaml"
+    return parse(path.read_text(encoding="utf-8"), f"<packaged {DEFAULT_PIPELINE}.yaml>",
+                 known_handlers)
+
+
+def _check_steps(steps: Sequence[Step], source: str, known: frozenset[str]) -> None:
+    seen: set[str] = set()
+    for number, step in enumerate(steps, 1):
+        where = f"{source}: step {step.name!r} (#{number})"
+        if step.name in RESERVED_STATES:
+            raise PipelineError(f"{where}: field 'name': {step.name!r} is reserved for runs")
+        if step.name in seen:
+            raise PipelineError(f"{where}: field 'name': a step of that name comes earlier")
+        seen.add(step.name)
+        if step.uses not in known:
+            raise PipelineError(
+                f"{where}: field 'uses': no handler named {step.uses!r} "
+                f"(known: {', '.join(sorted(known))})"
+            )
+
+
+def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = source
+        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+            index = loc[1]
+            steps = raw.get("steps")
+            name = None
+            if isinstance(steps, list) and index < len(steps) and isinstance(steps[index], dict):
+                name = steps[index].get("name")
+            where += f": step {name!r} (#{index + 1})" if name else f": step #{index + 1}"
+            loc = loc[2:]
+        field = ".".join(str(p) for p in loc)
+        problem = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"{where}: field {field!r}: {problem}" if field else f"{where}: {problem}")
+    return "\n".join(lines)

@@ -1,0 +1,266 @@
+"""PostgreSQL event store (asyncpg): append, load, queries, the runs projection, the outbox.
+
+One transaction per decision: its events (with the expected version), the `runs` row, the
+outbox rows and the step log. A unique violation on (run_id, seq) means another writer got
+there first (Conflict: reload and decide again); one on message_id means this message was
+already handled (Duplicate: nothing to do).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from cistate.events import Event, NewEvent, derived_id
+from cistate.run import Outgoing, RunState, StepState
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
+NOTIFY_CHANNEL = "cistate_outbox"
+_MIGRATION_LOCK = 0x6369_7374  # advisory lock id: one migrator at a time
+
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+
+class Conflict(Exception):
+    """Another writer appended to the run first."""
+
+
+class Duplicate(Exception):
+    """The message was handled before."""
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    message_id: uuid.UUID
+    routing_key: str
+    body: dict[str, Any]
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                              schema="pg_catalog")
+
+
+async def connect(dsn: str, min_size: int = 2, max_size: int = 10) -> Store:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
+                                     init=_init_connection)
+    return Store(pool, dsn)
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self.pool = pool
+        self.dsn = dsn
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # -- schema
+
+    async def migrate(self) -> list[str]:
+        """Apply the migrations not applied yet, in order; returns their names."""
+        applied: list[str] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+            for path in sorted(MIGRATIONS.glob("*.sql")):
+                if path.name in done:
+                    continue
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
+                applied.append(path.name)
+        return applied
+
+    async def ping(self) -> None:
+        await self.pool.fetchval("SELECT 1")
+
+    # -- writing
+
+    async def append(
+        self,
+        state: RunState,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        outgoing: Sequence[Outgoing],
+        message_id: uuid.UUID,
+        now: datetime,
+        outbox_grace: datetime | None,
+        log: tuple[str, int, str] | None = None,
+    ) -> list[OutboxRow]:
+        """Store events decided on `expected_version` and the state they lead to.
+
+        Immediate outgoing rows get `outbox_grace` as not_before: the caller publishes them
+        itself right after commit and the relay only steps in if it did not.
+        """
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await self._insert_events(conn, state.id, expected_version, events,
+                                              message_id, now)
+                    await self._upsert_run(conn, state)
+                    rows = await self._insert_outbox(conn, outgoing, outbox_grace)
+                    if log is not None:
+                        await conn.execute(
+                            "INSERT INTO step_logs (run_id, step, attempt, log) "
+                            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                            state.id, *log,
+                        )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "events_message_id_key":
+                    raise Duplicate(str(message_id)) from None
+                if exc.constraint_name == "events_run_id_seq_key":
+                    raise Conflict(str(state.id)) from None
+                if exc.constraint_name == "outbox_message_id_key":
+                    raise Conflict(str(state.id)) from None
+                raise
+        return rows
+
+    async def _insert_events(
+        self, conn: Conn, run_id: uuid.UUID, version: int,
+        events: Sequence[NewEvent], message_id: uuid.UUID, now: datetime,
+    ) -> None:
+        ids = [message_id] + [derived_id(message_id, i) for i in range(1, len(events))]
+        await conn.execute(
+            "INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at) "
+            "SELECT $1, t.seq, t.type, t.data, t.meta, t.mid, $7 FROM unnest("
+            "$2::int[], $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[]) "
+            "AS t(seq, type, data, meta, mid)",
+            run_id,
+            list(range(version + 1, version + 1 + len(events))),
+            [str(e.type) for e in events],
+            [e.data for e in events],
+            [e.meta for e in events],
+            ids,
+            now,
+        )
+
+    async def _upsert_run(self, conn: Conn, s: RunState) -> None:
+        await conn.execute(
+            "INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state,"
+            " steps, active, push, version, created_at, updated_at)"
+            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
+            " ON CONFLICT (id) DO UPDATE SET state=$6, step=$7, machine_state=$8, steps=$9,"
+            " version=$12, updated_at=$14",
+            s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
+            [st.to_json() for st in s.steps.values()], s.active, s.push, s.version,
+            s.created_at, s.updated_at,
+        )
+
+    async def _insert_outbox(
+        self, conn: Conn, outgoing: Sequence[Outgoing], grace: datetime | None,
+    ) -> list[OutboxRow]:
+        if not outgoing:
+            return []
+        bodies = [o.body.model_dump(mode="json", by_alias=True) for o in outgoing]
+        records = await conn.fetch(
+            "INSERT INTO outbox (message_id, routing_key, body, not_before) "
+            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[]) "
+            "RETURNING id, message_id, routing_key, body, not_before",
+            [o.message_id for o in outgoing],
+            [o.routing_key for o in outgoing],
+            bodies,
+            [o.not_before or grace for o in outgoing],
+        )
+        if grace is None:
+            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        delayed = {o.message_id for o in outgoing if o.not_before is not None}
+        return [
+            OutboxRow(r["id"], r["message_id"], r["routing_key"], r["body"])
+            for r in records if r["message_id"] not in delayed
+        ]
+
+    # -- outbox relay
+
+    async def mark_sent(self, ids: Sequence[int]) -> None:
+        if ids:
+            await self.pool.execute(
+                "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", list(ids))
+
+    @asynccontextmanager
+    async def due_outbox(self, limit: int = 500) -> AsyncIterator[list[OutboxRow]]:
+        """Rows due for publishing, locked for this relay until the block exits; the caller
+        publishes them and they are marked sent when the block exits without error."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(
+                "SELECT id, message_id, routing_key, body FROM outbox"
+                " WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                limit,
+            )
+            rows = [OutboxRow(r["id"], r["message_id"], r["routing_key"], r["body"])
+                    for r in records]
+            yield rows
+            if rows:
+                await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)",
+                                   [r.id for r in rows])
+
+    async def prune_outbox(self, older_than_seconds: float = 86400) -> int:
+        result: str = await self.pool.execute(
+            "DELETE FROM outbox WHERE sent_at < now() - make_interval(secs => $1)",
+            older_than_seconds,
+        )
+        return int(result.split()[-1])
+
+    # -- reading
+
+    async def load(self, run_id: uuid.UUID) -> RunState | None:
+        """The run's state from its projection row (a snapshot kept with every append)."""
+        record = await self.pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
+        return _state_from_row(record) if record else None
+
+    async def events(self, run_id: uuid.UUID, upto_seq: int | None = None) -> list[Event]:
+        records = await self.pool.fetch(
+            "SELECT * FROM events WHERE run_id = $1 AND ($2::int IS NULL OR seq <= $2)"
+            " ORDER BY seq",
+            run_id, upto_seq,
+        )
+        return [_event(r) for r in records]
+
+    async def step_log(self, run_id: uuid.UUID, step: str) -> list[tuple[int, str]]:
+        records = await self.pool.fetch(
+            "SELECT attempt, log FROM step_logs WHERE run_id = $1 AND step = $2 ORDER BY attempt",
+            run_id, step,
+        )
+        return [(r["attempt"], r["log"]) for r in records]
+
+    async def list_runs(
+        self, *, state: str | None = None, repo: str | None = None, limit: int = 50,
+    ) -> list[RunState]:
+        records = await self.pool.fetch(
+            "SELECT * FROM runs WHERE ($1::text IS NULL OR state = $1)"
+            " AND ($2::text IS NULL OR repo = $2)"
+            " ORDER BY created_at DESC, id DESC LIMIT $3",
+            state, repo, limit,
+        )
+        return [_state_from_row(r) for r in records]
+
+
+def _state_from_row(r: asyncpg.Record) -> RunState:
+    steps = [StepState.from_json(raw) for raw in r["steps"]]
+    return RunState(
+        id=r["id"], repo=r["repo"], ref=r["ref"], commit=r["commit"], pipeline=r["pipeline"],
+        machine_state=r["machine_state"], step=r["step"],
+        steps={s.name: s for s in steps}, active=list(r["active"]), push=r["push"],
+        version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
+    )
+
+
+def _event(r: asyncpg.Record) -> Event:
+    return Event(
+        position=r["position"], run_id=r["run_id"], seq=r["seq"], type=r["type"],
+        data=r["data"], meta=r["meta"], message_id=r["message_id"],
+        recorded_at=r["recorded_at"],
+    )

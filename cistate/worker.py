@@ -1,0 +1,163 @@
+"""The worker: runs handlers for step commands and publishes their results.
+
+A command is acked only after its result is confirmed by the broker; a worker killed mid-step
+leaves the command unacked, the broker redelivers it, and the handler (idempotent) runs again.
+The result's message_id derives from the command's, so a second run of the same command
+publishes a result the orchestrator recognises as a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+from pydantic import ValidationError
+
+from cistate.bus import Bus
+from cistate.events import derived_id
+from cistate.messages import CancelStep, StepCommand, StepError, StepResult
+from handlers.base import Handler, StepFailed, StepLog, StepRequest
+
+log = structlog.get_logger("cistate.worker")
+
+LOG_LIMIT = 1 << 20  # bytes of a step's output sent with its result (head and tail kept)
+
+HandlerLoader = Callable[[str], Handler]
+
+
+class Worker:
+    def __init__(self, bus: Bus, workdir: Path, load_handler: HandlerLoader,
+                 concurrency: int = 4) -> None:
+        self.bus = bus
+        self.workdir = workdir
+        self.load_handler = load_handler
+        self.concurrency = concurrency
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._running: dict[tuple[str, str, int], asyncio.Task[StepResult]] = {}
+        self._cancelled: set[tuple[str, str, int]] = set()
+
+    async def start(self, steps: Iterable[str]) -> None:
+        channel = await self.bus.consumer_channel(prefetch=self.concurrency)
+        for step in steps:
+            queue = await self.bus.declare_step(step, channel=channel)
+            await queue.consume(self.on_command, no_ack=False)
+        cancel_queue = await self.bus.declare_cancel_queue(channel, self.worker_id)
+        await cancel_queue.consume(self.on_cancel, no_ack=True)
+
+    async def on_cancel(self, message: AbstractIncomingMessage) -> None:
+        try:
+            cancel = CancelStep.model_validate_json(message.body)
+        except ValidationError:
+            return
+        key = (str(cancel.run_id), cancel.step, cancel.attempt)
+        task = self._running.get(key)
+        if task is not None:
+            log.info("cancelling step", run_id=key[0], step=key[1], attempt=key[2])
+            self._cancelled.add(key)
+            task.cancel()
+
+    async def on_command(self, message: AbstractIncomingMessage) -> None:
+        try:
+            command = StepCommand.model_validate(json.loads(message.body))
+        except (ValueError, ValidationError) as exc:
+            await self.bus.dead_letter(message, f"step command does not match its schema: {exc}")
+            await message.ack()
+            return
+        command_id = message.message_id or str(uuid.uuid4())
+        key = (str(command.run_id), command.step, command.attempt)
+        task = asyncio.create_task(self.execute(command))
+        self._running[key] = task
+        try:
+            result = await task
+        except asyncio.CancelledError:
+            if key not in self._cancelled:
+                raise  # the worker itself is stopping: leave the message unacked
+            result = _result(command, "failed", error=StepError(
+                message=f"step {command.step!r} was cancelled", kind="cancelled",
+                retryable=False))
+        finally:
+            self._running.pop(key, None)
+            self._cancelled.discard(key)
+        result = result.model_copy(update={"worker": self.worker_id})
+        await self.bus.publish(
+            f"step.{command.step}.result",
+            result.model_dump(mode="json"),
+            derived_id(command_id, "result"),
+        )
+        await message.ack()
+
+    async def execute(self, command: StepCommand) -> StepResult:
+        """Run the handler for one attempt; every outcome becomes a result."""
+        started = datetime.now(UTC)
+        attempt_dir = self.workdir / "runs" / str(command.run_id) / (
+            f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}")
+        workspace = attempt_dir / "work"
+        workspace.mkdir(parents=True)
+        step_log = StepLog(attempt_dir / "output.log")
+        request = StepRequest(
+            run_id=str(command.run_id), repo=command.repo, ref=command.ref,
+            commit=command.commit, step=command.step, attempt=command.attempt,
+            settings=command.settings, script=command.script, inputs=command.inputs,
+            workdir=workspace, log=step_log,
+        )
+        try:
+            handler = self.load_handler(command.uses)
+            if command.timeout:
+                # The orchestrator times the step out too; this stops the process here.
+                outputs = await asyncio.wait_for(handler(request), command.timeout)
+            else:
+                outputs = await handler(request)
+            result = _result(command, "succeeded", outputs=outputs)
+        except StepFailed as exc:
+            step_log.line(f"cistate: {exc.message}")
+            result = _result(command, "failed", error=StepError(
+                message=exc.message, exit_code=exc.exit_code,
+                output_tail=exc.output_tail or step_log.tail(), retryable=exc.retryable))
+        except TimeoutError:
+            result = _result(command, "failed", error=StepError(
+                message=f"step {command.step!r} did not finish within {command.timeout:g}s",
+                kind="timeout", output_tail=step_log.tail()))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            step_log.write(traceback.format_exc())
+            result = _result(command, "failed", error=StepError(
+                message=f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}",
+                output_tail=step_log.tail()))
+        finally:
+            step_log.close()
+        text = _bounded(step_log.path)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(attempt_dir)
+        return result.model_copy(update={
+            "log": text, "started_at": started, "finished_at": datetime.now(UTC)})
+
+
+def _result(command: StepCommand, status: str, **kw: object) -> StepResult:
+    return StepResult.model_validate({
+        "run_id": command.run_id, "step": command.step, "attempt": command.attempt,
+        "status": status, **kw,
+    })
+
+
+def _bounded(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    if len(data) > LOG_LIMIT:
+        half = LOG_LIMIT // 2
+        cut = len(data) - LOG_LIMIT
+        data = data[:half] + f"\n... [{cut} bytes cut] ...\n".encode() + data[-half:]
+    return data.decode("utf-8", errors="replace")

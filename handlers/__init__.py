@@ -1,0 +1,32 @@
+"""Step handlers: one module per side effect. `uses: <name>` in a pipeline names one of these.
+
+Modules are imported on first use so that a worker for one step does not load every client
+library, and so that the core can validate pipelines against the names alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from handlers.base import Handler
+
+# name in `uses:` -> module whose `run` coroutine implements it
+REGISTRY: dict[str, str] = {
+    "noop": "handlers.noop",
+    "script": "handlers.script",
+}
+
+
+def names() -> frozenset[str]:
+    return frozenset(REGISTRY)
+
+
+def load(name: str) -> Handler:
+    try:
+        module_name = REGISTRY[name]
+    except KeyError:
+        raise LookupError(
+            f"no handler named {name!r}; known handlers: {', '.join(sorted(REGISTRY))}"
+        ) from None
+    handler: Handler = importlib.import_module(module_name).run
+    return handler
