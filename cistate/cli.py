@@ -335,3 +335,7 @@ def _ago(value: datetime | None) -> str:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
