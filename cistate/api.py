@@ -1,19 +1,35 @@
-"""HTTP API (aiohttp): health, runs, events, step logs."""
+"""HTTP API (aiohttp): health, runs, events, logs, operator actions, live stream, webhooks.
+
+Mutating calls need `Authorization: Bearer <token>` (CISTATE_API_TOKEN); the token's name
+becomes the actor of the events they cause. Reads are open unless CISTATE_API_READ_AUTH=1.
+Webhooks are authenticated by their host's signature instead.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hmac
+import json
 import uuid
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from cistate.app import App
+from cistate.orchestrator import Outcome
+from cistate.store import EventQuery, RunQuery
 
 APP_KEY: web.AppKey[App] = web.AppKey("cistate", App)
+ACTOR_KEY: web.RequestKey[str] = web.RequestKey("cistate.actor", str)
+MAX_BODY = 1 << 20
+STREAM_POLL_SECONDS = 0.25
+RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 def make_app(app: App) -> web.Application:
-    web_app = web.Application(middlewares=[_errors])
+    web_app = web.Application(middlewares=[_errors, _auth], client_max_size=MAX_BODY)
     web_app[APP_KEY] = app
     web_app.add_routes([
         web.get("/health", health),
@@ -21,15 +37,21 @@ def make_app(app: App) -> web.Application:
         web.get("/api/v1/runs/{id}", show_run),
         web.get("/api/v1/runs/{id}/events", run_events),
         web.get("/api/v1/runs/{id}/steps/{step}/log", step_log),
+        web.get("/api/v1/runs/{id}/stream", stream),
+        web.post("/api/v1/runs/{id}/retry", retry),
+        web.post("/api/v1/runs/{id}/cancel", cancel),
+        web.post("/api/v1/runs/{id}/rerun", rerun),
+        web.get("/api/v1/events", list_events),
     ])
     return web_app
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.extra = extra
 
 
 @web.middleware
@@ -38,7 +60,35 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
         return response
     except ApiError as exc:
-        return web.json_response({"error": exc.message}, status=exc.status)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return web.json_response({"error": exc.message, **exc.extra}, status=exc.status,
+                                 headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response({"error": exc.reason}, status=exc.status)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
+    settings = request.app[APP_KEY].settings
+    public = request.path == "/health" or request.path.startswith("/api/v1/webhooks/")
+    if not public and (request.method != "GET" or settings.api_read_auth):
+        tokens = settings.api_tokens
+        if not tokens:
+            raise ApiError(503, "this API has no tokens: set CISTATE_API_TOKEN to allow "
+                                "operator calls")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        name = next((n for t, n in tokens.items()
+                     if scheme.lower() == "bearer" and hmac.compare_digest(t, given)), None)
+        if name is None:
+            raise ApiError(401, "missing or unknown bearer token")
+        request[ACTOR_KEY] = f"api:{name}"
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+# -- reads
 
 
 async def health(request: web.Request) -> web.Response:
@@ -61,31 +111,35 @@ async def health(request: web.Request) -> web.Response:
                              status=200 if ok else 503)
 
 
-def _run_id(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["id"])
-    except ValueError:
-        raise ApiError(400, f"{request.match_info['id']!r} is not a run id (a UUID)") from None
-
-
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit", "50")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ApiError(400, "limit must be a whole number from 1 to 1000")
-    return int(raw)
-
-
 async def list_runs(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
-    runs = await app.store.list_runs(
-        state=request.query.get("state"), repo=request.query.get("repo"), limit=_limit(request))
-    return web.json_response({"runs": [run.to_json(with_steps=False) for run in runs]})
+    q = request.query
+    state = q.get("state")
+    if state is not None and state not in RUN_STATES:
+        raise ApiError(400, f"state must be one of {', '.join(RUN_STATES)}")
+    limit = _limit(request, 50)
+    runs = await app.store.list_runs(RunQuery(
+        state=state, repo=q.get("repo"), ref=q.get("ref"), commit=q.get("commit"),
+        step=q.get("step"), since=_time(request, "since"), until=_time(request, "until"),
+        before=_run_cursor(q.get("cursor")), limit=limit))
+    next_cursor = None
+    if len(runs) == limit and runs[-1].created_at is not None:
+        raw = f"{runs[-1].created_at.isoformat()}|{runs[-1].id}"
+        next_cursor = base64.urlsafe_b64encode(raw.encode()).decode()
+    return web.json_response({"runs": [run.to_json(with_steps=False) for run in runs],
+                              "next_cursor": next_cursor})
 
 
 async def show_run(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
     run_id = _run_id(request)
-    state = await app.store.load(run_id)
+    at = request.query.get("at")
+    if at is not None:
+        if not at.isdigit() or int(at) < 1:
+            raise ApiError(400, "at must be an event seq (a whole number from 1)")
+        state = await app.store.state_at(run_id, int(at))
+    else:
+        state = await app.store.load(run_id)
     if state is None:
         raise ApiError(404, f"no run {run_id}")
     return web.json_response(state.to_json())
@@ -100,6 +154,29 @@ async def run_events(request: web.Request) -> web.Response:
     return web.json_response({"events": [e.to_json() for e in events]})
 
 
+async def list_events(request: web.Request) -> web.Response:
+    app = request.app[APP_KEY]
+    q = request.query
+    run_id = None
+    if "run_id" in q:
+        try:
+            run_id = uuid.UUID(q["run_id"])
+        except ValueError:
+            raise ApiError(400, "run_id must be a UUID") from None
+    cursor = q.get("cursor")
+    if cursor is not None and not cursor.isdigit():
+        raise ApiError(400, "cursor must be the next_cursor of a previous page")
+    limit = _limit(request, 100)
+    events = await app.store.audit(EventQuery(
+        run_id=run_id, repo=q.get("repo"), ref=q.get("ref"), commit=q.get("commit"),
+        type=q.get("type"), step=q.get("step"), actor=q.get("actor"),
+        since=_time(request, "since"), until=_time(request, "until"),
+        before=int(cursor) if cursor else None, limit=limit))
+    next_cursor = str(events[-1].position) if len(events) == limit else None
+    return web.json_response({"events": [e.to_json() for e in events],
+                              "next_cursor": next_cursor})
+
+
 async def step_log(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
     run_id = _run_id(request)
@@ -109,3 +186,125 @@ async def step_log(request: web.Request) -> web.Response:
         raise ApiError(404, f"no log for step {step!r} of run {run_id}")
     text = "".join(f"--- attempt {attempt} ---\n{body}" for attempt, body in logs)
     return web.Response(text=text, content_type="text/plain")
+
+
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the run's events as they are recorded, until the run ends."""
+    app = request.app[APP_KEY]
+    run_id = _run_id(request)
+    state = await app.store.load(run_id)
+    if state is None:
+        raise ApiError(404, f"no run {run_id}")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    seen = 0
+    while True:
+        events = [e for e in await app.store.events(run_id) if e.seq > seen]
+        for event in events:
+            await response.write(
+                f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.to_json())}\n\n"
+                .encode())
+            seen = event.seq
+        state = await app.store.load(run_id)
+        if state is not None and state.status in ("succeeded", "failed", "cancelled") \
+                and state.version <= seen:
+            await response.write(f"event: end\ndata: {json.dumps(state.to_json())}\n\n".encode())
+            break
+        await asyncio.sleep(STREAM_POLL_SECONDS)
+    await response.write_eof()
+    return response
+
+
+# -- operator actions
+
+
+async def retry(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    outcome = await request.app[APP_KEY].orchestrator.control(
+        _run_id(request), "retry", request[ACTOR_KEY], reason=_str(body, "reason"),
+        step=_str(body, "from_step"))
+    return _answer(outcome, 202)
+
+
+async def cancel(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    outcome = await request.app[APP_KEY].orchestrator.control(
+        _run_id(request), "cancel", request[ACTOR_KEY], reason=_str(body, "reason"))
+    return _answer(outcome, 202)
+
+
+async def rerun(request: web.Request) -> web.Response:
+    outcome = await request.app[APP_KEY].orchestrator.rerun(_run_id(request),
+                                                            request[ACTOR_KEY])
+    return _answer(outcome, 201)
+
+
+def _answer(outcome: Outcome, success: int) -> web.Response:
+    if outcome.status == "not_found":
+        raise ApiError(404, outcome.detail or "no such run")
+    if outcome.status in ("rejected", "ignored"):
+        raise ApiError(409, outcome.detail or "not allowed in the run's state",
+                       run=outcome.state.to_json() if outcome.state else None)
+    assert outcome.state is not None
+    return web.json_response(outcome.state.to_json(), status=success)
+
+
+# -- parsing
+
+
+def _run_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise ApiError(400, f"{request.match_info['id']!r} is not a run id (a UUID)") from None
+
+
+def _limit(request: web.Request, default: int) -> int:
+    raw = request.query.get("limit", str(default))
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ApiError(400, "limit must be a whole number from 1 to 1000")
+    return int(raw)
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an ISO 8601 time, e.g. 2026-11-01T00:00:00Z"
+                       ) from None
+    if value.tzinfo is None:
+        raise ApiError(400, f"{name} needs a time zone (e.g. a trailing Z)")
+    return value
+
+
+def _run_cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
+    if raw is None:
+        return None
+    try:
+        when, _, ident = base64.urlsafe_b64decode(raw.encode()).decode().partition("|")
+        return datetime.fromisoformat(when), uuid.UUID(ident)
+    except ValueError:
+        raise ApiError(400, "cursor must be the next_cursor of a previous page") from None
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, f"{key} must be a string")
+    return value

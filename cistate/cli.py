@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import sys
@@ -25,20 +26,24 @@ from cistate import app as wiring
 from cistate.bus import Bus
 from cistate.config import Settings, redact
 from cistate.messages import MESSAGE_MODELS, Push
+from cistate.orchestrator import Orchestrator, Outcome
 from cistate.pipeline import PipelineError
-from cistate.run import RunState, run_id_for
-from cistate.store import connect
+from cistate.run import Decider, RunState, run_id_for
+from cistate.store import EventQuery, RunQuery, connect
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="CI/CD pipelines as event-sourced state machines.")
 db_cli = typer.Typer(no_args_is_help=True, help="The event store's database.")
 runs_cli = typer.Typer(no_args_is_help=True, help="Look at runs.")
 schema_cli = typer.Typer(no_args_is_help=True, help="Message and API schemas.")
+projections_cli = typer.Typer(no_args_is_help=True, help="Read models built from events.")
+cli.add_typer(projections_cli, name="projections")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(runs_cli, name="runs")
 cli.add_typer(schema_cli, name="schema")
 
-out = Console()
+# Piped output (grep, logs) gets wide tables rather than cells folded to 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 T = TypeVar("T")
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
 
@@ -214,32 +219,61 @@ def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
     return run_async(go())
 
 
+StateOpt = Annotated[str | None, typer.Option(
+    help="queued, running, succeeded, failed or cancelled")]
+RepoOpt = Annotated[str | None, typer.Option(help="Repo URL, exactly.")]
+RefOpt = Annotated[str | None, typer.Option(help="Ref, e.g. refs/heads/main.")]
+CommitOpt = Annotated[str | None, typer.Option(help="Commit sha or a prefix of it.")]
+SinceOpt = Annotated[datetime | None, typer.Option(
+    help="From this time (ISO 8601, UTC if no zone).", formats=["%Y-%m-%dT%H:%M:%S%z",
+    "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"])]
+UntilOpt = Annotated[datetime | None, typer.Option(
+    help="Before this time.", formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S",
+                                       "%Y-%m-%d"])]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
 @runs_cli.command("list")
 def runs_list(
-    state: Annotated[str | None, typer.Option(help="queued, running, succeeded, failed, "
-                                                   "cancelled")] = None,
-    repo: Annotated[str | None, typer.Option(help="Only runs of this repo URL.")] = None,
+    state: StateOpt = None,
+    repo: RepoOpt = None,
+    ref: RefOpt = None,
+    commit: CommitOpt = None,
+    step: Annotated[str | None, typer.Option(help="The step the run is in or ended in.")] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
     as_json: JsonFlag = False,
 ) -> None:
     """Runs, newest first."""
-    runs: list[RunState] = _with_store(lambda st: st.list_runs(state=state, repo=repo,
-                                                               limit=limit))
+    query = RunQuery(state=state, repo=repo, ref=ref, commit=commit, step=step,
+                     since=_utc(since), until=_utc(until), limit=limit)
+    runs: list[RunState] = _with_store(lambda st: st.list_runs(query))
     if as_json:
         print_json([r.to_json(with_steps=False) for r in runs])
         return
     table = Table("id", "state", "step", "repo", "ref", "commit", "created")
     for r in runs:
         table.add_row(str(r.id), _styled(r.status), r.step or "", r.repo, r.ref, r.commit[:12],
-                      _ago(r.created_at))
+                      _time(r.created_at))
     out.print(table)
 
 
 @runs_cli.command("show")
-def runs_show(run: str, as_json: JsonFlag = False) -> None:
-    """One run and its steps."""
+def runs_show(
+    run: str,
+    at: Annotated[int | None, typer.Option(
+        "--at", min=1, help="The run as it stood after event SEQ.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One run and its steps (now, or --at an earlier event)."""
     run_id = parse_run_id(run)
-    state = _with_store(lambda st: st.load(run_id))
+    state = _with_store(lambda st: st.state_at(run_id, at) if at else st.load(run_id))
     if state is None:
         fail(f"no run {run_id}")
     if as_json:
@@ -286,6 +320,157 @@ def runs_logs(run: str, step: str) -> None:
         typer.echo(text, nl=False)
 
 
+def _actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any, Any, Outcome]],
+             as_json: bool, done: str) -> None:
+    run_id = parse_run_id(run)
+    s = settings()
+
+    async def go() -> Outcome:
+        pipeline = wiring.load_pipeline(s.pipeline)
+        store = await connect(s.database_url, min_size=1, max_size=2)
+        try:
+            # No bus here: the outbox rows this writes are published by a running relay.
+            return await action(Orchestrator(store, Decider(pipeline), bus=None), run_id)
+        finally:
+            await store.close()
+
+    outcome = run_async(go())
+    if outcome.status in ("not_found", "rejected", "ignored"):
+        fail(f"run {run_id}: {outcome.detail}")
+    assert outcome.state is not None
+    if as_json:
+        print_json(outcome.state.to_json())
+    else:
+        typer.echo(done.format(id=outcome.state.id, step=outcome.state.step or "",
+                               state=outcome.state.status))
+
+
+@runs_cli.command("retry")
+def runs_retry(
+    run: str,
+    from_step: Annotated[str | None, typer.Option(
+        "--from", help="Retry from this step (default: the step that failed).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Continue a failed or cancelled run from the failed step (or --from a named one)."""
+    _operate(run, lambda o, rid: o.control(rid, "retry", _actor(), reason=reason,
+                                           step=from_step),
+             as_json, "run {id} retried: step {step} is running again")
+
+
+@runs_cli.command("cancel")
+def runs_cancel(
+    run: str,
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Cancel a run: its running step is stopped; the run ends cancelled."""
+    _operate(run, lambda o, rid: o.control(rid, "cancel", _actor(), reason=reason),
+             as_json, "run {id} {state}")
+
+
+@runs_cli.command("rerun")
+def runs_rerun(run: str, as_json: JsonFlag = False) -> None:
+    """Start a new run for the same push."""
+    _operate(run, lambda o, rid: o.rerun(rid, _actor()), as_json,
+             "new run {id} ({state}) for the same push")
+
+
+@runs_cli.command("watch")
+def runs_watch(
+    run: str,
+    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between looks.")] = 0.5,
+) -> None:
+    """Show the run's steps live until it ends; exit 0 if it succeeded, 1 if not."""
+    from rich.live import Live
+
+    run_id = parse_run_id(run)
+    s = settings()
+
+    async def go() -> RunState:
+        store = await connect(s.database_url, min_size=1, max_size=1)
+        try:
+            state = await store.load(run_id)
+            if state is None:
+                fail(f"no run {run_id}")
+            with Live(_run_table(state), console=out, auto_refresh=False) as live:
+                while state.status not in ("succeeded", "failed", "cancelled"):
+                    await asyncio.sleep(interval)
+                    state = await store.load(run_id) or state
+                    live.update(_run_table(state), refresh=True)
+            return state
+        finally:
+            await store.close()
+
+    final = run_async(go())
+    raise typer.Exit(0 if final.status == "succeeded" else 1)
+
+
+@cli.command()
+def audit(
+    run: Annotated[str | None, typer.Option(help="Only this run's events.")] = None,
+    repo: RepoOpt = None,
+    ref: RefOpt = None,
+    commit: CommitOpt = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Event type, e.g. run.retried.")
+                     ] = None,
+    step: Annotated[str | None, typer.Option(help="Events of this step.")] = None,
+    actor: Annotated[str | None, typer.Option(help="e.g. cli:alice, api:deploy-bot.")] = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    before: Annotated[int | None, typer.Option(help="Page: events older than this position."
+                                               )] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """Events across all runs, newest first, filtered."""
+    query = EventQuery(
+        run_id=parse_run_id(run) if run else None, repo=repo, ref=ref, commit=commit,
+        type=type_, step=step, actor=actor, since=_utc(since), until=_utc(until),
+        before=before, limit=limit)
+    events = _with_store(lambda st: st.audit(query))
+    if as_json:
+        print_json([e.to_json() for e in events])
+        return
+    table = Table("position", "run", "seq", "type", "step", "actor", "recorded", "detail")
+    for e in events:
+        detail = e.data.get("reason") or (e.data.get("error") or {}).get("message", "")
+        table.add_row(str(e.position), str(e.run_id)[:8], str(e.seq), e.type,
+                      str(e.data.get("step", "")), str(e.meta.get("actor", "")),
+                      _time(e.recorded_at), str(detail or "")[:60])
+    out.print(table)
+    if len(events) == limit:
+        out.print(f"more: --before {events[-1].position}")
+
+
+@projections_cli.command("rebuild")
+def projections_rebuild(as_json: JsonFlag = False) -> None:
+    """Refold every run from its events into the runs projection; report rows that differed."""
+    report = _with_store(lambda st: st.rebuild_projections())
+    if as_json:
+        print_json({"runs": report.runs, "events": report.events,
+                    "differed": [str(r) for r in report.differed]})
+        return
+    typer.echo(f"refolded {report.runs} runs from {report.events} events; "
+               f"{len(report.differed)} row(s) differed and were rewritten")
+    for run_id in report.differed:
+        typer.echo(f"  {run_id}")
+
+
+def _run_table(state: RunState) -> Table:
+    table = Table("step", "state", "attempts", "detail",
+                  title=f"run {state.id} — {state.status}")
+    for step in state.steps.values():
+        detail = (step.error or {}).get("message", "") if step.error else ""
+        table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80])
+    return table
+
+
 # -- graph and schemas
 
 
@@ -327,10 +512,6 @@ def _styled(state: str) -> str:
 
 def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
-
-
-def _ago(value: datetime | None) -> str:
-    return _time(value)
 
 
 def main() -> None:

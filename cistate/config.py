@@ -20,6 +20,23 @@ class Settings(BaseSettings):
     bus_prefix: str = Field(default="cistate", pattern=r"^[a-zA-Z0-9_.-]{1,100}$")
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
+    # Bearer tokens for mutating API calls: "TOKEN" or "NAME:TOKEN,NAME:TOKEN"; the name
+    # becomes the actor of the events the call causes.
+    api_token: str | None = Field(default=None, repr=False)
+    api_read_auth: bool = False  # also require a token for reads
+    webhook_secret: str | None = Field(default=None, repr=False)
+
+    @property
+    def api_tokens(self) -> dict[str, str]:
+        """token -> name"""
+        tokens: dict[str, str] = {}
+        for item in (self.api_token or "").split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, token = item.partition(":")
+            tokens[token if sep else name] = name if sep else "api"
+        return tokens
 
     @field_validator("database_url")
     @classmethod

@@ -32,6 +32,7 @@ class Push(_Message):
     before: Sha | None = None
     pusher: Annotated[str, StringConstraints(max_length=256)] | None = None
     provider: Annotated[str, StringConstraints(max_length=64)] | None = None
+    rerun_of: uuid.UUID | None = Field(default=None, description="the run this one reruns")
 
     @property
     def branch(self) -> str | None:
@@ -88,6 +89,9 @@ class StepResult(_Message):
     finished_at: datetime | None = None
 
 
+ControlAction = Literal["retry", "cancel", "retry_due", "timeout"]
+
+
 class Control(_Message):
     """Operator requests and timers for one run (routing key `control`).
 
@@ -96,7 +100,7 @@ class Control(_Message):
     """
 
     run_id: uuid.UUID
-    action: Literal["retry", "cancel", "retry_due", "timeout"]
+    action: ControlAction
     step: StepName | None = None
     attempt: int | None = Field(default=None, ge=1)
     actor: Annotated[str, StringConstraints(max_length=256)] = "system"

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from cistate import run as r
 from cistate.bus import Bus
-from cistate.messages import Control, Push, StepResult
+from cistate.messages import Control, ControlAction, Push, StepResult
 from cistate.store import Conflict, Duplicate, OutboxRow, Store
 
 log = structlog.get_logger("cistate.orchestrator")
@@ -192,6 +192,26 @@ class Orchestrator:
         await asyncio.gather(*(
             self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
         self._sent.extend(row.id for row in rows)
+
+    # -- operator requests (API and CLI): rejections are answered, not recorded
+
+    async def control(self, run_id: uuid.UUID, action: ControlAction, actor: str,
+                      reason: str | None = None, step: str | None = None) -> Outcome:
+        message = Control(run_id=run_id, action=action,
+                          actor=actor, reason=reason, step=step)
+        try:
+            return await self.submit(message, uuid.uuid4(), actor, record_rejection=False)
+        except Unprocessable as exc:
+            return Outcome(run_id, "not_found", str(exc))
+
+    async def rerun(self, run_id: uuid.UUID, actor: str) -> Outcome:
+        """A new run for the same push as `run_id`, linked to it."""
+        old = await self.store.load(run_id)
+        if old is None:
+            return Outcome(run_id, "not_found", f"no run {run_id}")
+        push = Push.model_validate({**old.push, "rerun_of": run_id})
+        outcome = await self.submit(push, uuid.uuid4(), actor)
+        return outcome
 
     # -- background: marking sent rows in batches
 

@@ -57,16 +57,16 @@ class _Spec(BaseModel):
 
 class Backoff(_Spec):
     initial: Seconds = 2.0
-    factor: float = Field(default=2.0, ge=1.0)
+    factor: float = Field(default=2.0, ge=1.0, le=10.0)
     max: Seconds = 300.0
     jitter: float = Field(default=0.2, ge=0.0, le=1.0)
 
     def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before the attempt after `failed_attempt` (1-based), jittered
         so that runs failing together do not all retry in the same instant."""
-        base = min(self.max, self.initial * self.factor ** (failed_attempt - 1))
+        base = min(self.max, self.initial * self.factor ** min(failed_attempt - 1, 100))
         spread = base * self.jitter
-        return max(0.0, base + (rng or random).uniform(-spread, spread))
+        return min(self.max, max(0.0, base + (rng or random).uniform(-spread, spread)))
 
 
 class When(_Spec):

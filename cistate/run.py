@@ -108,6 +108,7 @@ class RunState:
             "version": self.version,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
+            "rerun_of": self.push.get("rerun_of"),
         }
         if with_steps:
             body["steps"] = [s.to_json() for s in self.steps.values()]
@@ -391,7 +392,7 @@ class _Builder:
         self.event(E.RUN_REQUESTED, {
             "repo": push.repo, "ref": push.ref, "commit": push.commit,
             "pipeline": pipeline.name, "steps": list(pipeline.step_names), "active": active,
-            "push": push.model_dump(exclude_none=True),
+            "push": push.model_dump(mode="json", exclude_none=True),
         })
         for step in pipeline.steps:
             if step.name not in active:
@@ -427,10 +428,11 @@ class _Builder:
         self.event(E.STEP_FAILED, {
             "step": result.step, "attempt": result.attempt, "error": error,
         }, attempt=result.attempt)
-        self.after_failure(result.step, result.attempt, error, kind="error")
+        self.after_failure(result.step, result.attempt, error, kind=str(error.get("kind", "error")))
 
     def timeout(self, timer: Control) -> None:
-        assert timer.step is not None and timer.attempt is not None
+        if timer.step is None or timer.attempt is None:
+            raise Rejected(f"a {timer.action} timer must name its step and attempt")
         if not self.running_attempt(timer.step, timer.attempt):
             self.decision.ignored = "stale timeout: that attempt already ended"
             return
@@ -462,15 +464,20 @@ class _Builder:
             self.out("control", timer, derived_id(self.s.id, "retry_due", step, attempt + 1),
                      delay=delay)
             return
-        why = "not retryable" if not error.get("retryable", True) else (
-            f"attempt {attempt} of {spec.max_attempts}")
+        if not error.get("retryable", True):
+            why = "not retryable"
+        elif kind not in spec.retry_on:
+            why = f"retry_on does not include {kind}"
+        else:
+            why = f"attempt {attempt} of {spec.max_attempts}"
         self.event(E.RUN_FAILED, {
             "step": step, "attempt": attempt, "reason": f"step {step!r} {kind}: "
             f"{error.get('message', '')} ({why})",
         })
 
     def retry_due(self, timer: Control) -> None:
-        assert timer.step is not None and timer.attempt is not None
+        if timer.step is None or timer.attempt is None:
+            raise Rejected(f"a {timer.action} timer must name its step and attempt")
         step = self.s.steps.get(timer.step)
         if (self.s.machine_state != timer.step or step is None or step.state != RETRYING
                 or step.attempts + 1 != timer.attempt):

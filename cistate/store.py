@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from cistate.events import Event, NewEvent, derived_id
-from cistate.run import Outgoing, RunState, StepState
+from cistate.run import Outgoing, RunState, StepState, fold
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
 NOTIFY_CHANNEL = "cistate_outbox"
@@ -35,6 +35,41 @@ class Conflict(Exception):
 
 class Duplicate(Exception):
     """The message was handled before."""
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    state: str | None = None
+    repo: str | None = None
+    ref: str | None = None
+    commit: str | None = None  # a prefix is enough
+    step: str | None = None  # the step the run is in, or ended in
+    since: datetime | None = None
+    until: datetime | None = None
+    before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this run
+    limit: int = 50
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    run_id: uuid.UUID | None = None
+    repo: str | None = None
+    ref: str | None = None
+    commit: str | None = None
+    type: str | None = None
+    step: str | None = None
+    actor: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: int | None = None  # keyset cursor: positions below this one
+    limit: int = 100
+
+
+@dataclass
+class RebuildReport:
+    runs: int = 0
+    events: int = 0
+    differed: list[uuid.UUID] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -236,17 +271,87 @@ class Store:
         )
         return [(r["attempt"], r["log"]) for r in records]
 
-    async def list_runs(
-        self, *, state: str | None = None, repo: str | None = None, limit: int = 50,
-    ) -> list[RunState]:
+    async def list_runs(self, query: RunQuery | None = None, **filters: Any) -> list[RunState]:
+        """Runs matching the query, newest first (keyset pagination on created_at, id)."""
+        q = query or RunQuery(**filters)
         records = await self.pool.fetch(
             "SELECT * FROM runs WHERE ($1::text IS NULL OR state = $1)"
-            " AND ($2::text IS NULL OR repo = $2)"
-            " ORDER BY created_at DESC, id DESC LIMIT $3",
-            state, repo, limit,
+            " AND ($2::text IS NULL OR repo = $2) AND ($3::text IS NULL OR ref = $3)"
+            " AND ($4::text IS NULL OR commit LIKE $4 || '%') AND ($5::text IS NULL OR step = $5)"
+            " AND ($6::timestamptz IS NULL OR created_at >= $6)"
+            " AND ($7::timestamptz IS NULL OR created_at < $7)"
+            " AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9::uuid))"
+            " ORDER BY created_at DESC, id DESC LIMIT $10",
+            q.state, q.repo, q.ref, q.commit, q.step, q.since, q.until,
+            q.before[0] if q.before else None, q.before[1] if q.before else None, q.limit,
         )
         return [_state_from_row(r) for r in records]
 
+    async def audit(self, query: EventQuery) -> list[Event]:
+        """Events matching the query, newest first (keyset pagination on position)."""
+        q = query
+        by_run = q.repo is not None or q.ref is not None or q.commit is not None
+        # Only constant fragments are joined here; every value is a bind parameter.
+        records = await self.pool.fetch(
+            "SELECT e.* FROM events e"  # noqa: S608
+            + (" JOIN runs r ON r.id = e.run_id" if by_run else "")
+            + " WHERE ($1::bigint IS NULL OR e.position < $1)"
+            " AND ($2::text IS NULL OR e.type = $2)"
+            " AND ($3::text IS NULL OR e.data->>'step' = $3)"
+            " AND ($4::text IS NULL OR e.meta->>'actor' = $4)"
+            " AND ($5::timestamptz IS NULL OR e.recorded_at >= $5)"
+            " AND ($6::timestamptz IS NULL OR e.recorded_at < $6)"
+            " AND ($7::uuid IS NULL OR e.run_id = $7)"
+            + (" AND ($9::text IS NULL OR r.repo = $9) AND ($10::text IS NULL OR r.ref = $10)"
+               " AND ($11::text IS NULL OR r.commit LIKE $11 || '%')" if by_run else "")
+            + " ORDER BY e.position DESC LIMIT $8",
+            q.before, q.type, q.step, q.actor, q.since, q.until, q.run_id, q.limit,
+            *((q.repo, q.ref, q.commit) if by_run else ()),
+        )
+        return [_event(r) for r in records]
+
+    async def state_at(self, run_id: uuid.UUID, seq: int | None = None) -> RunState | None:
+        """The run as it stood after event `seq` (None: now), folded from its events."""
+        records = await self.pool.fetch(
+            "SELECT type, data, recorded_at FROM events WHERE run_id = $1"
+            " AND ($2::int IS NULL OR seq <= $2) ORDER BY seq",
+            run_id, seq,
+        )
+        if not records:
+            return None
+        return fold(run_id, ((r["type"], r["data"], r["recorded_at"]) for r in records))
+
+    async def rebuild_projections(self, batch: int = 5000) -> RebuildReport:
+        """Refold every run from its events; rewrite and report the rows that differed."""
+        report = RebuildReport()
+        async with self.pool.acquire() as reader, reader.transaction():
+            current: uuid.UUID | None = None
+            triples: list[tuple[str, dict[str, Any], datetime]] = []
+            cursor = reader.cursor(
+                "SELECT run_id, type, data, recorded_at FROM events ORDER BY run_id, seq",
+                prefetch=batch)
+            async for r in cursor:
+                if r["run_id"] != current:
+                    if current is not None:
+                        await self._compare_and_fix(current, triples, report)
+                    current, triples = r["run_id"], []
+                triples.append((r["type"], r["data"], r["recorded_at"]))
+                report.events += 1
+            if current is not None:
+                await self._compare_and_fix(current, triples, report)
+        return report
+
+    async def _compare_and_fix(self, run_id: uuid.UUID,
+                               triples: list[tuple[str, dict[str, Any], datetime]],
+                               report: RebuildReport) -> None:
+        report.runs += 1
+        folded = fold(run_id, triples)
+        stored = await self.load(run_id)
+        if stored is not None and stored.to_json() == folded.to_json():
+            return
+        report.differed.append(run_id)
+        async with self.pool.acquire() as conn:
+            await self._upsert_run(conn, folded)
 
 def _state_from_row(r: asyncpg.Record) -> RunState:
     steps = [StepState.from_json(raw) for raw in r["steps"]]
