@@ -17,7 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from cistate import webhooks
 from cistate.app import App
+from cistate.messages import message_uuid
 from cistate.orchestrator import Outcome
 from cistate.store import EventQuery, RunQuery
 
@@ -42,6 +44,7 @@ def make_app(app: App) -> web.Application:
         web.post("/api/v1/runs/{id}/cancel", cancel),
         web.post("/api/v1/runs/{id}/rerun", rerun),
         web.get("/api/v1/events", list_events),
+        web.post("/api/v1/webhooks/{provider}", webhook),
     ])
     return web_app
 
@@ -248,6 +251,29 @@ def _answer(outcome: Outcome, success: int) -> web.Response:
                        run=outcome.state.to_json() if outcome.state else None)
     assert outcome.state is not None
     return web.json_response(outcome.state.to_json(), status=success)
+
+
+# -- producers
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """A git host's push webhook: verified, then submitted like a push from the bus."""
+    app = request.app[APP_KEY]
+    provider = request.match_info["provider"]
+    try:
+        webhooks.check_size(request.content_length)
+        body = await request.content.read(webhooks.MAX_BODY_BYTES + 1)
+        received = webhooks.handle(provider, request.headers, body, app.settings.webhook_secret)
+    except webhooks.WebhookError as exc:
+        raise ApiError(exc.status, exc.reason) from None
+    if received.push is None:
+        return web.json_response({"status": "ignored", "reason": received.ignored}, status=202)
+    outcome = await app.orchestrator.submit(
+        received.push, message_uuid(received.delivery_id), actor=f"webhook:{provider}")
+    if outcome.status == "ignored" and outcome.state is None:
+        return web.json_response({"status": "ignored", "reason": outcome.detail}, status=202)
+    return web.json_response({"status": "accepted", "run_id": str(outcome.run_id),
+                              "duplicate": outcome.status != "recorded"}, status=202)
 
 
 # -- parsing

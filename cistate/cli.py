@@ -25,7 +25,7 @@ from rich.table import Table
 from cistate import app as wiring
 from cistate.bus import Bus
 from cistate.config import Settings, redact
-from cistate.messages import MESSAGE_MODELS, Push
+from cistate.messages import MESSAGE_MODELS, Push, message_uuid
 from cistate.orchestrator import Orchestrator, Outcome
 from cistate.pipeline import PipelineError
 from cistate.run import Decider, RunState, run_id_for
@@ -193,10 +193,7 @@ def push(
             await bus.close()
 
     run_async(go())
-    try:
-        run_id = str(run_id_for(uuid.UUID(message_id)))
-    except ValueError:
-        run_id = str(run_id_for(uuid.uuid5(uuid.NAMESPACE_URL, f"cistate:message:{message_id}")))
+    run_id = str(run_id_for(message_uuid(message_id)))
     if as_json:
         print_json({"delivery_id": message_id, "run_id": run_id})
     else:

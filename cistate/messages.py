@@ -19,6 +19,15 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 StepName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
 
 
+def message_uuid(raw: str) -> uuid.UUID:
+    """A message id as a UUID: producers and git hosts may use ids of their own, which map
+    onto UUIDs stably, so the same delivery id always names the same message."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"cistate:message:{raw}")
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

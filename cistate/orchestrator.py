@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from cistate import run as r
 from cistate.bus import Bus
-from cistate.messages import Control, ControlAction, Push, StepResult
+from cistate.messages import Control, ControlAction, Push, StepResult, message_uuid
 from cistate.store import Conflict, Duplicate, OutboxRow, Store
 
 log = structlog.get_logger("cistate.orchestrator")
@@ -233,11 +233,7 @@ class Orchestrator:
 def _message_id(message: AbstractIncomingMessage) -> uuid.UUID:
     if not message.message_id:
         raise Unprocessable("message has no message_id (set the AMQP message-id property)")
-    try:
-        return uuid.UUID(message.message_id)
-    except ValueError:
-        # Producers may use their own delivery ids: map them onto UUIDs stably.
-        return uuid.uuid5(uuid.NAMESPACE_URL, f"cistate:message:{message.message_id}")
+    return message_uuid(message.message_id)
 
 
 def _actor(message: Push | StepResult | Control) -> str:
