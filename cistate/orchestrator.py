@@ -11,6 +11,7 @@ the dead-letter queue with a reason; messages that arrive in the wrong state bec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections import OrderedDict
@@ -33,6 +34,7 @@ MAX_CONFLICT_RETRIES = 20
 CACHE_SIZE = 10_000
 # How long the relay leaves an orchestrator's own rows alone before publishing them itself.
 OUTBOX_GRACE = timedelta(seconds=5)
+REQUEUE_PAUSE_SECONDS = 1.0
 
 
 class Unprocessable(Exception):
@@ -80,7 +82,7 @@ class Orchestrator:
         self.decider = decider
         self.bus = bus
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
-        self._locks: dict[uuid.UUID, asyncio.Lock] = {}
+        self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
         self._sent: list[int] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -98,6 +100,16 @@ class Orchestrator:
                         message_id=message.message_id)
             await self.bus.dead_letter(message, str(exc))
             await message.ack()
+            return
+        except Exception as exc:
+            # The database or the broker is away (a restart, a network cut): nothing was
+            # committed, or the commit will be found again as a duplicate. Put the message
+            # back after a pause rather than spinning on it.
+            log.warning("could not handle message; it will be redelivered",
+                        routing_key=routing_key, error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
             return
         log.info(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
                  detail=outcome.detail)
@@ -117,14 +129,19 @@ class Orchestrator:
             reason = r.ignore_reason(message, self.decider.pipeline)
             if reason is not None:
                 return Outcome(run_id, "ignored", reason)
-        lock = self._locks.setdefault(run_id, asyncio.Lock())
-        async with lock:
-            try:
+        # One decision at a time per run in this process (other processes: Conflict).
+        lock, users = self._locks.get(run_id) or (asyncio.Lock(), 0)
+        self._locks[run_id] = (lock, users + 1)
+        try:
+            async with lock:
                 return await self._submit_locked(run_id, message, message_id, actor,
                                                  record_rejection)
-            finally:
-                if not lock._waiters:  # no one else queued for this run
-                    self._locks.pop(run_id, None)
+        finally:
+            lock, users = self._locks[run_id]
+            if users == 1:
+                del self._locks[run_id]
+            else:
+                self._locks[run_id] = (lock, users - 1)
 
     async def _submit_locked(
         self, run_id: uuid.UUID, message: Push | StepResult | Control,

@@ -90,11 +90,20 @@ class Worker:
             self._running.pop(key, None)
             self._cancelled.discard(key)
         result = result.model_copy(update={"worker": self.worker_id})
-        await self.bus.publish(
-            f"step.{command.step}.result",
-            result.model_dump(mode="json"),
-            derived_id(command_id, "result"),
-        )
+        try:
+            await self.bus.publish(
+                f"step.{command.step}.result",
+                result.model_dump(mode="json"),
+                derived_id(command_id, "result"),
+            )
+        except Exception as exc:
+            # The broker is away: leave the command to be redelivered; the step runs again
+            # and its result (same message id) is recognised if the first one got through.
+            log.warning("could not publish result; the command will be redelivered",
+                        run_id=key[0], step=key[1], error=f"{type(exc).__name__}: {exc}")
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
         await message.ack()
 
     async def execute(self, command: StepCommand) -> StepResult:
