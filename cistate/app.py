@@ -24,7 +24,6 @@ from cistate.worker import Worker
 
 log = structlog.get_logger("cistate")
 
-ROLES = ("api", "orchestrator", "worker")
 
 
 def load_pipeline(path: Path | None) -> p.Pipeline:

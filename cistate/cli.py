@@ -12,24 +12,26 @@ import uuid
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import structlog
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from cistate import app as wiring
-from cistate.bus import Bus
-from cistate.config import Settings, redact
+from cistate.config import ROLES, Settings, redact
 from cistate.messages import MESSAGE_MODELS, Push, message_uuid
-from cistate.orchestrator import Orchestrator, Outcome
 from cistate.pipeline import PipelineError
 from cistate.run import Decider, RunState, run_id_for
 from cistate.store import EventQuery, RunQuery, connect
+
+if TYPE_CHECKING:
+    from cistate.orchestrator import Orchestrator, Outcome
+
+# The service's modules (aiohttp, aio-pika, handlers) load only in the commands that use
+# them, so that reading runs and events starts fast.
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="CI/CD pipelines as event-sourced state machines.")
@@ -83,6 +85,8 @@ def _what_failed(exc: BaseException) -> str:
 
 
 def configure_logging(fmt: str) -> None:
+    import structlog
+
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     renderer: Any = (structlog.processors.JSONRenderer() if fmt == "json"
                      else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
@@ -152,11 +156,13 @@ def serve(
         "--step", help="with --role worker: only these steps (repeatable)")] = None,
 ) -> None:
     """Run the API, the orchestrator and workers (or the roles given)."""
+    from cistate import app as wiring
+
     s = settings()
-    roles = role or list(wiring.ROLES)
-    unknown = set(roles) - set(wiring.ROLES)
+    roles = role or list(ROLES)
+    unknown = set(roles) - set(ROLES)
     if unknown:
-        fail(f"unknown role(s) {', '.join(sorted(unknown))}; use {', '.join(wiring.ROLES)}", 2)
+        fail(f"unknown role(s) {', '.join(sorted(unknown))}; use {', '.join(ROLES)}", 2)
     configure_logging(s.log_format)
     with contextlib.suppress(KeyboardInterrupt):
         run_async(wiring.serve(s, roles, steps=step))
@@ -182,6 +188,7 @@ def push(
     except ValidationError as exc:
         fail("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors()), 2)
     message_id = delivery_id or str(uuid.uuid4())
+    from cistate.bus import Bus
 
     async def go() -> None:
         bus = Bus(s.rabbitmq_url, s.bus_prefix)
@@ -323,6 +330,9 @@ def _actor() -> str:
 
 def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any, Any, Outcome]],
              as_json: bool, done: str) -> None:
+    from cistate import app as wiring
+    from cistate.orchestrator import Orchestrator
+
     run_id = parse_run_id(run)
     s = settings()
 
@@ -474,6 +484,8 @@ def _run_table(state: RunState) -> Table:
 @cli.command()
 def graph() -> None:
     """The pipeline's state machine as a Mermaid diagram."""
+    from cistate import app as wiring
+
     s = settings()
     try:
         pipeline = wiring.load_pipeline(s.pipeline)

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")

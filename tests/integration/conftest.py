@@ -13,7 +13,7 @@ import aio_pika
 import pytest
 
 from cistate import app as wiring
-from cistate.config import Settings
+from cistate.config import ROLES, Settings
 from cistate.run import RunState, run_id_for
 from cistate.store import Store
 from tests.conftest import wait_until
@@ -28,7 +28,7 @@ async def serve(make_settings: Callable[..., Settings]) -> AsyncIterator[Serve]:
     """Start `cistate serve` in this process with the given pipeline; stopped after the test."""
     tasks: list[asyncio.Task[None]] = []
 
-    async def start(pipeline_yaml: str, roles: tuple[str, ...] = wiring.ROLES,
+    async def start(pipeline_yaml: str, roles: tuple[str, ...] = ROLES,
                     settings: Settings | None = None, **overrides: Any) -> Settings:
         s = settings or make_settings(pipeline_yaml, **overrides)
         ready = asyncio.Event()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import aio_pika
@@ -230,10 +229,10 @@ async def test_outbox_rows_written_without_a_publisher_are_relayed(
         serve: Serve, store: Store, make_settings) -> None:  # type: ignore[no-untyped-def]
     """A decision stored by a process with no bus (the CLI, an API node) still reaches the
     workers: the relay publishes its outbox rows."""
+    from cistate.app import load_pipeline
     from cistate.messages import Push
     from cistate.orchestrator import Orchestrator
     from cistate.run import Decider
-    from cistate.app import load_pipeline
 
     settings = await serve(TWO_SCRIPTS)
     offline = Orchestrator(store, Decider(load_pipeline(settings.pipeline)), bus=None)

@@ -174,9 +174,9 @@ steps:
     assert types[:4] == ["run.requested", "step.started", "run.cancel_requested",
                          "run.cancelled"]
     # cancelling again is refused
-    async with aiohttp.ClientSession(headers={"Authorization": "Bearer alice-token"}) as http:
-        async with http.post(f"http://{settings.listen}/api/v1/runs/{run_id}/cancel") as resp:
-            assert resp.status == 409
+    async with aiohttp.ClientSession(headers={"Authorization": "Bearer alice-token"}) as http, \
+            http.post(f"http://{settings.listen}/api/v1/runs/{run_id}/cancel") as resp:
+        assert resp.status == 409
 
 
 async def test_step_timeout_survives_a_restart_and_fails_the_step(
