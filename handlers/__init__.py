@@ -14,6 +14,11 @@ from handlers.base import Handler
 REGISTRY: dict[str, str] = {
     "noop": "handlers.noop",
     "script": "handlers.script",
+    "setup": "handlers.setup",
+    "test": "handlers.test",
+    "build": "handlers.build",
+    "tag-release": "handlers.tag_release",
+    "img-release": "handlers.img_release",
 }
 
 

@@ -1,0 +1,348 @@
+"""Git for the handlers: validate push data, check out a run's commit, read and push tags.
+
+Every handler that needs the source calls `checkout(request)`: steps are stateless and may
+run on different machines, so each one fetches the commit itself.
+
+GitPython holds the repository model (init, remote config, commits, tags, checkout); the git
+commands that talk to the remote (fetch, push) run through `handlers.process`, so their output
+lands in the step log and cancelling the step stops them. Push data (repo URL, ref, commit)
+is validated first and then only ever passed as a config value or an argv element, never
+through a shell; the `ext::` transport, which runs commands, is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+from handlers import process
+from handlers.base import StepFailed, StepRequest
+
+SOURCE_DIR = "source"
+REMOTE = "origin"
+GIT = ("git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never")
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+
+_SHA = re.compile(r"[0-9a-f]{4,64}")
+_FULL_SHA_LENGTHS = (40, 64)
+# git check-ref-format: no control characters, space, ~ ^ : ? * [ \ anywhere
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+# phrases of git's errors that no retry can fix
+_PERMANENT = (
+    "does not appear to be a git repository",
+    "repository not found",
+    "not found",
+    "no such file or directory",
+    "no such repository",
+    "access denied or repository not exported",
+    "authentication failed",
+    "permission denied",
+    "unsupported protocol",
+    "not allowed",  # transport 'ext' not allowed
+)
+
+
+# ------------------------------------------------------------------ push data --
+
+
+def validate_request(request: StepRequest) -> None:
+    """Refuse a malformed push (repo URL, ref, commit) before anything runs."""
+    validate_repo_url(request.repo)
+    validate_ref(request.ref)
+    validate_commit(request.commit)
+
+
+def validate_commit(commit: str) -> str:
+    """A commit sha (full, or abbreviated to at least 4 hex digits), lower-cased."""
+    sha = commit.strip().lower()
+    if not _SHA.fullmatch(sha):
+        raise StepFailed(
+            f"commit {commit!r} is not a git commit sha (4 to 64 hex digits); "
+            "the push event is malformed, nothing was run",
+            retryable=False,
+        )
+    return sha
+
+
+def validate_ref(ref: str) -> str:
+    """A ref name by git's own rules (`git check-ref-format`), and not an option."""
+    problem = _ref_problem(ref)
+    if problem:
+        raise StepFailed(
+            f"ref {ref!r} is not a valid git ref name ({problem}); "
+            "the push event is malformed, nothing was run",
+            retryable=False,
+        )
+    return ref
+
+
+def _ref_problem(ref: str) -> str:
+    if not ref:
+        return "it is empty"
+    if ref.startswith("-"):
+        return "it starts with '-'"
+    if _REF_FORBIDDEN.search(ref):
+        return "it has a space, a control character or one of ~ ^ : ? * [ \\"
+    if ".." in ref or "@{" in ref or "//" in ref:
+        return "it has '..', '@{' or '//'"
+    if ref == "@" or ref.endswith(("/", ".")):
+        return "it is '@' or ends with '/' or '.'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in ref.split("/")):
+        return "a component starts with '.' or ends with '.lock'"
+    return ""
+
+
+def branch_of(ref: str) -> str:
+    """`refs/heads/feature/x` -> `feature/x`; a short name is already a branch."""
+    validate_ref(ref)
+    for prefix in ("refs/heads/", "refs/remotes/origin/"):
+        if ref.startswith(prefix):
+            return ref[len(prefix) :]
+    if ref.startswith("refs/"):
+        raise StepFailed(
+            f"ref {ref!r} is not a branch; cistate runs pipelines for branch pushes only",
+            retryable=False,
+        )
+    return ref
+
+
+def validate_repo_url(url: str) -> str:
+    if not url or url.startswith("-") or any(c in url for c in "\x00\n\r"):
+        raise StepFailed(
+            f"repo URL {url!r} is not a usable git URL; the push event is malformed",
+            retryable=False,
+        )
+    if url.lower().startswith(("ext::", "fd::")):
+        raise StepFailed(
+            f"repo URL {url!r} uses a git transport that runs commands; refused",
+            retryable=False,
+        )
+    return url
+
+
+def repo_basename(url: str) -> str:
+    """`https://host/org/My_Repo.git/` -> `My_Repo`; `git@host:org/app.git` -> `app`."""
+    tail = url.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+    return tail.removesuffix(".git")
+
+
+def redact(url: str) -> str:
+    """A URL without the user:password part, to name the repo in messages."""
+    return re.sub(r"(?<=://)[^/@]+@", "", url)
+
+
+def parse_version(tag: str) -> tuple[int, int, int] | None:
+    match = _VERSION.fullmatch(tag)
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+# -------------------------------------------------------------------- checkout --
+
+
+async def checkout(request: StepRequest) -> Path:
+    """Check out request.commit of request.repo into `<workdir>/source` (detached HEAD).
+
+    Idempotent: an existing checkout in the workdir is replaced. Returns the checkout's path.
+    """
+    validate_request(request)
+    url = request.repo
+    sha = validate_commit(request.commit)
+    path = request.workdir / SOURCE_DIR
+    try:
+        full = await _fetch_commit(request, path, url, sha)
+    except BaseException:
+        # Leave no half-made checkout behind (a failed or cancelled fetch); synchronous, so
+        # a second cancellation cannot interrupt the cleanup.
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    request.log.line(f"checked out {full} of repo {redact(url)} into {path}")
+    return path
+
+
+async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) -> str:
+    repo = await asyncio.to_thread(_init, path, url)
+    where = f"repo {redact(url)}"
+    if len(sha) in _FULL_SHA_LENGTHS:
+        done = await _git(request, path, "fetch", "--no-tags", REMOTE, sha, check=False)
+        fetched = done.exit_code == 0
+    else:
+        fetched = False
+    if not fetched:
+        # The server may refuse wants by sha (uploadpack.allowReachableSHA1InWant off), or
+        # the sha is abbreviated: fetch the branches and look for it among them.
+        done = await _git(
+            request,
+            path,
+            "fetch",
+            "--no-tags",
+            REMOTE,
+            "+refs/heads/*:refs/remotes/origin/*",
+            check=False,
+        )
+        if done.exit_code != 0:
+            raise _unreachable(where, done)
+    full = await asyncio.to_thread(_resolve_commit, repo, sha)
+    if full is None:
+        raise StepFailed(
+            f"commit {sha} is not in {where} (was it force-pushed away, or pushed to "
+            "another repo?); nothing to build",
+            retryable=False,
+        )
+    await asyncio.to_thread(_detach, repo, full)
+    return full
+
+
+def _init(path: Path, url: str) -> git.Repo:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    repo = git.Repo.init(path)
+    with repo.config_writer() as config:
+        # written as config, not passed to a command: the URL never meets an argv parser
+        config.set_value(f'remote "{REMOTE}"', "url", url)
+        config.set_value(f'remote "{REMOTE}"', "fetch", "+refs/heads/*:refs/remotes/origin/*")
+        config.set_value("advice", "detachedHead", "false")
+    return repo
+
+
+def _resolve_commit(repo: git.Repo, sha: str) -> str | None:
+    try:
+        obj = repo.rev_parse(f"{sha}^{{commit}}")
+    except (git.BadName, ValueError, git.GitCommandError):
+        return None
+    return str(obj.hexsha)
+
+
+def _detach(repo: git.Repo, sha: str) -> None:
+    repo.head.reference = repo.commit(sha)
+    repo.head.reset(index=True, working_tree=True)
+
+
+def _unreachable(where: str, done: process.Completed) -> StepFailed:
+    tail = done.tail.lower()
+    permanent = any(phrase in tail for phrase in _PERMANENT)
+    advice = (
+        "check the URL and that the worker may read it"
+        if permanent
+        else "the git server did not answer; it is retried"
+    )
+    return StepFailed(
+        f"cannot fetch from {where}: {advice} (git exited with code {done.exit_code})",
+        exit_code=done.exit_code,
+        output_tail=done.tail,
+        retryable=not permanent,
+    )
+
+
+async def _git(
+    request: StepRequest, path: Path, *args: str, check: bool = True
+) -> process.Completed:
+    return await process.run(
+        [*GIT, *args],
+        cwd=path,
+        log=request.log,
+        env=GIT_ENV,
+        what=f"git {args[0]}",
+        check=check,
+        retryable=True,
+    )
+
+
+# ------------------------------------------------------------------------ tags --
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    commit: str
+
+    @property
+    def version(self) -> tuple[int, int, int] | None:
+        return parse_version(self.name)
+
+
+async def fetch_tags(request: StepRequest, path: Path) -> list[Tag]:
+    """The remote's tags, as they are now (local tags that differ are overwritten)."""
+    done = await _git(
+        request,
+        path,
+        "fetch",
+        "--no-tags",
+        "--force",
+        REMOTE,
+        "+refs/tags/*:refs/tags/*",
+        check=False,
+    )
+    if done.exit_code != 0:
+        raise _unreachable(f"repo {redact(request.repo)}", done)
+    return await asyncio.to_thread(_tags, path)
+
+
+def _tags(path: Path) -> list[Tag]:
+    repo = git.Repo(path)
+    found = []
+    for ref in repo.tags:
+        try:
+            commit = ref.commit.hexsha
+        except ValueError:  # a tag of a tree or blob: not a release
+            continue
+        found.append(Tag(ref.name, commit))
+    return found
+
+
+async def create_tag(
+    path: Path, name: str, commit: str, message: str, *, user: str, email: str
+) -> None:
+    """An annotated tag `name` at `commit`, made by `user <email>`."""
+
+    def make() -> None:
+        repo = git.Repo(path)
+        with repo.config_writer() as config:
+            config.set_value("user", "name", user)
+            config.set_value("user", "email", email)
+        if name in repo.tags:
+            repo.delete_tag(repo.tags[name])
+        repo.create_tag(name, ref=commit, message=message)
+
+    await asyncio.to_thread(make)
+
+
+@dataclass(frozen=True)
+class Push:
+    pushed: bool
+    exit_code: int
+    tail: str
+
+
+async def push_tag(request: StepRequest, path: Path, name: str) -> Push:
+    """Push tag `name`; `pushed` is False when the remote turned it down.
+
+    A tag of that name pushed by someone else first comes back as `[rejected]` (already
+    exists) or, when both pushes meet in the server, `[remote rejected]` (cannot lock ref):
+    the caller fetches the tags again to tell a race it lost from a refusal.
+    """
+    refspec = f"refs/tags/{name}:refs/tags/{name}"
+    done = await _git(request, path, "push", "--porcelain", REMOTE, refspec, check=False)
+    if done.exit_code == 0:
+        return Push(True, 0, done.tail)
+    if "[rejected]" in done.tail or "[remote rejected]" in done.tail:
+        return Push(False, done.exit_code, done.tail)
+    raise _unreachable(f"repo {redact(request.repo)}", done)
+
+
+async def head_sha(path: Path) -> str:
+    """The full sha of the checkout's HEAD."""
+
+    def read() -> str:
+        return str(git.Repo(path).head.commit.hexsha)
+
+    return await asyncio.to_thread(read)

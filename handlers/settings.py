@@ -1,0 +1,207 @@
+"""Settings of the source handlers (setup, test, build, tag-release, img-release).
+
+Each value comes from the step's `with:` in the pipeline when given there, else from the
+worker's environment (`CISTATE_<NAME>`), else from the default below. `with:` keys may be
+spelled with `-` or `_` (`release-branches` = `release_branches`).
+
+Registry credentials are read from the environment (or the mounted file it names) only: a
+`with:` block is pipeline data that ends up in events, so a credential there is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fnmatch
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from handlers.base import StepFailed, StepRequest
+
+SECRET_KEYS = frozenset({"registry_username", "registry_password", "registry_auth_file"})
+
+
+class HandlerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid")
+
+    # `host[:port]/namespace` images are pushed to; the namespace may be empty
+    registry: str = ""
+    # where released images go; empty = the same as `registry`
+    release_registry: str = ""
+    # talk plain http to the registries (a local or in-cluster registry)
+    registry_insecure: bool = False
+    # branches whose pushes are released (tag-release, img-release); fnmatch patterns
+    release_branches: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["main", "master"]
+    )
+
+    # registry client: attempts for connection errors and 5xx, first delay, delay cap
+    registry_retries: int = Field(default=4, ge=1, le=20)
+    registry_backoff: float = Field(default=0.5, ge=0)
+    registry_backoff_max: float = Field(default=8.0, ge=0)
+    registry_timeout: float = Field(default=60.0, gt=0)
+
+    # credentials (environment only)
+    registry_username: str = ""
+    registry_password: SecretStr = SecretStr("")
+    registry_auth_file: Path | None = None
+
+    # setup
+    app_name: str = ""  # overrides the name derived from package.json / the repo
+    short_sha_length: int = Field(default=7, ge=4, le=40)
+
+    # build
+    builder: Literal["buildah"] = "buildah"
+    builder_command: str = "buildah"  # the executable (a path, or a name on PATH)
+    builder_storage_driver: str = "vfs"
+    builder_isolation: str = "chroot"
+    builder_root: str = ""  # buildah --root; empty = buildah's default store
+    builder_runroot: str = ""
+    image_format: Literal["oci", "docker"] = "oci"
+    dockerfile: str = ""  # path in the repo; empty = Dockerfile, else Containerfile
+    build_context: str = "."
+    build_args: dict[str, str] = Field(default_factory=dict)
+    rebuild: bool = False  # build even when the image for this commit is in the registry
+
+    # npm
+    npm_command: str = "npm"
+
+    # tag-release
+    git_user_name: str = "cistate"
+    git_user_email: str = "cistate@localhost"
+    tag_attempts: int = Field(default=10, ge=1, le=100)
+
+    @field_validator("release_branches", mode="before")
+    @classmethod
+    def _split_branches(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("registry_auth_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("registry", "release_registry")
+    @classmethod
+    def _registry_form(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if "://" in value:
+            raise ValueError(
+                "give the registry as host[:port]/namespace, without a scheme "
+                "(set registry_insecure for plain http)"
+            )
+        return value
+
+    @property
+    def push_registry(self) -> str:
+        if not self.registry:
+            raise StepFailed(
+                "no image registry is configured: set CISTATE_REGISTRY on the worker "
+                "(host[:port]/namespace) or `registry:` in the step's `with:`",
+                retryable=False,
+            )
+        return self.registry
+
+    @property
+    def effective_release_registry(self) -> str:
+        return self.release_registry or self.push_registry
+
+    def is_release_branch(self, branch: str) -> bool:
+        return any(fnmatch.fnmatchcase(branch, pattern) for pattern in self.release_branches)
+
+    def credentials_for(self, host: str) -> Credentials | None:
+        """Credentials for a registry host: the auth file's entry for it, else the env pair."""
+        if self.registry_auth_file is not None:
+            found = _from_auth_file(self.registry_auth_file, host)
+            if found is not None:
+                return found
+        if self.registry_username:
+            return Credentials(self.registry_username, self.registry_password.get_secret_value())
+        return None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str
+
+    def __repr__(self) -> str:  # keep the password out of tracebacks and logs
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+def for_request(request: StepRequest) -> HandlerSettings:
+    """The environment's settings overridden by the step's `with:`."""
+    overrides = {key.replace("-", "_"): value for key, value in request.settings.items()}
+    refused = sorted(SECRET_KEYS & overrides.keys())
+    if refused:
+        raise StepFailed(
+            f"step {request.step!r} sets {', '.join(refused)} in `with:`; pipeline files end "
+            "up in the event log, so credentials must come from the worker's environment "
+            "(CISTATE_REGISTRY_USERNAME / CISTATE_REGISTRY_PASSWORD or CISTATE_REGISTRY_AUTH_FILE)",
+            retryable=False,
+        )
+    known = HandlerSettings.model_fields.keys()
+    unknown = sorted(overrides.keys() - known)
+    for key in unknown:
+        request.log.line(f"note: `with: {key}` is not a setting of this handler; ignored")
+        del overrides[key]
+    try:
+        return HandlerSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise StepFailed(
+            f"step {request.step!r} has invalid settings ({problems}); fix the step's `with:` "
+            "or the worker's CISTATE_* environment",
+            retryable=False,
+        ) from None
+
+
+def _from_auth_file(path: Path, host: str) -> Credentials | None:
+    """Read a docker `config.json` (`{"auths": {host: {"auth": b64(user:pass)}}}`)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise StepFailed(
+            f"cannot read the registry auth file {path} ({type(exc).__name__}); "
+            "CISTATE_REGISTRY_AUTH_FILE must name a docker config.json",
+            retryable=False,
+        ) from None
+    auths = data.get("auths", {}) if isinstance(data, dict) else {}
+    if not isinstance(auths, Mapping):
+        return None
+    for key, entry in auths.items():
+        if _auth_key_host(str(key)) != host or not isinstance(entry, Mapping):
+            continue
+        if entry.get("auth"):
+            try:
+                user, _, password = (
+                    base64.b64decode(str(entry["auth"])).decode("utf-8").partition(":")
+                )
+            except (binascii.Error, UnicodeDecodeError):
+                raise StepFailed(
+                    f"the registry auth file {path} has an entry for {host} whose `auth` is "
+                    "not base64 of user:password",
+                    retryable=False,
+                ) from None
+            return Credentials(user, password)
+        if entry.get("username"):
+            return Credentials(str(entry["username"]), str(entry.get("password", "")))
+    return None
+
+
+def _auth_key_host(key: str) -> str:
+    """`https://host:port/v1/` and `host:port` both name host:port."""
+    if "://" in key:
+        key = key.split("://", 1)[1]
+    return key.split("/", 1)[0]

@@ -1,0 +1,453 @@
+"""Fixtures for end-to-end tests against real components started by tests/infra/*.sh.
+
+A component that cannot be started fails the tests that need it (pytest.fail), it never skips
+them: a green run means the real thing was exercised.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from handlers.base import StepLog, StepRequest
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "tests" / "infra"
+SAMPLE_APP = ROOT / "tests" / "fixtures" / "sample-app"
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "cistate tests",
+    "GIT_AUTHOR_EMAIL": "tests@cistate.invalid",
+    "GIT_COMMITTER_NAME": "cistate tests",
+    "GIT_COMMITTER_EMAIL": "tests@cistate.invalid",
+}
+MANIFEST_ACCEPT = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+def infra(script: str, *args: str, timeout: float = 600) -> str:
+    """Run tests/infra/<script>; its last line of stdout. Fails the test loudly on error."""
+    argv = ["bash", str(INFRA / script), *args]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script} {' '.join(args)} did not finish in {timeout}s", pytrace=False)
+    if done.returncode != 0:
+        pytest.fail(
+            f"{script} {' '.join(args)} failed with exit code {done.returncode}:\n"
+            f"{done.stderr[-4000:]}",
+            pytrace=False,
+        )
+    lines = done.stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# ----------------------------------------------------------------- registries --
+
+
+@dataclass(frozen=True)
+class Registry:
+    address: str  # 127.0.0.1:PORT
+    username: str = ""
+    password: str = ""
+
+    def _open(self, method: str, path: str, accept: str = "") -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(f"http://{self.address}{path}", method=method)
+        if accept:
+            req.add_header("Accept", accept)
+        if self.username:
+            pair = f"{self.username}:{self.password}".encode()
+            req.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def tags(self, repository: str) -> list[str]:
+        status, _, body = self._open("GET", f"/v2/{repository}/tags/list")
+        if status == 404:
+            return []
+        assert status == 200, body
+        return list(json.loads(body).get("tags") or [])
+
+    def digest(self, repository: str, reference: str) -> str | None:
+        status, headers, _ = self._open(
+            "HEAD", f"/v2/{repository}/manifests/{reference}", MANIFEST_ACCEPT
+        )
+        if status == 404:
+            return None
+        assert status == 200, status
+        return headers["Docker-Content-Digest"]
+
+    def manifest(self, repository: str, reference: str) -> dict[str, Any]:
+        status, _, body = self._open(
+            "GET", f"/v2/{repository}/manifests/{reference}", MANIFEST_ACCEPT
+        )
+        assert status == 200, body
+        parsed: dict[str, Any] = json.loads(body)
+        return parsed
+
+    def blob(self, repository: str, digest: str) -> bytes:
+        status, _, body = self._open("GET", f"/v2/{repository}/blobs/{digest}")
+        assert status == 200, body
+        return body
+
+
+@pytest.fixture(scope="session")
+def registry_tools() -> None:
+    infra("registry.sh", "install", timeout=900)
+
+
+@pytest.fixture(scope="session")
+def registry(registry_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """An anonymous registry (docker-registry, distribution 2.8) on 127.0.0.1."""
+    directory = tmp_path_factory.mktemp("registry")
+    address = infra("registry.sh", "start", str(directory))
+    try:
+        yield Registry(address)
+    finally:
+        infra("registry.sh", "stop", str(directory))
+
+
+@pytest.fixture(scope="session")
+def auth_registry(
+    registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Registry]:
+    """A registry that wants basic auth (htpasswd) for everything."""
+    directory = tmp_path_factory.mktemp("auth-registry")
+    username, password = "alice", uuid.uuid4().hex
+    address = infra("registry.sh", "start", str(directory), "--htpasswd", f"{username}:{password}")
+    try:
+        yield Registry(address, username, password)
+    finally:
+        infra("registry.sh", "stop", str(directory))
+
+
+@dataclass(frozen=True)
+class TokenRegistry:
+    """A registry that uses the bearer-token flow, and the log of its token service."""
+
+    registry: Registry
+    directory: Path
+
+    def token_requests(self) -> list[dict[str, Any]]:
+        lines = (self.directory / "token.log").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="session")
+def token_registry(
+    registry_tools: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TokenRegistry]:
+    """A registry whose token service grants alice every scope and anonymous callers none."""
+    directory = tmp_path_factory.mktemp("token-registry")
+    username, password = "alice", uuid.uuid4().hex
+    address = infra("registry.sh", "start", str(directory), "--token", f"{username}:{password}")
+    try:
+        yield TokenRegistry(Registry(address, username, password), directory)
+    finally:
+        infra("registry.sh", "stop", str(directory))
+
+
+@pytest.fixture(scope="session")
+def base_image(registry: Registry) -> str:
+    """A busybox image built FROM scratch, in the anonymous registry."""
+    return infra("registry.sh", "base-image", registry.address)
+
+
+@pytest.fixture(scope="session")
+def builder_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """buildah's storage for this session, apart from the machine's default store."""
+    return tmp_path_factory.mktemp("buildah")
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of a real registry that answers 503 to the first `fail_first`
+    requests (all of them with fail_first=-1), then forwards: a registry having a bad minute."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.fail_first = 0
+        self.seen = 0
+        self.failed = 0
+        self.address = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.address = f"127.0.0.1:{port}"
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+
+    async def stop(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen += 1
+        if self.fail_first < 0 or self.seen <= self.fail_first:
+            self.failed += 1
+            return web.json_response(
+                {"errors": [{"code": "UNAVAILABLE", "message": "try later"}]}, status=503
+            )
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "content-length"}
+        async with self._session.request(
+            request.method,
+            f"http://{self.upstream}{request.path_qs}",
+            headers=headers,
+            data=await request.read(),
+            allow_redirects=False,
+        ) as upstream:
+            body = await upstream.read()
+            skip = {"content-length", "transfer-encoding", "content-encoding", "connection"}
+            return web.Response(
+                status=upstream.status,
+                body=body,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in skip},
+            )
+
+
+@pytest.fixture
+async def flaky_registry(registry: Registry) -> AsyncIterator[FlakyProxy]:
+    proxy = FlakyProxy(registry.address)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+# ------------------------------------------------------------------------ git --
+
+
+@dataclass(frozen=True)
+class GitServer:
+    url: str  # git://127.0.0.1:PORT
+    repos: Path
+
+
+@pytest.fixture(scope="session")
+def git_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GitServer]:
+    directory = tmp_path_factory.mktemp("git-server")
+    url = infra("git-server.sh", "start", str(directory))
+    try:
+        yield GitServer(url, directory / "repos")
+    finally:
+        infra("git-server.sh", "stop", str(directory))
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", *args],
+        cwd=cwd,
+        env={**os.environ, **GIT_IDENTITY, "GIT_TERMINAL_PROMPT": "0"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+@dataclass
+class GitRepo:
+    """A bare repo on the git server and a work clone to make commits with."""
+
+    name: str
+    url: str
+    bare: Path
+    work: Path
+    initial: str = ""  # the sha of the first commit on main
+
+    def commit(
+        self,
+        changes: Mapping[str, str | None] | None = None,
+        message: str = "change",
+        branch: str = "main",
+        base: str | None = None,
+    ) -> str:
+        """Commit `changes` (path -> content, None deletes) on `branch` and push it."""
+        if base is not None:
+            git(self.work, "checkout", "-q", "--detach", base)
+        for path, content in (changes or {}).items():
+            target = self.work / path
+            if content is None:
+                target.unlink()
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(content)
+        git(self.work, "add", "-A")
+        git(self.work, "commit", "-q", "--allow-empty", "-m", message)
+        sha = git(self.work, "rev-parse", "HEAD")
+        git(self.work, "push", "-q", "--force", "origin", f"HEAD:refs/heads/{branch}")
+        return sha
+
+    def remote_tags(self) -> dict[str, str]:
+        """Tag name -> the commit it points at, as the server has them."""
+        out = git(self.work, "ls-remote", "--tags", "origin")
+        tags: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, ref = line.split("\t")
+            name = ref.removeprefix("refs/tags/")
+            if name.endswith("^{}"):
+                tags[name[:-3]] = sha  # the peeled (commit) line wins
+            else:
+                tags.setdefault(name, sha)
+        return tags
+
+    def push_tag(self, name: str, commit: str) -> None:
+        git(self.work, "tag", "-a", "-m", f"Release {name}", name, commit)
+        git(self.work, "push", "-q", "origin", f"refs/tags/{name}")
+
+
+@pytest.fixture
+def make_repo(git_server: GitServer, tmp_path: Path) -> Callable[..., GitRepo]:
+    """make_repo(name=None, app=SAMPLE_APP) -> a repo on the server with the app on main."""
+
+    def make(name: str | None = None, app: Path = SAMPLE_APP) -> GitRepo:
+        name = name or f"app-{uuid.uuid4().hex[:8]}"
+        bare = git_server.repos / f"{name}.git"
+        git(git_server.repos, "init", "-q", "--bare", "-b", "main", str(bare))
+        work = tmp_path / f"work-{name}"
+        shutil.copytree(app, work)
+        git(work, "init", "-q", "-b", "main")
+        git(work, "remote", "add", "origin", f"{git_server.url}/{name}.git")
+        repo = GitRepo(name, f"{git_server.url}/{name}.git", bare, work)
+        repo.initial = repo.commit(message="initial commit")
+        return repo
+
+    return make
+
+
+# --------------------------------------------------------------- step requests --
+
+
+@dataclass
+class Env:
+    """The worker environment the handlers see: CISTATE_* set for this test alone."""
+
+    registry: Registry
+    namespace: str
+    base_image: str
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def push_registry(self) -> str:
+        return f"{self.registry.address}/{self.namespace}"
+
+    @property
+    def release_registry(self) -> str:
+        return f"{self.registry.address}/{self.namespace}-releases"
+
+    def set(self, **values: str) -> None:
+        for key, value in values.items():
+            self.monkeypatch.setenv(f"CISTATE_{key.upper()}", value)
+
+
+@pytest.fixture
+def handler_env(
+    monkeypatch: pytest.MonkeyPatch, registry: Registry, base_image: str, builder_storage: Path
+) -> Env:
+    for key in list(os.environ):
+        if key.startswith("CISTATE_"):
+            monkeypatch.delenv(key)
+    namespace = f"t{uuid.uuid4().hex[:8]}"
+    found = Env(registry, namespace, base_image, monkeypatch)
+    found.set(
+        registry=found.push_registry,
+        release_registry=found.release_registry,
+        registry_insecure="1",
+        registry_retries="3",
+        registry_backoff="0.05",
+        builder_root=str(builder_storage / "root"),
+        builder_runroot=str(builder_storage / "run"),
+    )
+    return found
+
+
+@dataclass
+class Requests:
+    """Builds StepRequests: each with its own workdir and log file under the test's tmp_path."""
+
+    tmp_path: Path
+    logs: list[StepLog] = field(default_factory=list)
+
+    def __call__(
+        self,
+        repo: GitRepo | str,
+        commit: str,
+        step: str,
+        *,
+        ref: str = "refs/heads/main",
+        settings: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Mapping[str, Any]] | None = None,
+        attempt: int = 1,
+    ) -> StepRequest:
+        n = len(self.logs) + 1
+        log = StepLog(self.tmp_path / "logs" / f"{n:02d}-{step}.log")
+        self.logs.append(log)
+        workdir = self.tmp_path / "steps" / f"{n:02d}-{step}"
+        workdir.mkdir(parents=True)
+        return StepRequest(
+            run_id=str(uuid.uuid4()),
+            repo=repo.url if isinstance(repo, GitRepo) else repo,
+            ref=ref,
+            commit=commit,
+            step=step,
+            attempt=attempt,
+            settings=dict(settings or {}),
+            script=None,
+            inputs={k: dict(v) for k, v in (inputs or {}).items()},
+            workdir=workdir,
+            log=log,
+        )
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+
+
+@pytest.fixture
+def make_request(tmp_path: Path) -> Iterator[Requests]:
+    requests = Requests(tmp_path)
+    yield requests
+    requests.close()
+
+
+def log_text(request: StepRequest) -> str:
+    return request.log.path.read_text(encoding="utf-8")
