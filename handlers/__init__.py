@@ -19,6 +19,11 @@ REGISTRY: dict[str, str] = {
     "build": "handlers.build",
     "tag-release": "handlers.tag_release",
     "img-release": "handlers.img_release",
+    "deploy": "handlers.deploy",
+    "health": "handlers.health",
+    "helm-release": "handlers.helm_release",
+    "gitops": "handlers.gitops",
+    "qa-sync": "handlers.qa_sync",
 }
 
 

@@ -1,0 +1,127 @@
+"""Settings of the delivery handlers (deploy, health, helm-release, gitops, qa-sync).
+
+As in `handlers.settings`: a value comes from the step's `with:` when given there, else from
+the worker's environment (`CISTATE_<NAME>`), else from the default below; `with:` keys may be
+spelled with `-` or `_`. Credentials (chart repo, GitOps, Argo CD) come from the environment
+only: a `with:` block is pipeline data that ends up in events, so a credential there is
+refused.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from handlers.base import StepFailed, StepRequest
+
+SECRET_KEYS = frozenset({"chart_repo_username", "chart_repo_password", "argocd_token"})
+# `with:` names that read better in a pipeline than the setting they stand for
+ALIASES = {"url": "health_url", "namespace": "dev_namespace", "application": "argocd_app"}
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+class DeliverySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid")
+
+    # cluster access: a kubeconfig file, else the in-cluster service account
+    kubeconfig: Path | None = None
+    kube_context: str = ""
+    # the helm executable: a path, or a name on PATH
+    helm: str = "helm"
+
+    # deploy
+    dev_namespace: str = "dev"
+    chart_dir: str = "chart"  # the directory in the repo that holds the one chart
+    ingress_subdomain: str = ""
+    ingress_tls_secret: str = ""
+    rollout_timeout: float = Field(default=300.0, gt=0)
+    rollout_interval: float = Field(default=1.0, gt=0)
+
+    # health
+    health_url: str = ""  # the app's base URL; empty = http://<the app's Ingress host>
+    health_path: str = "/health"
+    health_protocol: str = "http"
+    health_port: int | None = Field(default=None, ge=1, le=65535)  # the ingress' port
+    health_attempts: int = Field(default=10, ge=1, le=1000)
+    health_backoff: float = Field(default=1.0, ge=0)
+    health_backoff_max: float = Field(default=15.0, ge=0)
+    health_timeout: float = Field(default=5.0, gt=0)  # per request
+
+    # helm-release: oci://host[:port]/path or http(s)://host/path (an HTTP chart repo)
+    chart_repo: str = ""
+    chart_repo_insecure: bool = False  # plain http to an OCI registry
+    chart_repo_username: str = ""
+    chart_repo_password: SecretStr = SecretStr("")
+    chart_repo_attempts: int = Field(default=10, ge=1, le=100)
+    chart_repo_timeout: float = Field(default=60.0, gt=0)
+
+    # gitops
+    gitops_repo: str = ""
+    gitops_branch: str = "qa"
+    gitops_dir: str = "qa"  # parent directory of <app>/ in the GitOps repo
+    gitops_yaml: str = "requirements.yaml"
+    gitops_attempts: int = Field(default=5, ge=1, le=50)
+    git_user_name: str = "cistate"
+    git_user_email: str = "cistate@localhost"
+
+    # qa-sync
+    argocd_url: str = ""
+    argocd_token: SecretStr = SecretStr("")
+    argocd_app: str = ""  # empty = the app name
+    argocd_insecure: bool = False  # skip TLS verification
+    argocd_timeout: float = Field(default=600.0, gt=0)
+    argocd_interval: float = Field(default=5.0, gt=0)
+
+    @field_validator("dev_namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not _DNS_LABEL.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes namespace name (an RFC 1123 label)")
+        return value
+
+    @field_validator("chart_dir", "gitops_dir")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError(f"{value!r} must be a path inside the repo, without '..'")
+        return value
+
+    @field_validator("chart_repo", "argocd_url", "health_url")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return value.strip().rstrip("/")
+
+
+def for_request(request: StepRequest) -> DeliverySettings:
+    """The environment's settings overridden by the step's `with:`."""
+    overrides = {}
+    for key, value in request.settings.items():
+        name = key.replace("-", "_")
+        overrides[ALIASES.get(name, name)] = value
+    refused = sorted(SECRET_KEYS & overrides.keys())
+    if refused:
+        raise StepFailed(
+            f"step {request.step!r} sets {', '.join(refused)} in `with:`; pipeline files end "
+            "up in the event log, so credentials must come from the worker's environment "
+            f"({', '.join('CISTATE_' + key.upper() for key in refused)})",
+            retryable=False,
+        )
+    for key in sorted(overrides.keys() - DeliverySettings.model_fields.keys()):
+        request.log.line(f"note: `with: {key}` is not a setting of this handler; ignored")
+        del overrides[key]
+    try:
+        return DeliverySettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise StepFailed(
+            f"step {request.step!r} has invalid settings ({problems}); fix the step's `with:` "
+            "or the worker's CISTATE_* environment",
+            retryable=False,
+        ) from None

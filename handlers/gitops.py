@@ -1,0 +1,236 @@
+"""`uses: gitops`: point the QA environment of the GitOps repo at the released chart.
+
+Like the Cloud-Native Toolkit's `gitops` task: clone the GitOps repo (`gitops_repo`, branch
+`gitops_branch`, default `qa`); in `<gitops_dir>/<app>/` (default `qa/<app>/`) set the
+dependency named after the chart in `requirements.yaml` (`gitops_yaml`) to the new version
+and repository, adding it when absent; when the file does not exist, create the Toolkit's
+umbrella chart there (`Chart.yaml`, `requirements.yaml`, `values.yaml`). Commit
+`Updates <app> to <version>` and push. A push rejected because the branch moved (another run
+or a person pushed first) is retried from the branch as it is then, up to `gitops_attempts`
+times. When the files already say so, nothing is committed: "no changes" is success.
+
+Inputs: setup's `app_name`; helm-release's `chart_name`, `chart_version`, `chart_repo`.
+The GitOps repo URL comes from the worker's environment (CISTATE_GITOPS_REPO) or `with:`;
+credentials in it never reach a log or an argv (the URL is written to the clone's config).
+
+Outputs:
+- `commit`: the GitOps branch's commit that has the change (the new one, or the existing head)
+- `changed`: whether this step made that commit
+- skipped (helm-release released nothing): `commit` null, `changed` false, `skipped_reason`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import git as gitpython
+import yaml
+
+from handlers import git, process
+from handlers.base import StepFailed, StepRequest
+from handlers.cd_settings import DeliverySettings, for_request
+
+CLONE_DIR = "gitops"
+
+
+def update_app_dir(
+    directory: Path, *, app: str, chart: str, version: str, repository: str, yaml_name: str
+) -> None:
+    """Set `chart` to `version` from `repository` in `<directory>/<yaml_name>`, or create the
+    umbrella chart. Files whose content would not change are not rewritten."""
+    requirements = directory / yaml_name
+    if requirements.is_file():
+        try:
+            data = yaml.safe_load(requirements.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise StepFailed(
+                f"{requirements.name} of {directory.name} in the GitOps repo is not valid "
+                f"YAML: {exc}",
+                retryable=False,
+            ) from None
+        if not isinstance(data, dict):
+            raise StepFailed(f"{requirements} in the GitOps repo is not a mapping", retryable=False)
+        before = yaml.safe_dump(data, sort_keys=False)
+        deps = data.setdefault("dependencies", [])
+        if not isinstance(deps, list):
+            raise StepFailed(
+                f"`dependencies` in {requirements.name} of {directory.name} is not a list",
+                retryable=False,
+            )
+        matched = [d for d in deps if isinstance(d, dict) and d.get("name") == chart]
+        for dep in matched:
+            dep["version"] = version
+            dep["repository"] = repository
+        if not matched:
+            deps.append({"name": chart, "version": version, "repository": repository})
+        after = yaml.safe_dump(data, sort_keys=False)
+        if after != before:
+            requirements.write_text(after, encoding="utf-8")
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        "Chart.yaml": {
+            "apiVersion": "v2",
+            "version": "0.1.0",
+            "name": app,
+            "description": f"Chart to configure ArgoCD with the {app} project and its applications",
+        },
+        yaml_name: {
+            "dependencies": [{"name": chart, "version": version, "repository": repository}]
+        },
+        "values.yaml": {"global": {}, chart: {"replicaCount": 1}},
+    }
+    for name, content in files.items():
+        path = directory / name
+        if not path.exists():
+            path.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
+
+
+async def run(request: StepRequest) -> dict[str, Any]:
+    settings = for_request(request)
+    released = request.inputs.get("helm-release", {})
+    if "chart_version" in released and not released.get("chart_version"):
+        reason = released.get("skipped_reason") or "helm-release released no chart"
+        request.log.line(f"not updating the GitOps repo: {reason}")
+        return {"commit": None, "changed": False, "skipped_reason": reason}
+    app = str(request.output_of("setup", "app_name"))
+    chart = str(released.get("chart_name") or app)
+    version = str(request.output_of("helm-release", "chart_version"))
+    repository = str(request.output_of("helm-release", "chart_repo"))
+    if not settings.gitops_repo:
+        raise StepFailed(
+            "no GitOps repo is configured: set CISTATE_GITOPS_REPO on the worker or "
+            "`gitops_repo:` in the step's `with:`",
+            retryable=False,
+        )
+    git.validate_repo_url(settings.gitops_repo)
+    git.validate_ref(settings.gitops_branch)
+    return await _publish(request, settings, app, chart, version, repository)
+
+
+async def _publish(
+    request: StepRequest,
+    settings: DeliverySettings,
+    app: str,
+    chart: str,
+    version: str,
+    repository: str,
+) -> dict[str, Any]:
+    branch = settings.gitops_branch
+    where = f"GitOps repo {git.redact(settings.gitops_repo)}"
+    path = request.workdir / CLONE_DIR
+    await asyncio.to_thread(_init, path, settings)
+    subdir = Path(settings.gitops_dir) / app
+    message = f"Updates {app} to {version}"
+    for attempt in range(1, settings.gitops_attempts + 1):
+        await _fetch(request, path, branch, where)
+        await _git(request, path, "checkout", "-q", "-B", branch, f"origin/{branch}")
+        await _git(request, path, "clean", "-q", "-fdx")
+        await asyncio.to_thread(
+            update_app_dir,
+            path / subdir,
+            app=app,
+            chart=chart,
+            version=version,
+            repository=repository,
+            yaml_name=settings.gitops_yaml,
+        )
+        await _git(request, path, "add", "-A", "--", str(subdir))
+        if not await asyncio.to_thread(_staged, path):
+            head = await asyncio.to_thread(_head, path)
+            request.log.line(f"no changes: {where} {branch} already has {chart} {version}")
+            return {"commit": head, "changed": False}
+        await _git(
+            request,
+            path,
+            "-c",
+            f"user.name={settings.git_user_name}",
+            "-c",
+            f"user.email={settings.git_user_email}",
+            "commit",
+            "-q",
+            "-m",
+            message,
+        )
+        head = await asyncio.to_thread(_head, path)
+        done = await _git(
+            request, path, "push", "--porcelain", "origin", f"HEAD:refs/heads/{branch}", check=False
+        )
+        if done.exit_code == 0:
+            request.log.line(f"pushed {head} ({message}) to {where} {branch}")
+            return {"commit": head, "changed": True}
+        if "[rejected]" not in done.tail and "[remote rejected]" not in done.tail:
+            raise StepFailed(
+                f"cannot push to {where} (git exited with code {done.exit_code}); check the "
+                "URL and that the worker may push there",
+                exit_code=done.exit_code,
+                output_tail=done.tail,
+                retryable=True,
+            )
+        request.log.line(
+            f"{where} {branch} moved while we committed (push rejected, attempt {attempt} of "
+            f"{settings.gitops_attempts}); pulling and applying the change again"
+        )
+    raise StepFailed(
+        f"could not push {message!r} to {where} {branch}: it moved under us "
+        f"{settings.gitops_attempts} times in a row",
+        retryable=True,
+    )
+
+
+def _init(path: Path, settings: DeliverySettings) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    repo = gitpython.Repo.init(path)
+    with repo.config_writer() as config:
+        # written as config, never passed on a command line: it may hold credentials
+        config.set_value('remote "origin"', "url", settings.gitops_repo)
+        config.set_value('remote "origin"', "fetch", "+refs/heads/*:refs/remotes/origin/*")
+
+
+def _staged(path: Path) -> bool:
+    repo = gitpython.Repo(path)
+    return bool(repo.index.diff("HEAD"))
+
+
+def _head(path: Path) -> str:
+    return str(gitpython.Repo(path).head.commit.hexsha)
+
+
+async def _fetch(request: StepRequest, path: Path, branch: str, where: str) -> None:
+    refspec = f"+refs/heads/{branch}:refs/remotes/origin/{branch}"
+    done = await _git(request, path, "fetch", "--no-tags", "origin", refspec, check=False)
+    if done.exit_code == 0:
+        return
+    if "couldn't find remote ref" in done.tail.lower():
+        raise StepFailed(
+            f"{where} has no branch {branch!r}; create it or set CISTATE_GITOPS_BRANCH",
+            exit_code=done.exit_code,
+            output_tail=done.tail,
+            retryable=False,
+        )
+    raise StepFailed(
+        f"cannot fetch {branch} from {where} (git exited with code {done.exit_code}); check "
+        "that it is up and the worker may read it",
+        exit_code=done.exit_code,
+        output_tail=done.tail,
+        retryable=True,
+    )
+
+
+async def _git(
+    request: StepRequest, path: Path, *args: str, check: bool = True
+) -> process.Completed:
+    return await process.run(
+        [*git.GIT, *args],
+        cwd=path,
+        log=request.log,
+        env=git.GIT_ENV,
+        what=f"git {args[0]}",
+        check=check,
+        retryable=True,
+    )

@@ -1,0 +1,313 @@
+"""Helm for the handlers: find the repo's chart, set its values, lint, template, package, push.
+
+The chart is never edited in the checkout: `prepare_chart` copies it into the step's workdir
+under the app's name and writes the values there, the way the Cloud-Native Toolkit's deploy
+and helm-package tasks do with yq (`nameOverride`, `fullnameOverride`, `image.repository`,
+`image.tag`, `vcsInfo.*`; prefixed with the first dependency's alias or name for an umbrella
+chart). The helm CLI runs through `handlers.process`, with its cache, config and data homes
+in the workdir so that steps never share helm state. Registry credentials reach `helm push`
+in a private registry-config file, never on its command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from handlers import process
+from handlers.base import StepFailed, StepRequest
+
+CHART_FILE = "Chart.yaml"
+
+
+# ------------------------------------------------------------------- the chart --
+
+
+def find_chart(source: Path, chart_dir: str) -> Path:
+    """The one chart under `<source>/<chart_dir>`: that directory itself or one child of it."""
+    root = source / chart_dir
+    if (root / CHART_FILE).is_file():
+        return root
+    found = sorted(p.parent for p in root.glob(f"*/{CHART_FILE}")) if root.is_dir() else []
+    if not found:
+        raise StepFailed(
+            f"the repo has no Helm chart: expected {chart_dir}/{CHART_FILE} or "
+            f"{chart_dir}/<name>/{CHART_FILE}; add a chart or set `chart_dir:` in `with:`",
+            retryable=False,
+        )
+    if len(found) > 1:
+        names = ", ".join(str(p.relative_to(source)) for p in found)
+        raise StepFailed(
+            f"the repo has {len(found)} Helm charts under {chart_dir}/ ({names}); "
+            "deploy needs exactly one: remove the others or set `chart_dir:` in `with:`",
+            retryable=False,
+        )
+    return found[0]
+
+
+def _load_yaml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except yaml.YAMLError as exc:
+        raise StepFailed(f"{what} is not valid YAML: {exc}", retryable=False) from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise StepFailed(f"{what} is not a YAML mapping", retryable=False)
+    return loaded
+
+
+def values_prefix(chart: Path) -> str:
+    """`<first dependency>.` for an umbrella chart (requirements.yaml or Chart.yaml
+    dependencies), else empty: where the app's values live."""
+    for name in ("requirements.yaml", CHART_FILE):
+        deps = _load_yaml(chart / name, f"{chart.name}/{name}").get("dependencies")
+        if isinstance(deps, list) and deps and isinstance(deps[0], dict):
+            first = deps[0].get("alias") or deps[0].get("name")
+            if first:
+                return f"{first}."
+    return ""
+
+
+def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """`set_dotted(v, "image.tag", "1")` like `yq w - image.tag 1`."""
+    *parents, last = key.split(".")
+    node = values
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def prepare_chart(
+    chart: Path, dest: Path, *, name: str, version: str, values: Mapping[str, Any]
+) -> Path:
+    """Copy `chart` to `<dest>/<name>`, named `name` at `version`, with `values` set
+    (dotted keys, relative to the app's values: the dependency prefix is added here)."""
+    target = dest / name
+    if target.exists():
+        shutil.rmtree(target)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(chart, target, symlinks=False)
+    meta = _load_yaml(target / CHART_FILE, f"{chart.name}/{CHART_FILE}")
+    meta["name"] = name
+    meta["version"] = version
+    (target / CHART_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    prefix = values_prefix(target)
+    current = _load_yaml(target / "values.yaml", f"{chart.name}/values.yaml")
+    for key, value in values.items():
+        set_dotted(current, prefix + key, value)
+    (target / "values.yaml").write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+    return target
+
+
+def chart_metadata(chart: Path) -> dict[str, Any]:
+    return _load_yaml(chart / CHART_FILE, f"{chart.name}/{CHART_FILE}")
+
+
+# --------------------------------------------------------------------- the CLI --
+
+
+class Helm:
+    def __init__(self, executable: str, request: StepRequest) -> None:
+        found = shutil.which(executable)
+        if found is None:
+            raise StepFailed(
+                f"helm is not installed on this worker ({executable!r} is not an executable "
+                "on PATH); install helm or set CISTATE_HELM to its path",
+                retryable=False,
+            )
+        self.executable = found
+        self.request = request
+        home = request.workdir / "helm-home"
+        self.env = {
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
+
+    async def _run(
+        self, args: Sequence[str], *, what: str, cwd: Path | None = None, retryable: bool = False
+    ) -> process.Completed:
+        return await process.run(
+            [self.executable, *args],
+            cwd=cwd or self.request.workdir,
+            log=self.request.log,
+            env=self.env,
+            what=what,
+            retryable=retryable,
+        )
+
+    async def lint(self, chart: Path, shown: str) -> None:
+        try:
+            await self._run(["lint", str(chart)], what=f"helm lint {shown}")
+        except StepFailed as failed:
+            raise StepFailed(
+                f"the chart {shown} fails `helm lint`: {_errors(failed.output_tail)}",
+                exit_code=failed.exit_code,
+                output_tail=failed.output_tail,
+                retryable=False,
+            ) from None
+
+    async def template(
+        self,
+        release: str,
+        chart: Path,
+        *,
+        namespace: str,
+        out: Path,
+        set_values: Mapping[str, str],
+        shown: str,
+    ) -> list[dict[str, Any]]:
+        """The chart's objects, rendered by `helm template` (tests left out)."""
+        await asyncio.to_thread(shutil.rmtree, out, True)
+        args = ["template", release, str(chart), "--namespace", namespace, "--skip-tests"]
+        args += ["--output-dir", str(out)]
+        for key, value in set_values.items():
+            args += ["--set-string", f"{key}={value}"]
+        try:
+            await self._run(args, what=f"helm template {shown}")
+        except StepFailed as failed:
+            raise StepFailed(
+                f"`helm template` of the chart {shown} failed: {_errors(failed.output_tail)}",
+                exit_code=failed.exit_code,
+                output_tail=failed.output_tail,
+                retryable=False,
+            ) from None
+        return await asyncio.to_thread(_load_rendered, out, shown)
+
+    async def package(self, chart: Path, *, version: str, app_version: str, dest: Path) -> Path:
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+        await self._run(
+            [
+                "package",
+                str(chart),
+                "--version",
+                version,
+                "--app-version",
+                app_version,
+                "--destination",
+                str(dest),
+            ],
+            what=f"helm package {chart.name}",
+        )
+        tgz = dest / f"{chart.name}-{version}.tgz"
+        if not tgz.is_file():
+            raise StepFailed(f"helm package did not write {tgz.name}", retryable=False)
+        return tgz
+
+    async def pull(
+        self,
+        ref: str,
+        *,
+        version: str,
+        plain_http: bool,
+        dest: Path,
+        auths: Mapping[str, tuple[str, str]],
+    ) -> Path | None:
+        """`helm pull` an OCI chart into `dest`; None when the registry does not have it."""
+        await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+        args = ["pull", ref, "--version", version, "--destination", str(dest)]
+        if plain_http:
+            args.append("--plain-http")
+        with _registry_config(auths) as config:
+            if config is not None:
+                args += ["--registry-config", str(config)]
+            done = await process.run(
+                [self.executable, *args],
+                cwd=self.request.workdir,
+                log=self.request.log,
+                env=self.env,
+                check=False,
+            )
+        if done.exit_code == 0:
+            found = await asyncio.to_thread(lambda: sorted(dest.glob("*.tgz")))
+            return found[0] if found else None
+        if "not found" in done.tail.lower():
+            return None
+        raise StepFailed(
+            f"cannot read {ref} version {version} from the chart registry: "
+            f"{_errors(done.tail)}",
+            exit_code=done.exit_code,
+            output_tail=done.tail,
+            retryable=True,
+        )
+
+    async def push(
+        self, tgz: Path, repo: str, *, plain_http: bool, auths: Mapping[str, tuple[str, str]]
+    ) -> str:
+        """`helm push` to `oci://...`; the digest helm reports (empty if it reports none)."""
+        with _registry_config(auths) as config:
+            args = ["push", str(tgz), repo]
+            if plain_http:
+                args.append("--plain-http")
+            if config is not None:
+                args += ["--registry-config", str(config)]
+            done = await self._run(args, what=f"helm push to {repo}", retryable=True)
+        for line in done.tail.splitlines():
+            if line.startswith("Digest:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+
+def _errors(tail: str) -> str:
+    """The lines of helm's output that say what is wrong."""
+    lines = [
+        line.strip()
+        for line in tail.splitlines()
+        if "[ERROR]" in line or line.startswith("Error") or "error" in line.lower()
+    ]
+    return "; ".join(lines[-5:]) or "see the output tail"
+
+
+def _load_rendered(out: Path, shown: str) -> list[dict[str, Any]]:
+    objects: list[dict[str, Any]] = []
+    for path in sorted(out.rglob("*.yaml")):
+        try:
+            docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+        except yaml.YAMLError as exc:
+            raise StepFailed(
+                f"the chart {shown} renders {path.relative_to(out)} as invalid YAML: {exc}",
+                retryable=False,
+            ) from None
+        for doc in docs:
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
+                raise StepFailed(
+                    f"the chart {shown} renders an object without kind/apiVersion in "
+                    f"{path.relative_to(out)}",
+                    retryable=False,
+                )
+            objects.append(doc)
+    return objects
+
+
+@contextmanager
+def _registry_config(auths: Mapping[str, tuple[str, str]]) -> Iterator[Path | None]:
+    if not auths:
+        yield None
+        return
+    entries = {
+        host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode("ascii")}
+        for host, (user, password) in auths.items()
+    }
+    with tempfile.TemporaryDirectory(prefix="cistate-helm-auth-") as tmp:
+        os.chmod(tmp, 0o700)
+        path = Path(tmp) / "config.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump({"auths": entries}, out)
+        yield path

@@ -1,0 +1,286 @@
+"""Kubernetes for the handlers: connect, server-side apply arbitrary objects, wait for rollouts.
+
+kubernetes-asyncio's dynamic client finds each object's resource by discovery, so any kind
+the cluster serves can be applied (CRDs included) without a typed API per kind. Objects are
+applied with server-side apply (`PATCH` as `application/apply-patch+yaml`, field manager
+`cistate`, conflicts forced: cistate owns what it deploys), which is idempotent.
+
+Access comes from the kubeconfig named by CISTATE_KUBECONFIG (`kubeconfig:`), else from the
+pod's service account (in-cluster config). The apiserver's own message reaches every failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
+from kubernetes_asyncio.dynamic import DynamicClient
+from kubernetes_asyncio.dynamic.exceptions import (
+    DynamicApiError,
+    ResourceNotFoundError,
+    ResourceNotUniqueError,
+)
+
+from handlers.base import StepFailed, StepLog
+from handlers.cd_settings import DeliverySettings
+
+FIELD_MANAGER = "cistate"
+REQUEST_TIMEOUT = 30.0
+ROLLOUT_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "StatefulSet")})
+# server errors and throttling: another attempt may succeed
+_TRANSIENT = frozenset({429, 500, 502, 503, 504})
+
+
+def describe(obj: dict[str, Any]) -> str:
+    """`Deployment/hello-app`: how objects are named in outputs and messages."""
+    return f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
+
+
+class Cluster:
+    def __init__(self, dynamic: DynamicClient, server: str, log: StepLog) -> None:
+        self._dynamic = dynamic
+        self.server = server
+        self.log = log
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: DeliverySettings, log: StepLog) -> AsyncIterator[Cluster]:
+        configuration = Configuration()
+        try:
+            if settings.kubeconfig is not None:
+                await load_kube_config(
+                    config_file=str(settings.kubeconfig),
+                    context=settings.kube_context or None,
+                    client_configuration=configuration,
+                    persist_config=False,
+                )
+            else:
+                load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except (ConfigException, OSError, ValueError) as exc:
+            source = (
+                f"kubeconfig {settings.kubeconfig}"
+                if settings.kubeconfig is not None
+                else "the in-cluster service account (no CISTATE_KUBECONFIG is set)"
+            )
+            raise StepFailed(
+                f"cannot load cluster access from {source}: {exc}; set CISTATE_KUBECONFIG to "
+                "a readable kubeconfig or run the worker in the cluster",
+                retryable=False,
+            ) from None
+        server = str(configuration.host)
+        async with ApiClient(configuration) as api:
+            try:
+                dynamic = await _guard(server, "discovery", lambda: DynamicClient(api))
+            except StepFailed:
+                raise
+            except Exception as exc:  # the discoverer fails on odd answers (401, HTML)
+                raise StepFailed(
+                    f"the Kubernetes API at {server} did not answer API discovery "
+                    f"({type(exc).__name__}: {exc}); check the kubeconfig's server and token",
+                    retryable=True,
+                ) from None
+            yield cls(dynamic, server, log)
+
+    async def _resource(self, api_version: str, kind: str) -> Any:
+        try:
+            return await _guard(
+                self.server,
+                f"discovery of {kind}",
+                lambda: self._dynamic.resources.get(api_version=api_version, kind=kind),
+            )
+        except (ResourceNotFoundError, ResourceNotUniqueError):
+            raise StepFailed(
+                f"the Kubernetes API at {self.server} does not serve kind {kind} of "
+                f"apiVersion {api_version} (a CRD not installed, or an API version removed "
+                "from this cluster); fix the chart",
+                retryable=False,
+            ) from None
+
+    async def apply(self, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+        """Server-side apply `obj` (into `namespace` when it is namespaced); the object as
+        the apiserver stored it."""
+        api_version, kind = str(obj["apiVersion"]), str(obj["kind"])
+        resource = await self._resource(api_version, kind)
+        body = json.loads(json.dumps(obj))  # a private copy
+        metadata = body.setdefault("metadata", {})
+        if resource.namespaced:
+            metadata["namespace"] = namespace
+        where = f" in namespace {namespace}" if resource.namespaced else ""
+        return await _call(
+            self.server,
+            f"applying {describe(body)}{where}",
+            lambda: self._dynamic.server_side_apply(
+                resource,
+                body=body,
+                namespace=namespace if resource.namespaced else None,
+                field_manager=FIELD_MANAGER,
+                force_conflicts=True,
+                serialize=False,
+                _request_timeout=REQUEST_TIMEOUT,
+            ),
+        )
+
+    async def get(
+        self, api_version: str, kind: str, name: str, namespace: str | None
+    ) -> dict[str, Any] | None:
+        resource = await self._resource(api_version, kind)
+        try:
+            return await _call(
+                self.server,
+                f"reading {kind}/{name}",
+                lambda: self._dynamic.get(
+                    resource,
+                    name=name,
+                    namespace=namespace,
+                    serialize=False,
+                    _request_timeout=REQUEST_TIMEOUT,
+                ),
+                missing_ok=True,
+            )
+        except _Missing:
+            return None
+
+    async def ensure_namespace(self, namespace: str) -> None:
+        existing = await self.get("v1", "Namespace", namespace, None)
+        if existing is None:
+            await self.apply(
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}, ""
+            )
+            self.log.line(f"created namespace {namespace}")
+
+    async def wait_rollout(
+        self, obj: dict[str, Any], namespace: str, *, within: float, interval: float
+    ) -> None:
+        """Wait until the Deployment/StatefulSet `obj` has rolled out, or fail after `within` s."""
+        api_version, kind = str(obj["apiVersion"]), str(obj["kind"])
+        name = str(obj["metadata"]["name"])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        last = ""
+        while True:
+            current = await self.get(api_version, kind, name, namespace)
+            if current is None:
+                raise StepFailed(
+                    f"{kind}/{name} disappeared from namespace {namespace} during its rollout",
+                    retryable=True,
+                )
+            done, state = rollout_state(current)
+            if done:
+                self.log.line(f"{kind}/{name} rolled out: {state}")
+                return
+            if state != last:
+                self.log.line(f"waiting for {kind}/{name} in {namespace}: {state}")
+                last = state
+            if loop.time() >= deadline:
+                raise StepFailed(
+                    f"{kind}/{name} in namespace {namespace} did not roll out within "
+                    f"{within:g}s ({state}); check its pods' events and logs",
+                    retryable=True,
+                )
+            await asyncio.sleep(min(interval, max(deadline - loop.time(), 0.01)))
+
+
+def rollout_state(obj: dict[str, Any]) -> tuple[bool, str]:
+    """(rolled out?, what it is waiting for), like `kubectl rollout status`."""
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    generation = int((obj.get("metadata") or {}).get("generation") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    wanted = int(spec.get("replicas", 1) if spec.get("replicas") is not None else 1)
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    if obj.get("kind") == "StatefulSet" and status.get("availableReplicas") is None:
+        available = int(status.get("readyReplicas") or 0)
+    else:
+        available = int(status.get("availableReplicas") or 0)
+    for condition in status.get("conditions") or []:
+        if condition.get("reason") == "ProgressDeadlineExceeded":
+            raise StepFailed(
+                f"{describe(obj)} exceeded its progress deadline: {condition.get('message')}",
+                retryable=False,
+            )
+    if observed < generation:
+        return False, f"generation {generation} not yet observed (observed {observed})"
+    if updated < wanted:
+        return False, f"{updated} of {wanted} replicas updated"
+    if total > updated:
+        return False, f"{total - updated} old replicas pending termination"
+    if available < wanted:
+        return False, f"{available} of {wanted} updated replicas available"
+    return True, f"{available} of {wanted} replicas available at generation {generation}"
+
+
+class _Missing(Exception):
+    pass
+
+
+async def _call(
+    server: str, what: str, call: Callable[[], Any], *, missing_ok: bool = False
+) -> dict[str, Any]:
+    """One API request whose raw response is checked here: the dynamic client does not raise
+    for error statuses when it does not decode the body itself."""
+    response = await _guard(server, what, call, missing_ok=missing_ok)
+    try:
+        status = int(response.status)
+        body = await response.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise StepFailed(
+            f"the Kubernetes API at {server} broke off ({what}): {type(exc).__name__}: {exc}",
+            retryable=True,
+        ) from None
+    finally:
+        response.release()
+    if status == 404 and missing_ok:
+        raise _Missing
+    if not 200 <= status < 300:
+        raise StepFailed(
+            f"the Kubernetes API at {server} refused {what}: HTTP {status} "
+            f"{api_message(body) or 'no details'}",
+            retryable=status in _TRANSIENT,
+        )
+    decoded: dict[str, Any] = json.loads(body)
+    return decoded
+
+
+async def _guard(
+    server: str, what: str, call: Callable[[], Any], *, missing_ok: bool = False
+) -> Any:
+    """Await `call()`, turning the client's errors into StepFailed that say what and where."""
+    try:
+        return await call()
+    except DynamicApiError as exc:
+        if missing_ok and exc.status == 404:
+            raise _Missing from None
+        raise StepFailed(
+            f"the Kubernetes API at {server} refused {what}: HTTP {exc.status} "
+            f"{api_message(exc.body) or exc.reason}",
+            retryable=exc.status in _TRANSIENT,
+        ) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise StepFailed(
+            f"the Kubernetes API at {server} is unreachable ({what}): "
+            f"{type(exc).__name__}: {exc}; check that the cluster is up and the kubeconfig "
+            "points at it",
+            retryable=True,
+        ) from None
+
+
+def api_message(body: Any) -> str:
+    """The `message` of a Kubernetes Status body, else the body as text."""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", errors="replace")
+    if not body:
+        return ""
+    try:
+        status = json.loads(body)
+    except (TypeError, ValueError):
+        return str(body)[:2000]
+    if isinstance(status, dict) and status.get("message"):
+        return str(status["message"])
+    return str(body)[:2000]

@@ -1,0 +1,792 @@
+"""End to end: the delivery handlers (deploy, health, helm-release, gitops, qa-sync) against
+real components: a kube-apiserver + etcd started by tests/infra/kube-apiserver.sh, helm from
+tests/infra/helm.sh, docker-registry, a git daemon, buildah (to serve the built image), and a
+real HTTP chart repository process (tests/infra/chart_repo.py, a stand-in for Artifactory).
+
+Two parts cannot run here and are played by the tests themselves, named as such:
+- the kubelet: `KubeletStandIn` patches each Deployment's status the way a kubelet and the
+  deployment controller would once its pods are ready;
+- Argo CD: `ArgoCDStandIn` serves the slice of its REST API that qa-sync reads.
+
+Handlers are called as the worker calls them: `handlers.load(name)(StepRequest)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from kubernetes_asyncio.client import ApiClient, AppsV1Api, NetworkingV1Api
+from kubernetes_asyncio.config import new_client_from_config
+
+import handlers
+from handlers.base import StepFailed, StepRequest
+from tests.e2e.conftest import (
+    INFRA,
+    Env,
+    GitRepo,
+    Requests,
+    free_port,
+    git,
+    infra,
+    log_text,
+)
+
+pytestmark = pytest.mark.e2e
+
+APP = "hello-app"
+CHART = "chart/hello-app"
+
+
+# ------------------------------------------------------------------- fixtures --
+
+
+@dataclass(frozen=True)
+class Kube:
+    kubeconfig: Path
+    directory: Path
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    return Path(infra("helm.sh", timeout=300)) / "helm"
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """A real kube-apiserver + etcd (no kubelet), started by the project's script."""
+    infra("kube-apiserver.sh", "build", timeout=1800)
+    directory = tmp_path_factory.mktemp("kube")
+    kubeconfig = Path(infra("kube-apiserver.sh", "start", str(directory), timeout=180))
+    try:
+        yield Kube(kubeconfig, directory)
+    finally:
+        infra("kube-apiserver.sh", "stop", str(directory))
+
+
+@pytest.fixture
+async def kube_api(kube: Kube) -> AsyncIterator[ApiClient]:
+    api = await new_client_from_config(config_file=str(kube.kubeconfig))
+    async with api:
+        yield api
+
+
+@dataclass
+class Delivery:
+    """The worker environment of the delivery handlers, for one test."""
+
+    env: Env
+    namespace: str  # a fresh Kubernetes namespace: the apiserver cannot delete one
+
+    def set(self, **values: str) -> None:
+        self.env.set(**values)
+
+
+@pytest.fixture
+def delivery(handler_env: Env, kube: Kube, helm_bin: Path) -> Delivery:
+    namespace = f"dev-{uuid.uuid4().hex[:8]}"
+    handler_env.set(
+        kubeconfig=str(kube.kubeconfig),
+        helm=str(helm_bin),
+        dev_namespace=namespace,
+        rollout_timeout="30",
+        rollout_interval="0.1",
+        health_backoff="0.1",
+        health_backoff_max="0.5",
+        health_timeout="2",
+    )
+    return Delivery(handler_env, namespace)
+
+
+class KubeletStandIn:
+    """Plays the kubelet and the deployment controller (neither runs here): every Deployment
+    in the namespace whose generation is not yet observed gets a status saying all its
+    replicas are updated and available, as a real cluster reports once the pods are ready."""
+
+    def __init__(self, api: ApiClient, namespace: str) -> None:
+        self.apps = AppsV1Api(api)
+        self.namespace = namespace
+        self.patched: list[tuple[str, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> KubeletStandIn:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            found = await self.apps.list_namespaced_deployment(self.namespace)
+            for deployment in found.items:
+                generation = deployment.metadata.generation
+                status = deployment.status
+                if status is not None and (status.observed_generation or 0) >= generation:
+                    continue
+                replicas = deployment.spec.replicas or 1
+                await self.apps.patch_namespaced_deployment_status(
+                    deployment.metadata.name,
+                    self.namespace,
+                    {
+                        "status": {
+                            "observedGeneration": generation,
+                            "replicas": replicas,
+                            "updatedReplicas": replicas,
+                            "readyReplicas": replicas,
+                            "availableReplicas": replicas,
+                        }
+                    },
+                )
+                self.patched.append((deployment.metadata.name, generation))
+            await asyncio.sleep(0.1)
+
+
+def deploy_inputs(image: str = "127.0.0.1:5000/ns/hello-app:abc1234") -> dict[str, Any]:
+    return {
+        "setup": {"app_name": APP, "image_url": image, "branch": "main"},
+        "build": {"image_url": image, "image_digest": "sha256:" + "0" * 64},
+    }
+
+
+async def run_step(make_request: Requests, repo: GitRepo | str, sha: str, step: str,
+                   **kwargs: Any) -> tuple[dict[str, Any], StepRequest]:
+    request = make_request(repo, sha, step, **kwargs)
+    outputs = await handlers.load(step)(request)
+    assert json.loads(json.dumps(outputs)) == outputs, "outputs must be JSON-able"
+    return outputs, request
+
+
+async def fail_step(make_request: Requests, repo: GitRepo | str, sha: str, step: str,
+                    **kwargs: Any) -> tuple[StepFailed, StepRequest]:
+    request = make_request(repo, sha, step, **kwargs)
+    with pytest.raises(StepFailed) as info:
+        await handlers.load(step)(request)
+    return info.value, request
+
+
+# --------------------------------------------------------------------- deploy --
+
+
+async def test_deploy_applies_the_chart_waits_for_the_rollout_and_is_idempotent(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    image = f"{delivery.env.push_registry}/{APP}:{repo.initial[:7]}"
+    async with KubeletStandIn(kube_api, delivery.namespace) as kubelet:
+        first, request = await run_step(
+            make_request, repo, repo.initial, "deploy", inputs=deploy_inputs(image)
+        )
+        second, _ = await run_step(
+            make_request, repo, repo.initial, "deploy", inputs=deploy_inputs(image)
+        )
+
+    assert first == {
+        "namespace": delivery.namespace,
+        "objects": [f"Service/{APP}", f"Deployment/{APP}", f"Ingress/{APP}"],
+        "service_port": 8080,
+    }
+    assert second == first
+    assert kubelet.patched == [(APP, 1)], "the second apply changed nothing: no new generation"
+    deployment = await AppsV1Api(kube_api).read_namespaced_deployment(APP, delivery.namespace)
+    container = deployment.spec.template.spec.containers[0]
+    assert container.image == image
+    assert deployment.metadata.annotations["app.openshift.io/vcs-ref"] == "main"
+    assert deployment.metadata.labels["helm.sh/chart"] == f"{APP}-1.0.0-rc{repo.initial[:7]}"
+    managers = {entry.manager for entry in deployment.metadata.managed_fields}
+    assert "cistate" in managers
+    log = log_text(request)
+    assert "rolled out" in log and "helm lint" in log
+
+
+async def test_deploy_fails_clearly_without_a_chart_or_with_two(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    chart = repo.work / CHART
+    files = {str(p.relative_to(repo.work)): None for p in chart.rglob("*") if p.is_file()}
+    no_chart = repo.commit(files, "no chart")
+    failed, _ = await fail_step(make_request, repo, no_chart, "deploy", inputs=deploy_inputs())
+    assert "no Helm chart" in failed.message and "chart/" in failed.message
+    assert failed.retryable is False
+
+    two = repo.commit(
+        {
+            "chart/one/Chart.yaml": "apiVersion: v2\nname: one\nversion: 0.1.0\n",
+            "chart/two/Chart.yaml": "apiVersion: v2\nname: two\nversion: 0.1.0\n",
+        },
+        "two charts",
+    )
+    failed, _ = await fail_step(make_request, repo, two, "deploy", inputs=deploy_inputs())
+    assert "2 Helm charts" in failed.message
+    assert "chart/one" in failed.message and "chart/two" in failed.message
+    assert failed.retryable is False
+
+
+async def test_deploy_surfaces_helm_lint_errors(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    broken = repo.commit(
+        {f"{CHART}/templates/broken.yaml": "kind: ConfigMap\n{{ .Values.x | nosuchfunction }}\n"},
+        "broken template",
+    )
+    failed, _ = await fail_step(make_request, repo, broken, "deploy", inputs=deploy_inputs())
+    assert "fails `helm lint`" in failed.message and CHART in failed.message
+    assert "nosuchfunction" in failed.message
+    assert failed.retryable is False
+
+
+async def test_deploy_reports_the_apiservers_message_for_a_rejected_object(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    bad = repo.commit(
+        {
+            f"{CHART}/templates/bad.yaml": (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Not_A_Valid_Name\n"
+                "data:\n  a: b\n"
+            )
+        },
+        "invalid object",
+    )
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        failed, _ = await fail_step(make_request, repo, bad, "deploy", inputs=deploy_inputs())
+    assert "ConfigMap/Not_A_Valid_Name" in failed.message
+    assert delivery.namespace in failed.message
+    assert "HTTP 422" in failed.message and "Invalid value" in failed.message
+    assert failed.retryable is False
+
+
+async def test_deploy_fails_retryably_when_the_apiserver_is_unreachable(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube: Kube, tmp_path: Path
+) -> None:
+    repo = make_repo()
+    config = yaml.safe_load(kube.kubeconfig.read_text())
+    dead = f"https://127.0.0.1:{free_port()}"
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = dead
+    unreachable = tmp_path / "kubeconfig-unreachable"
+    unreachable.write_text(yaml.safe_dump(config))
+    delivery.set(kubeconfig=str(unreachable))
+    failed, _ = await fail_step(
+        make_request, repo, repo.initial, "deploy", inputs=deploy_inputs()
+    )
+    assert "unreachable" in failed.message and dead in failed.message
+    assert failed.retryable is True
+
+
+async def test_deploy_times_out_when_the_rollout_never_becomes_ready(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    delivery.set(rollout_timeout="1.5")
+    started = time.monotonic()
+    failed, _ = await fail_step(
+        make_request, repo, repo.initial, "deploy", inputs=deploy_inputs()
+    )
+    assert time.monotonic() - started < 20
+    assert f"Deployment/{APP} in namespace {delivery.namespace} did not roll out" in failed.message
+    assert "1.5s" in failed.message
+
+
+# --------------------------------------------------------------------- health --
+
+
+async def build_app(make_request: Requests, env: Env, repo: GitRepo, sha: str) -> dict[str, Any]:
+    """setup + build by their real handlers: the app's image, pushed to the registry."""
+    outputs: dict[str, Any] = {}
+    outputs["setup"], _ = await run_step(make_request, repo, sha, "setup", inputs=outputs)
+    outputs["build"], _ = await run_step(
+        make_request,
+        repo,
+        sha,
+        "build",
+        settings={"build_args": {"BASE_IMAGE": env.base_image}},
+        inputs=outputs,
+    )
+    return outputs
+
+
+@contextlib.contextmanager
+def serve_image(image: str, port: int, builder_storage: Path) -> Iterator[None]:
+    """Run the app's image as its pod would (no container engine here): `buildah from` +
+    `buildah run` of busybox httpd on the host network, serving the image's /www."""
+    base = [
+        "buildah",
+        "--root",
+        str(builder_storage / "root"),
+        "--runroot",
+        str(builder_storage / "run"),
+        "--storage-driver",
+        "vfs",
+    ]
+    done = subprocess.run(
+        [*base, "from", "--tls-verify=false", image], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        pytest.fail(f"buildah from {image} failed: {done.stderr}", pytrace=False)
+    container = done.stdout.strip().splitlines()[-1]
+    server = subprocess.Popen(
+        [*base, "run", "--isolation", "chroot", container, "--",
+         "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        subprocess.run([*base, "rm", container], capture_output=True, timeout=60)
+
+
+async def test_health_finds_the_ingress_host_and_gets_200_from_the_served_image(
+    make_repo: Any,
+    make_request: Requests,
+    delivery: Delivery,
+    kube_api: ApiClient,
+    builder_storage: Path,
+) -> None:
+    repo = make_repo()
+    values = yaml.safe_load((repo.work / CHART / "values.yaml").read_text())
+    values["ingress"]["host"] = "localhost"
+    sha = repo.commit({f"{CHART}/values.yaml": yaml.safe_dump(values)}, "ingress host")
+    outputs = await build_app(make_request, delivery.env, repo, sha)
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        outputs["deploy"], _ = await run_step(make_request, repo, sha, "deploy", inputs=outputs)
+    ingress = await NetworkingV1Api(kube_api).read_namespaced_ingress(APP, delivery.namespace)
+    assert ingress.spec.rules[0].host == "localhost"
+
+    port = free_port()
+    delivery.set(health_port=str(port), health_attempts="40")
+    with serve_image(outputs["build"]["image_url"], port, builder_storage):
+        result, request = await run_step(make_request, repo, sha, "health", inputs=outputs)
+
+    assert result["url"] == f"http://localhost:{port}/health"
+    assert result["status"] == 200
+    assert isinstance(result["latency_ms"], float) and result["latency_ms"] >= 0
+    assert 1 <= result["attempts"] <= 40
+    assert "200 in" in log_text(request)
+
+
+async def test_health_fails_after_bounded_retries_when_never_200(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    app = web.Application()
+
+    async def unhealthy(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="starting")
+
+    app.router.add_get("/health", unhealthy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        delivery.set(health_attempts="3")
+        started = time.monotonic()
+        failed, request = await fail_step(
+            make_request, repo, repo.initial, "health",
+            settings={"url": f"http://127.0.0.1:{port}"}, inputs=deploy_inputs(),
+        )
+        assert time.monotonic() - started < 10
+    finally:
+        await runner.cleanup()
+    assert f"http://127.0.0.1:{port}/health did not answer 200 in 3 attempts" in failed.message
+    assert "HTTP 503" in failed.message
+    assert log_text(request).count("attempt ") == 2
+
+    dead = free_port()
+    failed, _ = await fail_step(
+        make_request, repo, repo.initial, "health",
+        settings={"url": f"http://127.0.0.1:{dead}"}, inputs=deploy_inputs(),
+    )
+    assert f"127.0.0.1:{dead}/health" in failed.message and failed.retryable is True
+
+
+# --------------------------------------------------------------------- gitops --
+
+
+@pytest.fixture
+def gitops_repo(make_repo: Any, tmp_path: Path, delivery: Delivery) -> GitRepo:
+    """A GitOps repo on the git server with a `qa` branch; CISTATE_GITOPS_REPO names it."""
+    seed = tmp_path / "gitops-seed"
+    seed.mkdir()
+    (seed / "README.md").write_text("GitOps repo of the tests\n")
+    repo: GitRepo = make_repo(name=f"gitops-{uuid.uuid4().hex[:8]}", app=seed)
+    repo.commit({"qa/README.md": "QA environment\n"}, "qa environment", branch="qa")
+    delivery.set(gitops_repo=repo.url)
+    return repo
+
+
+def released(version: str = "0.0.1", repo: str = "oci://127.0.0.1:5000/charts") -> dict[str, Any]:
+    return {
+        "setup": {"app_name": APP, "branch": "main"},
+        "helm-release": {"chart_name": APP, "chart_version": version, "chart_repo": repo},
+    }
+
+
+def show(repo: GitRepo, rev: str, path: str = "") -> str:
+    return git(repo.bare, "--git-dir", str(repo.bare), "show", f"{rev}:{path}" if path else rev)
+
+
+async def test_gitops_creates_the_qa_app_chart_and_a_second_run_has_no_changes(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo
+) -> None:
+    app = make_repo()
+    first, request = await run_step(make_request, app, app.initial, "gitops", inputs=released())
+    assert first["changed"] is True
+    assert git(gitops_repo.bare, "rev-parse", "qa") == first["commit"]
+    assert git(gitops_repo.bare, "log", "-1", "--format=%s", "qa") == f"Updates {APP} to 0.0.1"
+    chart = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/Chart.yaml"))
+    assert chart["name"] == APP and chart["apiVersion"] == "v2"
+    requirements = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/requirements.yaml"))
+    assert requirements == {
+        "dependencies": [
+            {"name": APP, "version": "0.0.1", "repository": "oci://127.0.0.1:5000/charts"}
+        ]
+    }
+    values = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/values.yaml"))
+    assert values == {"global": {}, APP: {"replicaCount": 1}}
+    assert show(gitops_repo, "qa", "qa/README.md") == "QA environment"
+
+    second, request = await run_step(make_request, app, app.initial, "gitops", inputs=released())
+    assert second == {"commit": first["commit"], "changed": False}
+    assert "no changes" in log_text(request)
+
+    third, _ = await run_step(
+        make_request, app, app.initial, "gitops", inputs=released("0.0.2", "https://charts/x")
+    )
+    assert third["changed"] is True
+    requirements = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/requirements.yaml"))
+    assert requirements["dependencies"] == [
+        {"name": APP, "version": "0.0.2", "repository": "https://charts/x"}
+    ]
+    assert git(gitops_repo.bare, "rev-parse", f"{third['commit']}^") == first["commit"]
+
+
+async def test_gitops_keeps_other_dependencies_of_an_existing_requirements_file(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo
+) -> None:
+    app = make_repo()
+    other = {"name": "redis", "version": "1.2.3", "repository": "https://charts.example/r"}
+    mine = {"name": APP, "version": "0.0.0", "repository": "https://old"}
+    gitops_repo.commit(
+        {f"qa/{APP}/requirements.yaml": yaml.safe_dump({"dependencies": [other, mine]})},
+        "existing app",
+        branch="qa",
+    )
+    result, _ = await run_step(make_request, app, app.initial, "gitops", inputs=released("0.0.7"))
+    assert result["changed"] is True
+    requirements = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/requirements.yaml"))
+    assert requirements["dependencies"] == [
+        other,
+        {"name": APP, "version": "0.0.7", "repository": "oci://127.0.0.1:5000/charts"},
+    ]
+
+
+async def test_gitops_retries_a_push_rejected_because_qa_moved(
+    make_repo: Any,
+    make_request: Requests,
+    gitops_repo: GitRepo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another commit lands on qa between the step's fetch and its push: a real rejected
+    push; the step fetches, reapplies its change on top and pushes again."""
+    from handlers import gitops
+
+    app = make_repo()
+    original = gitops.update_app_dir
+    foreign: list[str] = []
+
+    def update_while_someone_pushes(directory: Path, **kwargs: Any) -> None:
+        if not foreign:
+            foreign.append(
+                gitops_repo.commit({"qa/other/values.yaml": "x: 1\n"}, "someone else", branch="qa")
+            )
+        original(directory, **kwargs)
+
+    monkeypatch.setattr(gitops, "update_app_dir", update_while_someone_pushes)
+    result, request = await run_step(make_request, app, app.initial, "gitops", inputs=released())
+
+    assert result["changed"] is True
+    assert git(gitops_repo.bare, "rev-parse", "qa") == result["commit"]
+    assert git(gitops_repo.bare, "rev-parse", f"{result['commit']}^") == foreign[0]
+    assert show(gitops_repo, "qa", "qa/other/values.yaml") == "x: 1"
+    assert "push rejected" in log_text(request)
+
+
+async def test_gitops_fails_clearly_without_the_branch(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo
+) -> None:
+    app = make_repo()
+    failed, _ = await fail_step(
+        make_request, app, app.initial, "gitops",
+        settings={"gitops_branch": "staging"}, inputs=released(),
+    )
+    assert "has no branch 'staging'" in failed.message and failed.retryable is False
+
+
+# --------------------------------------------------------------- helm-release --
+
+
+@dataclass(frozen=True)
+class ChartRepoStandIn:
+    """tests/infra/chart_repo.py: a real HTTP chart repository process, standing in for
+    Artifactory (none can run here)."""
+
+    url: str
+    root: Path
+
+    def index(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load((self.root / "index.yaml").read_text())
+        return loaded
+
+
+@pytest.fixture
+def chart_repo(tmp_path: Path, delivery: Delivery) -> Iterator[ChartRepoStandIn]:
+    root = tmp_path / "chart-repo"
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(INFRA / "chart_repo.py"), "--root", str(root), "--port", str(port),
+         "--index-delay", "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line.startswith("ready"):
+        server.kill()
+        pytest.fail(f"the chart repository stand-in did not start: {server.stderr.read()}")
+    url = f"http://127.0.0.1:{port}/charts"
+    delivery.set(chart_repo=url)
+    try:
+        yield ChartRepoStandIn(url, root / "charts")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def release_inputs(version: str = "0.0.1", app: str = APP) -> dict[str, Any]:
+    return {
+        "setup": {"app_name": app, "branch": "main"},
+        "tag-release": {"tag": version},
+        "img-release": {
+            "release_image_url": f"127.0.0.1:5000/rel/{app}:{version}",
+            "release_image_digest": "sha256:" + "1" * 64,
+        },
+    }
+
+
+def packaged_values(tgz: Path, chart: str) -> dict[str, Any]:
+    with tarfile.open(tgz) as archive:
+        member = archive.extractfile(f"{chart}/values.yaml")
+        assert member is not None
+        loaded: dict[str, Any] = yaml.safe_load(member.read())
+        return loaded
+
+
+async def test_helm_release_publishes_to_the_http_chart_repo_once_per_content(
+    make_repo: Any, make_request: Requests, chart_repo: ChartRepoStandIn
+) -> None:
+    repo = make_repo()
+    first, _ = await run_step(make_request, repo, repo.initial, "helm-release",
+                              inputs=release_inputs())
+    assert first == {
+        "chart_name": APP,
+        "chart_version": "0.0.1",
+        "chart_url": f"{chart_repo.url}/{APP}-0.0.1.tgz",
+        "chart_repo": chart_repo.url,
+    }
+    tgz = chart_repo.root / f"{APP}-0.0.1.tgz"
+    values = packaged_values(tgz, APP)
+    assert values["image"] == {**values["image"], "repository": f"127.0.0.1:5000/rel/{APP}",
+                               "tag": "0.0.1"}
+    assert values["fullnameOverride"] == APP
+    [entry] = chart_repo.index()["entries"][APP]
+    assert entry["version"] == "0.0.1" and entry["urls"] == [first["chart_url"]]
+    published = tgz.read_bytes()
+
+    again, request = await run_step(make_request, repo, repo.initial, "helm-release",
+                                    inputs=release_inputs())
+    assert again == first
+    assert tgz.read_bytes() == published, "the published package is not replaced"
+    assert "already published with this content" in log_text(request)
+    assert len(chart_repo.index()["entries"][APP]) == 1
+
+    values_file = repo.work / CHART / "values.yaml"
+    changed = repo.commit({f"{CHART}/values.yaml": values_file.read_text() + "extra: 1\n"},
+                          "chart change")
+    failed, _ = await fail_step(make_request, repo, changed, "helm-release",
+                                inputs=release_inputs())
+    assert f"chart {APP} version 0.0.1 is already in {chart_repo.url} with other content" in (
+        failed.message
+    )
+    assert failed.retryable is False
+    assert tgz.read_bytes() == published
+
+
+async def test_two_helm_releases_at_once_both_reach_the_index(
+    make_repo: Any, make_request: Requests, chart_repo: ChartRepoStandIn
+) -> None:
+    repo = make_repo()
+    apps = [f"app-{i}-{uuid.uuid4().hex[:4]}" for i in range(4)]
+    results = await asyncio.gather(
+        *(
+            run_step(make_request, repo, repo.initial, "helm-release",
+                     inputs=release_inputs("1.0.0", app))
+            for app in apps
+        )
+    )
+    assert [outputs["chart_name"] for outputs, _ in results] == apps
+    entries = chart_repo.index()["entries"]
+    assert sorted(entries) == sorted(apps)
+    for app in apps:
+        assert [e["version"] for e in entries[app]] == ["1.0.0"]
+    logs = [log_text(request) for _, request in results]
+    assert any("changed while we merged" in log for log in logs), "the merges did not overlap"
+
+
+async def test_helm_release_fails_retryably_when_the_chart_repo_is_down(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    dead = f"http://127.0.0.1:{free_port()}/charts"
+    delivery.set(chart_repo=dead)
+    failed, _ = await fail_step(make_request, repo, repo.initial, "helm-release",
+                                inputs=release_inputs())
+    assert f"the chart repository {dead} is unreachable" in failed.message
+    assert failed.retryable is True
+
+
+async def test_helm_release_pushes_to_an_oci_registry(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    registry = delivery.env.registry
+    charts = f"oci://{registry.address}/{delivery.env.namespace}-charts"
+    delivery.set(chart_repo=charts, chart_repo_insecure="1")
+    first, _ = await run_step(make_request, repo, repo.initial, "helm-release",
+                              inputs=release_inputs("0.0.3"))
+    assert first["chart_url"] == f"{charts}/{APP}:0.0.3"
+    assert registry.tags(f"{delivery.env.namespace}-charts/{APP}") == ["0.0.3"]
+    again, request = await run_step(make_request, repo, repo.initial, "helm-release",
+                                    inputs=release_inputs("0.0.3"))
+    assert again == first
+    assert "already published with this content" in log_text(request)
+
+
+# -------------------------------------------------------------------- qa-sync --
+
+
+class ArgoCDStandIn:
+    """A stand-in for Argo CD's REST API (Argo CD cannot run here): serves
+    `GET /api/v1/applications/<name>` from `self.states`, one per request (the last repeats),
+    and wants the bearer token it was given."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.states: list[dict[str, Any]] = []
+        self.requests = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    @staticmethod
+    def state(revision: str, sync: str, health: str) -> dict[str, Any]:
+        return {"status": {"sync": {"status": sync, "revision": revision},
+                           "health": {"status": health}}}
+
+    async def _application(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        if request.match_info["name"] != APP:
+            return web.json_response({"error": "not found"}, status=404)
+        state = self.states[min(self.requests, len(self.states) - 1)]
+        self.requests += 1
+        return web.json_response({"metadata": {"name": APP}, **state})
+
+    async def __aenter__(self) -> ArgoCDStandIn:
+        app = web.Application()
+        app.router.add_get("/api/v1/applications/{name}", self._application)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+def synced_inputs(commit: str) -> dict[str, Any]:
+    return {"setup": {"app_name": APP}, "gitops": {"commit": commit, "changed": True}}
+
+
+async def test_qa_sync_waits_for_synced_and_healthy_at_the_gitops_commit(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    commit, older = "a" * 40, "b" * 40
+    token = uuid.uuid4().hex
+    async with ArgoCDStandIn(token) as argo:
+        argo.states = [
+            argo.state(older, "Synced", "Healthy"),
+            argo.state(commit, "OutOfSync", "Healthy"),
+            argo.state(commit, "Synced", "Progressing"),
+            argo.state(commit, "Synced", "Healthy"),
+        ]
+        delivery.set(argocd_url=argo.url, argocd_token=token, argocd_interval="0.05")
+        result, request = await run_step(make_request, repo, repo.initial, "qa-sync",
+                                         inputs=synced_inputs(commit))
+    assert result == {"application": APP, "revision": commit, "sync_status": "Synced",
+                      "health_status": "Healthy"}
+    assert argo.requests == 4
+    assert token not in log_text(request)
+
+
+async def test_qa_sync_fails_on_degraded_and_on_timeout(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    commit = "c" * 40
+    token = uuid.uuid4().hex
+    async with ArgoCDStandIn(token) as argo:
+        delivery.set(argocd_url=argo.url, argocd_token=token, argocd_interval="0.05",
+                     argocd_timeout="1")
+        argo.states = [argo.state(commit, "Synced", "Progressing"),
+                       argo.state(commit, "Synced", "Degraded")]
+        failed, _ = await fail_step(make_request, repo, repo.initial, "qa-sync",
+                                    inputs=synced_inputs(commit))
+        assert f"{APP} is Degraded at GitOps commit {commit[:12]}" in failed.message
+        assert failed.retryable is False
+
+        argo.requests = 0
+        argo.states = [argo.state("d" * 40, "Synced", "Healthy")]
+        failed, _ = await fail_step(make_request, repo, repo.initial, "qa-sync",
+                                    inputs=synced_inputs(commit))
+        assert "did not become Synced and Healthy" in failed.message
+        assert "within 1s" in failed.message and "dddddddddddd" in failed.message
