@@ -12,14 +12,15 @@ import base64
 import hmac
 import json
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from cistate import webhooks
 from cistate.app import App
-from cistate.messages import message_uuid
+from cistate.messages import Control, ControlAction, message_uuid
 from cistate.orchestrator import Outcome
 from cistate.store import EventQuery, RunQuery
 
@@ -28,6 +29,8 @@ ACTOR_KEY: web.RequestKey[str] = web.RequestKey("cistate.actor", str)
 MAX_BODY = 1 << 20
 STREAM_POLL_SECONDS = 0.25
 RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+MAX_SEQ = 2**31 - 1  # events.seq is an integer
+MAX_POSITION = 2**63 - 1  # events.position is a bigint
 
 
 def make_app(app: App) -> web.Application:
@@ -60,6 +63,9 @@ class ApiError(Exception):
 @web.middleware
 async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
+        if "\x00" in request.path or any("\x00" in k or "\x00" in v
+                                          for k, v in request.query.items()):
+            raise ApiError(400, "the path and the query must not contain NUL characters")
         response: web.StreamResponse = await handler(request)
         return response
     except ApiError as exc:
@@ -138,8 +144,8 @@ async def show_run(request: web.Request) -> web.Response:
     run_id = _run_id(request)
     at = request.query.get("at")
     if at is not None:
-        if not at.isdigit() or int(at) < 1:
-            raise ApiError(400, "at must be an event seq (a whole number from 1)")
+        if not _digits(at) or not 1 <= int(at) <= MAX_SEQ:
+            raise ApiError(400, f"at must be an event seq (a whole number from 1 to {MAX_SEQ})")
         state = await app.store.state_at(run_id, int(at))
     else:
         state = await app.store.load(run_id)
@@ -167,7 +173,7 @@ async def list_events(request: web.Request) -> web.Response:
         except ValueError:
             raise ApiError(400, "run_id must be a UUID") from None
     cursor = q.get("cursor")
-    if cursor is not None and not cursor.isdigit():
+    if cursor is not None and (not _digits(cursor) or int(cursor) > MAX_POSITION):
         raise ApiError(400, "cursor must be the next_cursor of a previous page")
     limit = _limit(request, 100)
     events = await app.store.audit(EventQuery(
@@ -224,16 +230,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
 
 async def retry(request: web.Request) -> web.Response:
     body = await _json_body(request)
+    run_id, reason, step = _run_id(request), _str(body, "reason"), _str(body, "from_step")
+    _check_control(run_id, "retry", request[ACTOR_KEY], reason, step)
     outcome = await request.app[APP_KEY].orchestrator.control(
-        _run_id(request), "retry", request[ACTOR_KEY], reason=_str(body, "reason"),
-        step=_str(body, "from_step"))
+        run_id, "retry", request[ACTOR_KEY], reason=reason, step=step)
     return _answer(outcome, 202)
 
 
 async def cancel(request: web.Request) -> web.Response:
     body = await _json_body(request)
+    run_id, reason = _run_id(request), _str(body, "reason")
+    _check_control(run_id, "cancel", request[ACTOR_KEY], reason, None)
     outcome = await request.app[APP_KEY].orchestrator.control(
-        _run_id(request), "cancel", request[ACTOR_KEY], reason=_str(body, "reason"))
+        run_id, "cancel", request[ACTOR_KEY], reason=reason)
     return _answer(outcome, 202)
 
 
@@ -241,6 +250,18 @@ async def rerun(request: web.Request) -> web.Response:
     outcome = await request.app[APP_KEY].orchestrator.rerun(_run_id(request),
                                                             request[ACTOR_KEY])
     return _answer(outcome, 201)
+
+
+def _check_control(run_id: uuid.UUID, action: ControlAction, actor: str, reason: str | None,
+                   step: str | None) -> None:
+    """400 for what the Control message would refuse (a 500 if left to the orchestrator)."""
+    try:
+        Control(run_id=run_id, action=action, actor=actor, reason=reason, step=step)
+    except ValidationError as exc:
+        names = {"step": "from_step"}
+        raise ApiError(400, "; ".join(
+            f"{names.get(str(e['loc'][0]), e['loc'][0]) if e['loc'] else 'body'}: {e['msg']}"
+            for e in exc.errors())) from None
 
 
 def _answer(outcome: Outcome, success: int) -> web.Response:
@@ -262,7 +283,7 @@ async def webhook(request: web.Request) -> web.Response:
     provider = request.match_info["provider"]
     try:
         webhooks.check_size(request.content_length)
-        body = await request.content.read(webhooks.MAX_BODY_BYTES + 1)
+        body = await _read_at_most(request, webhooks.MAX_BODY_BYTES + 1)
         received = webhooks.handle(provider, request.headers, body, app.settings.webhook_secret)
     except webhooks.WebhookError as exc:
         raise ApiError(exc.status, exc.reason) from None
@@ -286,9 +307,14 @@ def _run_id(request: web.Request) -> uuid.UUID:
         raise ApiError(400, f"{request.match_info['id']!r} is not a run id (a UUID)") from None
 
 
+def _digits(raw: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return raw.isascii() and raw.isdigit()
+
+
 def _limit(request: web.Request, default: int) -> int:
     raw = request.query.get("limit", str(default))
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not _digits(raw) or not 1 <= int(raw) <= 1000:
         raise ApiError(400, "limit must be a whole number from 1 to 1000")
     return int(raw)
 
@@ -304,6 +330,10 @@ def _time(request: web.Request, name: str) -> datetime | None:
                        ) from None
     if value.tzinfo is None:
         raise ApiError(400, f"{name} needs a time zone (e.g. a trailing Z)")
+    try:
+        value.astimezone(UTC)  # what the database driver does; years 0 and 10000 do not exist
+    except OverflowError:
+        raise ApiError(400, f"{name} is out of range") from None
     return value
 
 
@@ -312,8 +342,12 @@ def _run_cursor(raw: str | None) -> tuple[datetime, uuid.UUID] | None:
         return None
     try:
         when, _, ident = base64.urlsafe_b64decode(raw.encode()).decode().partition("|")
-        return datetime.fromisoformat(when), uuid.UUID(ident)
-    except ValueError:
+        created_at = datetime.fromisoformat(when)
+        if created_at.tzinfo is None:  # every next_cursor has one
+            raise ValueError(when)
+        created_at.astimezone(UTC)  # OverflowError for years 0 and 10000
+        return created_at, uuid.UUID(ident)
+    except (ValueError, OverflowError):
         raise ApiError(400, "cursor must be the next_cursor of a previous page") from None
 
 
@@ -321,8 +355,10 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
-        body = await request.json()
-    except ValueError:
+        # JSON is UTF-8 (RFC 8259): the bytes are parsed as sent, whatever charset is claimed
+        # (request.json() decodes with it, and an unknown one raised LookupError: a 500).
+        body = json.loads(await request.read())
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise ApiError(400, "body is not JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
@@ -333,4 +369,27 @@ def _str(body: dict[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
         raise ApiError(400, f"{key} must be a string")
+    if value is not None and ("\x00" in value or not _utf8(value)):
+        # The database refuses both in JSON: a 500 when the event is stored.
+        raise ApiError(400, f"{key} must be UTF-8 text without NUL characters")
     return value
+
+
+def _utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, e.g. from "\ud800" in the JSON
+        return False
+    return True
+
+
+async def _read_at_most(request: web.Request, limit: int) -> bytes:
+    """The body up to `limit` bytes. StreamReader.read(n) returns one chunk of at most n
+    bytes, not n bytes: reading once cut longer bodies short and failed their signature."""
+    body = bytearray()
+    while len(body) < limit:
+        chunk = await request.content.read(limit - len(body))
+        if not chunk:
+            break
+        body += chunk
+    return bytes(body)
