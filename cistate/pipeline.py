@@ -86,6 +86,7 @@ class Step(_Spec):
     retry_on: frozenset[str] = Field(default=frozenset({"error", "timeout"}))
     timeout: Seconds | None = DEFAULT_TIMEOUT_SECONDS
     when: When | None = None
+    enabled: bool = True  # a disabled step is skipped by every run
 
     @model_validator(mode="after")
     def _script_needs_run(self) -> Step:
@@ -103,7 +104,12 @@ class Step(_Spec):
         return self.retries + 1
 
     def runs_on(self, branch: str | None) -> bool:
-        return self.when is None or self.when.matches(branch)
+        return self.enabled and (self.when is None or self.when.matches(branch))
+
+    def skip_reason(self, branch: str | None) -> str:
+        if not self.enabled:
+            return "disabled in the pipeline (enabled: false)"
+        return f"branch {branch!r} does not match when.branches"
 
 
 class _PipelineSpec(_Spec):

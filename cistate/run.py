@@ -397,8 +397,7 @@ class _Builder:
         for step in pipeline.steps:
             if step.name not in active:
                 self.event(E.STEP_SKIPPED, {
-                    "step": step.name, "attempt": 0,
-                    "reason": f"branch {push.branch!r} does not match when.branches",
+                    "step": step.name, "attempt": 0, "reason": step.skip_reason(push.branch),
                 })
         dest = self.d.machine.next_state(m.QUEUED, m.START, m.Situation(active=active))
         self.machine_state = dest

@@ -83,7 +83,8 @@ def _assert_started(decision: r.Decision, h: Harness, step: str, attempt: int,
 def test_default_pipeline_has_the_nodejs_steps_in_order() -> None:
     assert PIPELINE.name == "nodejs"
     assert list(PIPELINE.step_names) == STEPS
-    assert {s.uses for s in PIPELINE.steps} | {"script", "noop"} == default_handler_names()
+    assert {s.uses for s in PIPELINE.steps} | {"script", "noop", "qa-sync"} \
+        == default_handler_names()
     assert PIPELINE.branches is None  # every branch push opens a run
     for name in RELEASE_STEPS:
         assert PIPELINE.step(name).runs_on("main") and PIPELINE.step(name).runs_on("master")
@@ -768,3 +769,18 @@ def test_run_state_json_shape(h: Harness) -> None:
     assert "steps" not in h.state.to_json(with_steps=False)
     for raw in body["steps"]:
         assert r.StepState.from_json(raw) == h.state.steps[raw["name"]]
+
+
+def test_disabled_step_is_skipped_by_every_run() -> None:
+    from cistate.pipeline import load_default
+    from tests.unit._support import default_handler_names
+
+    packaged = load_default(default_handler_names())
+    assert not packaged.step("qa-sync").enabled, "qa-sync is off in the default pipeline"
+    decider = r.Decider(packaged)
+    state = r.RunState(id=uuid.uuid4())
+    decision = decider.decide(state, push("main"), uuid.uuid4(), NOW)
+    skipped = [e.data for e in decision.events if e.type == "step.skipped"]
+    assert skipped == [{"step": "qa-sync", "attempt": 0,
+                        "reason": "disabled in the pipeline (enabled: false)"}]
+    assert "qa-sync" not in decision.events[0].data["active"]
