@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -375,6 +376,7 @@ async def test_basic_auth_build_and_release_across_registries(
     handler_env: Env,
     auth_registry: Registry,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Build into a registry that wants basic auth, release into another registry (a copy,
     not a mount); credentials from env, then from a docker config.json."""
@@ -385,7 +387,11 @@ async def test_basic_auth_build_and_release_across_registries(
         registry_username=auth_registry.username,
         registry_password=auth_registry.password,
     )
-    auth_dirs_before = set(Path("/tmp").glob("cistate-auth-*"))
+    # the handler's temporary auth file goes under a folder of this test's own, so other
+    # processes on the machine cannot disturb the "nothing left behind" check
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     outputs = await pipeline(make_request, handler_env, repo, repo.initial)
     digest = outputs["build"]["image_digest"]
     assert auth_registry.digest(f"dev-{handler_env.namespace}/{APP}", repo.initial[:7]) == digest
@@ -396,7 +402,7 @@ async def test_basic_auth_build_and_release_across_registries(
     assert "copied from" in logs and "mounted from" not in logs
     assert auth_registry.password not in logs
     assert "--authfile" in logs, "buildah got the credentials in a file"
-    assert set(Path("/tmp").glob("cistate-auth-*")) == auth_dirs_before, "auth file removed"
+    assert list(private_tmp.iterdir()) == [], "auth file removed"
 
     # the same credentials from a mounted docker config.json instead of the env
     auth_file = tmp_path / "config.json"
