@@ -201,6 +201,13 @@ def push(
 
     run_async(go())
     run_id = str(run_id_for(message_uuid(message_id)))
+    if body.is_deletion or body.branch is None:
+        why = "a branch deletion" if body.is_deletion else "not a branch push"
+        if as_json:
+            print_json({"delivery_id": message_id, "run_id": None, "ignored": why})
+        else:
+            typer.echo(f"published push {message_id}; it is {why}, so it opens no run")
+        return
     if as_json:
         print_json({"delivery_id": message_id, "run_id": run_id})
     else:

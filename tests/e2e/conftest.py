@@ -6,12 +6,15 @@ them: a green run means the real thing was exercised.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -22,7 +25,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
+from kubernetes_asyncio.client import ApiClient, AppsV1Api
+from kubernetes_asyncio.config import new_client_from_config
 
 from handlers.base import StepLog, StepRequest
 
@@ -451,3 +457,199 @@ def make_request(tmp_path: Path) -> Iterator[Requests]:
 
 def log_text(request: StepRequest) -> str:
     return request.log.path.read_text(encoding="utf-8")
+
+
+# ------------------------------------------- delivery: Kubernetes, helm, charts, GitOps --
+# Shared by test_deploy_handlers.py (handlers called directly) and test_pipeline.py (the
+# service). Two parts cannot run here and are played by stand-ins, named as such:
+# `KubeletStandIn` (kubelet + deployment controller) and `ChartRepoStandIn` (Artifactory);
+# `serve_image` runs an app's image as its pod would.
+
+
+@dataclass(frozen=True)
+class Kube:
+    kubeconfig: Path
+    directory: Path
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    return Path(infra("helm.sh", timeout=300)) / "helm"
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    """A real kube-apiserver + etcd (no kubelet), started by the project's script."""
+    infra("kube-apiserver.sh", "build", timeout=1800)
+    directory = tmp_path_factory.mktemp("kube")
+    kubeconfig = Path(infra("kube-apiserver.sh", "start", str(directory), timeout=180))
+    try:
+        yield Kube(kubeconfig, directory)
+    finally:
+        infra("kube-apiserver.sh", "stop", str(directory))
+
+
+@pytest.fixture
+async def kube_api(kube: Kube) -> AsyncIterator[ApiClient]:
+    api = await new_client_from_config(config_file=str(kube.kubeconfig))
+    async with api:
+        yield api
+
+
+@dataclass
+class Delivery:
+    """The worker environment of the delivery handlers, for one test."""
+
+    env: Env
+    namespace: str  # a fresh Kubernetes namespace: the apiserver cannot delete one
+
+    def set(self, **values: str) -> None:
+        self.env.set(**values)
+
+
+@pytest.fixture
+def delivery(handler_env: Env, kube: Kube, helm_bin: Path) -> Delivery:
+    namespace = f"dev-{uuid.uuid4().hex[:8]}"
+    handler_env.set(
+        kubeconfig=str(kube.kubeconfig),
+        helm=str(helm_bin),
+        dev_namespace=namespace,
+        rollout_timeout="30",
+        rollout_interval="0.1",
+        health_backoff="0.1",
+        health_backoff_max="0.5",
+        health_timeout="2",
+    )
+    return Delivery(handler_env, namespace)
+
+
+class KubeletStandIn:
+    """Plays the kubelet and the deployment controller (neither runs here): every Deployment
+    in the namespace whose generation is not yet observed gets a status saying all its
+    replicas are updated and available, as a real cluster reports once the pods are ready."""
+
+    def __init__(self, api: ApiClient, namespace: str) -> None:
+        self.apps = AppsV1Api(api)
+        self.namespace = namespace
+        self.patched: list[tuple[str, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> KubeletStandIn:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            found = await self.apps.list_namespaced_deployment(self.namespace)
+            for deployment in found.items:
+                generation = deployment.metadata.generation
+                status = deployment.status
+                if status is not None and (status.observed_generation or 0) >= generation:
+                    continue
+                replicas = deployment.spec.replicas or 1
+                await self.apps.patch_namespaced_deployment_status(
+                    deployment.metadata.name,
+                    self.namespace,
+                    {
+                        "status": {
+                            "observedGeneration": generation,
+                            "replicas": replicas,
+                            "updatedReplicas": replicas,
+                            "readyReplicas": replicas,
+                            "availableReplicas": replicas,
+                        }
+                    },
+                )
+                self.patched.append((deployment.metadata.name, generation))
+            await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serve_image(image: str, port: int, builder_storage: Path) -> Iterator[None]:
+    """Run the app's image as its pod would (no container engine here): `buildah from` +
+    `buildah run` of busybox httpd on the host network, serving the image's /www."""
+    base = [
+        "buildah",
+        "--root",
+        str(builder_storage / "root"),
+        "--runroot",
+        str(builder_storage / "run"),
+        "--storage-driver",
+        "vfs",
+    ]
+    done = subprocess.run(
+        [*base, "from", "--tls-verify=false", image], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        pytest.fail(f"buildah from {image} failed: {done.stderr}", pytrace=False)
+    container = done.stdout.strip().splitlines()[-1]
+    server = subprocess.Popen(
+        [*base, "run", "--isolation", "chroot", container, "--",
+         "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+        subprocess.run([*base, "rm", container], capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def gitops_repo(make_repo: Any, tmp_path: Path, delivery: Delivery) -> GitRepo:
+    """A GitOps repo on the git server with a `qa` branch; CISTATE_GITOPS_REPO names it."""
+    seed = tmp_path / "gitops-seed"
+    seed.mkdir()
+    (seed / "README.md").write_text("GitOps repo of the tests\n")
+    repo: GitRepo = make_repo(name=f"gitops-{uuid.uuid4().hex[:8]}", app=seed)
+    repo.commit({"qa/README.md": "QA environment\n"}, "qa environment", branch="qa")
+    delivery.set(gitops_repo=repo.url)
+    return repo
+
+
+@dataclass(frozen=True)
+class ChartRepoStandIn:
+    """tests/infra/chart_repo.py: a real HTTP chart repository process, standing in for
+    Artifactory (none can run here)."""
+
+    url: str
+    root: Path
+
+    def index(self) -> dict[str, Any]:
+        loaded: dict[str, Any] = yaml.safe_load((self.root / "index.yaml").read_text())
+        return loaded
+
+
+@pytest.fixture
+def chart_repo(tmp_path: Path, delivery: Delivery) -> Iterator[ChartRepoStandIn]:
+    root = tmp_path / "chart-repo"
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(INFRA / "chart_repo.py"), "--root", str(root), "--port", str(port),
+         "--index-delay", "0.3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    line = server.stdout.readline()
+    if not line.startswith("ready"):
+        server.kill()
+        pytest.fail(f"the chart repository stand-in did not start: {server.stderr.read()}")
+    url = f"http://127.0.0.1:{port}/charts"
+    delivery.set(chart_repo=url)
+    try:
+        yield ChartRepoStandIn(url, root / "charts")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -16,10 +17,13 @@ from tests.conftest import free_port, settings_env
 
 
 class ServeProcess:
-    def __init__(self, settings: Settings, roles: tuple[str, ...], log_path: Path) -> None:
+    def __init__(self, settings: Settings, roles: tuple[str, ...], log_path: Path,
+                 extra_env: Mapping[str, str] | None = None) -> None:
         self.settings = settings.model_copy(update={"listen": f"127.0.0.1:{free_port()}"})
         self.roles = roles
         self.log_path = log_path
+        # more environment for the process, over the settings' (e.g. handler CISTATE_* values)
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> ServeProcess:
@@ -27,8 +31,8 @@ class ServeProcess:
         for role in (*self.roles, "api"):
             argv += ["--role", role]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, env=settings_env(self.settings), stdout=log,
-                                     stderr=subprocess.STDOUT)
+        env = {**settings_env(self.settings), **self.extra_env}
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         await self._wait_ready()
         return self
 
