@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from handlers.base import StepFailed, StepRequest
+from handlers.base import StepRequest
+from handlers.settings import overridden
 
 SECRET_KEYS = frozenset({"chart_repo_username", "chart_repo_password", "argocd_token"})
 # `with:` names that read better in a pipeline than the setting they stand for
@@ -98,30 +99,4 @@ class DeliverySettings(BaseSettings):
 
 def for_request(request: StepRequest) -> DeliverySettings:
     """The environment's settings overridden by the step's `with:`."""
-    overrides = {}
-    for key, value in request.settings.items():
-        name = key.replace("-", "_")
-        overrides[ALIASES.get(name, name)] = value
-    refused = sorted(SECRET_KEYS & overrides.keys())
-    if refused:
-        raise StepFailed(
-            f"step {request.step!r} sets {', '.join(refused)} in `with:`; pipeline files end "
-            "up in the event log, so credentials must come from the worker's environment "
-            f"({', '.join('CISTATE_' + key.upper() for key in refused)})",
-            retryable=False,
-        )
-    for key in sorted(overrides.keys() - DeliverySettings.model_fields.keys()):
-        request.log.line(f"note: `with: {key}` is not a setting of this handler; ignored")
-        del overrides[key]
-    try:
-        return DeliverySettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise StepFailed(
-            f"step {request.step!r} has invalid settings ({problems}); fix the step's `with:` "
-            "or the worker's CISTATE_* environment",
-            retryable=False,
-        ) from None
+    return overridden(request, DeliverySettings, SECRET_KEYS, ALIASES)

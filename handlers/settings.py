@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +25,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from handlers.base import StepFailed, StepRequest
 
 SECRET_KEYS = frozenset({"registry_username", "registry_password", "registry_auth_file"})
+AnySettings = TypeVar("AnySettings", bound=BaseSettings)
 
 
 class HandlerSettings(BaseSettings):
@@ -139,22 +140,37 @@ class Credentials:
 
 def for_request(request: StepRequest) -> HandlerSettings:
     """The environment's settings overridden by the step's `with:`."""
-    overrides = {key.replace("-", "_"): value for key, value in request.settings.items()}
-    refused = sorted(SECRET_KEYS & overrides.keys())
+    return overridden(request, HandlerSettings, SECRET_KEYS)
+
+
+def overridden(
+    request: StepRequest,
+    model: type[AnySettings],
+    secret_keys: frozenset[str],
+    aliases: Mapping[str, str] | None = None,
+) -> AnySettings:
+    """`model` read from the CISTATE_* environment, overridden by the step's `with:`.
+
+    Credentials in `with:` are refused (pipeline files end up in the event log); unknown
+    keys are noted in the step log and ignored; invalid values fail the step clearly.
+    """
+    overrides: dict[str, Any] = {}
+    for key, value in request.settings.items():
+        name = key.replace("-", "_")
+        overrides[(aliases or {}).get(name, name)] = value
+    refused = sorted(secret_keys & overrides.keys())
     if refused:
         raise StepFailed(
             f"step {request.step!r} sets {', '.join(refused)} in `with:`; pipeline files end "
             "up in the event log, so credentials must come from the worker's environment "
-            "(CISTATE_REGISTRY_USERNAME / CISTATE_REGISTRY_PASSWORD or CISTATE_REGISTRY_AUTH_FILE)",
+            f"({', '.join('CISTATE_' + key.upper() for key in refused)})",
             retryable=False,
         )
-    known = HandlerSettings.model_fields.keys()
-    unknown = sorted(overrides.keys() - known)
-    for key in unknown:
+    for key in sorted(overrides.keys() - model.model_fields.keys()):
         request.log.line(f"note: `with: {key}` is not a setting of this handler; ignored")
         del overrides[key]
     try:
-        return HandlerSettings(**overrides)
+        return model(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
