@@ -27,11 +27,10 @@ from pydantic import ValidationError
 from cistate.bus import Bus
 from cistate.events import derived_id
 from cistate.messages import CancelStep, StepCommand, StepError, StepResult
+from handlers import NO_WORKSPACE
 from handlers.base import Handler, StepFailed, StepLog, StepRequest
 
 log = structlog.get_logger("cistate.worker")
-
-LOG_LIMIT = 1 << 20  # bytes of a step's output sent with its result (head and tail kept)
 
 HandlerLoader = Callable[[str], Handler]
 
@@ -109,11 +108,11 @@ class Worker:
     async def execute(self, command: StepCommand) -> StepResult:
         """Run the handler for one attempt; every outcome becomes a result."""
         started = datetime.now(UTC)
-        attempt_dir = self.workdir / "runs" / str(command.run_id) / (
-            f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}")
-        workspace = attempt_dir / "work"
-        workspace.mkdir(parents=True)
-        step_log = StepLog(attempt_dir / "output.log")
+        run_dir = self.workdir / "runs" / str(command.run_id)
+        workspace = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
+        if command.uses not in NO_WORKSPACE:
+            workspace.mkdir(parents=True)
+        step_log = StepLog()  # in memory: the result carries it to the store
         request = StepRequest(
             run_id=str(command.run_id), repo=command.repo, ref=command.ref,
             commit=command.commit, step=command.step, attempt=command.attempt,
@@ -145,12 +144,18 @@ class Worker:
                 message=f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}",
                 output_tail=step_log.tail()))
         finally:
-            step_log.close()
-        text = _bounded(step_log.path)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(attempt_dir)
+            _remove(workspace, run_dir)
         return result.model_copy(update={
-            "log": text, "started_at": started, "finished_at": datetime.now(UTC)})
+            "log": step_log.text() or None, "started_at": started,
+            "finished_at": datetime.now(UTC)})
+
+
+def _remove(workspace: Path, run_dir: Path) -> None:
+    """The attempt's workspace, and the run's folder once no attempt uses it."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(workspace)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()
 
 
 def _result(command: StepCommand, status: str, **kw: object) -> StepResult:
@@ -160,13 +165,3 @@ def _result(command: StepCommand, status: str, **kw: object) -> StepResult:
     })
 
 
-def _bounded(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return ""
-    if len(data) > LOG_LIMIT:
-        half = LOG_LIMIT // 2
-        cut = len(data) - LOG_LIMIT
-        data = data[:half] + f"\n... [{cut} bytes cut] ...\n".encode() + data[-half:]
-    return data.decode("utf-8", errors="replace")

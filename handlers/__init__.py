@@ -27,6 +27,10 @@ REGISTRY: dict[str, str] = {
 }
 
 
+# Handlers that touch no files: the worker gives them no workspace on disk.
+NO_WORKSPACE = frozenset({"noop"})
+
+
 def names() -> frozenset[str]:
     return frozenset(REGISTRY)
 

@@ -8,12 +8,14 @@ result message. They must be idempotent: the same request may run more than once
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 TAIL_LINES = 50
+LOG_LIMIT = 1 << 20  # characters of a step's output kept with its result
 
 
 @dataclass(frozen=True)
@@ -54,29 +56,63 @@ class StepRequest:
 
 
 class StepLog:
-    """Collects a step's output: the whole of it in a file, the last lines in memory."""
+    """Collects a step's output in memory: all of it up to `limit` characters, else its head
+    and its tail with a marker saying how much was cut between them. With a `path`, the
+    whole output also goes to that file (tests and debugging)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None, limit: int = LOG_LIMIT) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = path.open("a", encoding="utf-8", errors="replace")
-        self._tail: list[str] = []
+        self._file: TextIO | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8", errors="replace")
+        self._half = limit // 2
+        self._head: list[str] = []
+        self._head_size = 0
+        self._rest: deque[str] = deque()
+        self._rest_size = 0
+        self._cut = 0
+        self._lines: deque[str] = deque(maxlen=TAIL_LINES)
 
     def write(self, text: str) -> None:
-        self._file.write(text)
-        self._file.flush()
-        for line in text.splitlines():
-            self._tail.append(line)
-        del self._tail[:-TAIL_LINES]
+        if self._file is not None:
+            self._file.write(text)
+            self._file.flush()
+        self._lines.extend(text.splitlines())
+        if self._head_size < self._half:
+            room = self._half - self._head_size
+            self._head.append(text[:room])
+            self._head_size += min(room, len(text))
+            text = text[room:]
+        if text:
+            self._rest.append(text)
+            self._rest_size += len(text)
+            while self._rest_size > self._half:
+                excess = self._rest_size - self._half
+                oldest = self._rest[0]
+                if len(oldest) <= excess:
+                    self._rest.popleft()
+                else:
+                    self._rest[0] = oldest[excess:]
+                dropped = min(len(oldest), excess)
+                self._rest_size -= dropped
+                self._cut += dropped
 
     def line(self, text: str) -> None:
         self.write(text.rstrip("\n") + "\n")
 
     def tail(self) -> str:
-        return "\n".join(self._tail)
+        """The last TAIL_LINES lines."""
+        return "\n".join(self._lines)
+
+    def text(self) -> str:
+        """The output, bounded to about `limit` characters."""
+        cut = f"\n... [{self._cut} characters cut] ...\n" if self._cut else ""
+        return "".join(self._head) + cut + "".join(self._rest)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class StepFailed(Exception):
