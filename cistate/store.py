@@ -8,9 +8,11 @@ already handled (Duplicate: nothing to do).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -85,9 +87,15 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
                               schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Released connections skip asyncpg's reset queries (a round trip each time): they hold
+    no session state, the relay LISTENs on a connection of its own, and asyncpg still rolls
+    back a transaction left open."""
+
+
 async def connect(dsn: str, min_size: int = 2, max_size: int = 10) -> Store:
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=_init_connection)
+                                     init=_init_connection, reset=_keep_session)
     return Store(pool, dsn)
 
 
@@ -137,84 +145,38 @@ class Store:
     ) -> list[OutboxRow]:
         """Store events decided on `expected_version` and the state they lead to.
 
+        Events, the runs row, the step log and the outbox rows go in ONE statement of
+        data-modifying CTEs: atomic on its own, and one round trip instead of six.
         Immediate outgoing rows get `outbox_grace` as not_before: the caller publishes them
         itself right after commit and the relay only steps in if it did not.
         """
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    await self._insert_events(conn, state.id, expected_version, events,
-                                              message_id, now)
-                    await self._upsert_run(conn, state)
-                    rows = await self._insert_outbox(conn, outgoing, outbox_grace)
-                    if log is not None:
-                        await conn.execute(
-                            "INSERT INTO step_logs (run_id, step, attempt, log) "
-                            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                            state.id, *log,
-                        )
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "events_message_id_key":
-                    raise Duplicate(str(message_id)) from None
-                if exc.constraint_name == "events_run_id_seq_key":
-                    raise Conflict(str(state.id)) from None
-                if exc.constraint_name == "outbox_message_id_key":
-                    raise Conflict(str(state.id)) from None
-                raise
-        return rows
-
-    async def _insert_events(
-        self, conn: Conn, run_id: uuid.UUID, version: int,
-        events: Sequence[NewEvent], message_id: uuid.UUID, now: datetime,
-    ) -> None:
-        ids = [message_id] + [derived_id(message_id, i) for i in range(1, len(events))]
-        await conn.execute(
-            "INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at) "
-            "SELECT $1, t.seq, t.type, t.data, t.meta, t.mid, $7 FROM unnest("
-            "$2::int[], $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[]) "
-            "AS t(seq, type, data, meta, mid)",
-            run_id,
-            list(range(version + 1, version + 1 + len(events))),
-            [str(e.type) for e in events],
-            [e.data for e in events],
-            [e.meta for e in events],
-            ids,
-            now,
-        )
-
-    async def _upsert_run(self, conn: Conn, s: RunState) -> None:
-        await conn.execute(
-            "INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state,"
-            " steps, active, push, version, created_at, updated_at)"
-            " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14)"
-            " ON CONFLICT (id) DO UPDATE SET state=$6, step=$7, machine_state=$8, steps=$9,"
-            " version=$12, updated_at=$14",
-            s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
-            [st.to_json() for st in s.steps.values()], s.active, s.push, s.version,
-            s.created_at, s.updated_at,
-        )
-
-    async def _insert_outbox(
-        self, conn: Conn, outgoing: Sequence[Outgoing], grace: datetime | None,
-    ) -> list[OutboxRow]:
-        if not outgoing:
-            return []
         bodies = [o.body.model_dump(mode="json", by_alias=True) for o in outgoing]
-        records = await conn.fetch(
-            "INSERT INTO outbox (message_id, routing_key, body, not_before) "
-            "SELECT * FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::timestamptz[]) "
-            "RETURNING id, message_id, routing_key, body, not_before",
-            [o.message_id for o in outgoing],
-            [o.routing_key for o in outgoing],
-            bodies,
-            [o.not_before or grace for o in outgoing],
-        )
-        if grace is None:
-            await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-        delayed = {o.message_id for o in outgoing if o.not_before is not None}
+        first = expected_version + 1
+        args: list[Any] = [
+            state.id, list(range(first, first + len(events))), [str(e.type) for e in events],
+            [e.data for e in events], [e.meta for e in events],
+            [message_id] + [derived_id(message_id, i) for i in range(1, len(events))], now,
+            state.repo, state.ref, state.commit, state.pipeline, state.status, state.step,
+            state.machine_state, [st.to_json() for st in state.steps.values()], state.active,
+            state.push, state.version, state.created_at, state.updated_at,
+            [o.message_id for o in outgoing], [o.routing_key for o in outgoing], bodies,
+            [o.not_before or outbox_grace for o in outgoing],
+            *(log or (None, None, None)),
+        ]
+        try:
+            records = await self.pool.fetch(_APPEND_SQL, *args)
+            if outgoing and outbox_grace is None:
+                await self.pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "events_message_id_key":
+                raise Duplicate(str(message_id)) from None
+            if exc.constraint_name in ("events_run_id_seq_key", "outbox_message_id_key"):
+                raise Conflict(str(state.id)) from None
+            raise
+        ids = {r["message_id"]: r["id"] for r in records}
         return [
-            OutboxRow(r["id"], r["message_id"], r["routing_key"], r["body"])
-            for r in records if r["message_id"] not in delayed
+            OutboxRow(ids[o.message_id], o.message_id, o.routing_key, body)
+            for o, body in zip(outgoing, bodies, strict=True) if o.not_before is None
         ]
 
     # -- outbox relay
@@ -321,37 +283,139 @@ class Store:
             return None
         return fold(run_id, ((r["type"], r["data"], r["recorded_at"]) for r in records))
 
-    async def rebuild_projections(self, batch: int = 5000) -> RebuildReport:
-        """Refold every run from its events; rewrite and report the rows that differed."""
+    async def run_batches(self, conn: Conn, batch: int = 500
+                          ) -> AsyncGenerator[list[tuple[uuid.UUID, list[Triple]]], None]:
+        """Every run's events as (type, data, recorded_at) triples in seq order, `batch` runs
+        at a time in run_id order, read through a cursor of `conn` (inside a transaction).
+
+        PostgreSQL aggregates each run's events into one JSON text: one json.loads per run
+        instead of per-row decoding, which is most of what reading costs in Python.
+        recorded_at travels as ISO 8601 in UTC and parses back to the datetime asyncpg would
+        give. The next batch is fetched while the caller works on this one.
+        """
+        parse = datetime.fromisoformat
+        cursor = await conn.cursor(_RUN_EVENTS_SQL)
+        pending = asyncio.ensure_future(cursor.fetch(batch))
+        try:
+            while records := await pending:
+                pending = asyncio.ensure_future(cursor.fetch(batch))
+                yield [(r["run_id"], [(t, d, parse(at)) for t, d, at in json.loads(r["events"])])
+                       for r in records]
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
+                    await pending
+
+    async def rebuild_projections(self, batch: int = 500) -> RebuildReport:
+        """Refold every run from its events; rewrite and report the rows that differed.
+
+        `batch` runs at a time: one cursor fetch reads their events, one statement compares
+        their folded rows with the stored ones in PostgreSQL and rewrites those that differ
+        (while the next batch is read and folded). A row differs when any column differs
+        from what the fold writes. A stored row whose version is ahead of the fold (appended
+        since this read began) is newer, not damaged: it is left alone.
+        """
         report = RebuildReport()
-        async with self.pool.acquire() as reader, reader.transaction():
-            current: uuid.UUID | None = None
-            triples: list[tuple[str, dict[str, Any], datetime]] = []
-            cursor = reader.cursor(
-                "SELECT run_id, type, data, recorded_at FROM events ORDER BY run_id, seq",
-                prefetch=batch)
-            async for r in cursor:
-                if r["run_id"] != current:
-                    if current is not None:
-                        await self._compare_and_fix(current, triples, report)
-                    current, triples = r["run_id"], []
-                triples.append((r["type"], r["data"], r["recorded_at"]))
-                report.events += 1
-            if current is not None:
-                await self._compare_and_fix(current, triples, report)
+        fixing: asyncio.Future[None] | None = None
+        async with (self.pool.acquire() as reader, reader.transaction(),
+                    contextlib.aclosing(self.run_batches(reader, batch)) as batches):
+            try:
+                async for runs in batches:
+                    rows = [_run_row(fold(run_id, triples)) for run_id, triples in runs]
+                    report.events += sum(len(triples) for _, triples in runs)
+                    if fixing is not None:
+                        await fixing  # one at a time: the report keeps run_id order
+                    fixing = asyncio.ensure_future(self._compare_and_fix(rows, report))
+                if fixing is not None:
+                    await fixing
+            finally:
+                if fixing is not None and not fixing.done():
+                    fixing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fixing
         return report
 
-    async def _compare_and_fix(self, run_id: uuid.UUID,
-                               triples: list[tuple[str, dict[str, Any], datetime]],
-                               report: RebuildReport) -> None:
-        report.runs += 1
-        folded = fold(run_id, triples)
-        stored = await self.load(run_id)
-        if stored is not None and stored.to_json() == folded.to_json():
-            return
-        report.differed.append(run_id)
-        async with self.pool.acquire() as conn:
-            await self._upsert_run(conn, folded)
+    async def _compare_and_fix(self, rows: list[tuple[Any, ...]], report: RebuildReport
+                               ) -> None:
+        report.runs += len(rows)
+        fixed = {r["id"] for r in await self.pool.fetch(_FIX_RUNS_SQL, *zip(*rows, strict=True))}
+        report.differed.extend(row[0] for row in rows if row[0] in fixed)
+
+
+Triple = tuple[str, dict[str, Any], datetime]
+
+_RUN_EVENTS_SQL = (
+    "SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE"
+    " 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')) ORDER BY seq)::text AS events"
+    " FROM events GROUP BY run_id ORDER BY run_id"
+)
+
+# The folded rows of a batch (in _run_row's column order) are compared with the stored ones
+# in the database; the missing ones and those that differ (unless the stored row is ahead)
+# are written, and RETURNING names them.
+_FIX_RUNS_SQL = """
+WITH f AS (
+  SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
+         active::jsonb, push::jsonb, version, created_at, updated_at
+  FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+              $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
+              $13::timestamptz[], $14::timestamptz[])
+    AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
+         version, created_at, updated_at))
+INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps, active,
+                  push, version, created_at, updated_at)
+SELECT f.* FROM f LEFT JOIN runs r ON r.id = f.id
+WHERE r.id IS NULL OR (r.version <= f.version AND
+  (r.repo, r.ref, r.commit, r.pipeline, r.state, r.step, r.machine_state, r.steps, r.active,
+   r.push, r.version, r.created_at, r.updated_at) IS DISTINCT FROM
+  (f.repo, f.ref, f.commit, f.pipeline, f.state, f.step, f.machine_state, f.steps, f.active,
+   f.push, f.version, f.created_at, f.updated_at))
+ON CONFLICT (id) DO UPDATE SET repo = EXCLUDED.repo, ref = EXCLUDED.ref,
+  commit = EXCLUDED.commit, pipeline = EXCLUDED.pipeline, state = EXCLUDED.state,
+  step = EXCLUDED.step, machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
+  active = EXCLUDED.active, push = EXCLUDED.push, version = EXCLUDED.version,
+  created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
+WHERE runs.version <= EXCLUDED.version
+RETURNING id
+"""
+
+
+def _run_row(s: RunState) -> tuple[Any, ...]:
+    """The runs row of a state, as append writes it, in the table's column order (its
+    jsonb columns as JSON text)."""
+    return (s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
+            _dumps([st.to_json() for st in s.steps.values()]), _dumps(s.active), _dumps(s.push),
+            s.version, s.created_at, s.updated_at)
+
+
+# JSON text for jsonb parameters: compact, and no cycle check (plain trees): half the time
+_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
+# One decision, one statement. Every data-modifying CTE runs whether or not it is read.
+_APPEND_SQL = """
+WITH ev AS (
+  INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at)
+  SELECT $1, t.seq, t.type, t.data, t.meta, t.mid, $7
+  FROM unnest($2::int[], $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[])
+    AS t(seq, type, data, meta, mid)
+), run AS (
+  INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
+                    active, push, version, created_at, updated_at)
+  VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
+  ON CONFLICT (id) DO UPDATE SET state = $12, step = $13, machine_state = $14, steps = $15,
+    version = $18, updated_at = $20
+), lg AS (
+  INSERT INTO step_logs (run_id, step, attempt, log)
+  SELECT $1, $25::text, $26::int, $27::text WHERE $25::text IS NOT NULL
+  ON CONFLICT DO NOTHING
+)
+INSERT INTO outbox (message_id, routing_key, body, not_before)
+SELECT * FROM unnest($21::uuid[], $22::text[], $23::jsonb[], $24::timestamptz[])
+RETURNING id, message_id
+"""
+
 
 def _state_from_row(r: asyncpg.Record) -> RunState:
     steps = [StepState.from_json(raw) for raw in r["steps"]]
