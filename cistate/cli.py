@@ -84,7 +84,7 @@ def _what_failed(exc: BaseException) -> str:
             f"RabbitMQ {redact(s.rabbitmq_url)})")
 
 
-def configure_logging(fmt: str) -> None:
+def configure_logging(fmt: str, level: str = "info") -> None:
     import structlog
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -94,6 +94,8 @@ def configure_logging(fmt: str) -> None:
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso"), renderer],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
     )
 
 
@@ -163,7 +165,7 @@ def serve(
     unknown = set(roles) - set(ROLES)
     if unknown:
         fail(f"unknown role(s) {', '.join(sorted(unknown))}; use {', '.join(ROLES)}", 2)
-    configure_logging(s.log_format)
+    configure_logging(s.log_format, s.log_level)
     with contextlib.suppress(KeyboardInterrupt):
         run_async(wiring.serve(s, roles, steps=step))
 

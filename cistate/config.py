@@ -22,6 +22,7 @@ class Settings(BaseSettings):
     bus_prefix: str = Field(default="cistate", pattern=r"^[a-zA-Z0-9_.-]{1,100}$")
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     # Bearer tokens for mutating API calls: "TOKEN" or "NAME:TOKEN,NAME:TOKEN"; the name
     # becomes the actor of the events the call causes.
     api_token: str | None = Field(default=None, repr=False)

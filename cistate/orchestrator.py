@@ -111,8 +111,9 @@ class Orchestrator:
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return
-        log.info(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
-                 detail=outcome.detail)
+        # one line per message is for debugging: at info level it costs a write per hop
+        log.debug(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
+                  detail=outcome.detail)
         await message.ack()
 
     async def submit(
@@ -147,8 +148,12 @@ class Orchestrator:
         self, run_id: uuid.UUID, message: Push | StepResult | Control,
         message_id: uuid.UUID, actor: str, record_rejection: bool,
     ) -> Outcome:
+        # A push opens a new run: nothing to load. A redelivered one collides on insert
+        # (Duplicate or Conflict), and the retry below loads what is there.
+        fresh = isinstance(message, Push) and run_id not in self._cache
         for _ in range(MAX_CONFLICT_RETRIES):
-            state = await self._load(run_id)
+            state = r.RunState(id=run_id) if fresh else await self._load(run_id)
+            fresh = False
             if not state.exists and not isinstance(message, Push):
                 raise Unprocessable(f"no run {run_id}")
             now = datetime.now(UTC)

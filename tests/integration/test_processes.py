@@ -60,7 +60,7 @@ def assert_clean_history(events: list, step_names: list[str]) -> None:  # type: 
 async def test_two_orchestrator_processes_share_the_queue_without_duplicate_seq(
         make_settings: Callable[..., Settings], producer: Producer, store: Store,
         processes: list[ServeProcess], tmp_path: Path) -> None:
-    settings = make_settings(THREE_STEPS, worker_concurrency=16)
+    settings = make_settings(THREE_STEPS, worker_concurrency=16, log_level="debug")
     for name in ("orch-a", "orch-b"):
         processes.append(await ServeProcess(settings, ("orchestrator",),
                                             tmp_path / f"{name}.log").start())
