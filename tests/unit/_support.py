@@ -4,7 +4,6 @@ that applies decisions to a run's state the way the orchestrator does."""
 from __future__ import annotations
 
 import dataclasses
-
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
