@@ -109,12 +109,30 @@ async def chaos(args: argparse.Namespace, settings: Settings, sandbox: Sandbox,
                 raise RuntimeError("could not publish a push for 30 s")
             run_ids.append(run_id_for(delivery))
 
+    async def probe(after: str) -> None:
+        """Time from a restart's end until a new run goes through end to end."""
+        began = time.monotonic()
+        before = len(run_ids)
+        await push_wave(1)
+        probe_id = run_ids[before]
+        pg = await connect_retrying(sandbox.dsn)
+        try:
+            while True:  # polling the store, as an operator's `runs watch` does
+                state = await pg.fetchval("SELECT state FROM runs WHERE id = $1", probe_id)
+                if state == "succeeded":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await pg.close()
+        recovery[after] = time.monotonic() - began
+
+    recovery: dict[str, float] = {}
     kills = restarts = 0
     waves = args.kills
     per_wave = max(1, args.runs // waves)
     started = time.monotonic()
     for n in range(1, waves + 1):
-        await push_wave(per_wave if n < waves else args.runs - len(run_ids))
+        await push_wave(per_wave if n < waves else max(0, args.runs - len(run_ids)))
         await asyncio.sleep(args.pace)
         victim = rng.randrange(len(procs))
         procs[victim].kill()
@@ -125,10 +143,12 @@ async def chaos(args: argparse.Namespace, settings: Settings, sandbox: Sandbox,
             log("restarting RabbitMQ")
             await restart_rabbitmq()
             restarts += 1
+            await probe("RabbitMQ restart")
         if n == 2 * waves // 3:
             log("restarting PostgreSQL")
             await restart_postgres()
             restarts += 1
+            await probe("PostgreSQL restart")
     last_fault = time.monotonic()
     log(f"{kills} kills and {restarts} restarts done; waiting for {len(run_ids)} runs")
 
@@ -145,7 +165,7 @@ async def chaos(args: argparse.Namespace, settings: Settings, sandbox: Sandbox,
             await asyncio.sleep(0.2)
         recovered = time.monotonic()
         return await verdict(pg, channel, run_ids, kills, restarts, pending,
-                             recovered - last_fault, recovered - started)
+                             recovered - last_fault, recovered - started, recovery)
     finally:
         await pg.close()
         await connection.close()
@@ -162,7 +182,7 @@ async def connect_retrying(dsn: str) -> asyncpg.Connection:
 
 async def verdict(pg: asyncpg.Connection, channel: aio_pika.abc.AbstractChannel,
                   run_ids: list[uuid.UUID], kills: int, restarts: int, pending: int,
-                  recover_s: float, total_s: float) -> int:
+                  recover_s: float, total_s: float, recovery: dict[str, float]) -> int:
     states = collections.Counter(dict(await pg.fetch(
         "SELECT state, count(*) FROM runs WHERE id = ANY($1) GROUP BY state", run_ids)))
     events = await pg.fetch(
@@ -195,6 +215,7 @@ cistate fault suite
   steps never succeeded      : {missing}
   dead-lettered messages     : {dead_count}
   time to recover            : {recover_s:.1f} s after the last fault ({total_s:.1f} s in all)
+  a new run end to end after : {"; ".join(f"{k} {v:.1f} s" for k, v in recovery.items())}
   verdict                    : {"PASS" if ok else "FAIL"}
 """)
     return 0 if ok else 1
