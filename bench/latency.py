@@ -29,11 +29,9 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,7 +47,17 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import throughput as tp  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
-from throughput import Child, Sandbox, Start, Tap, Target, log, percentile  # noqa: E402
+from throughput import (  # noqa: E402
+    Child,
+    Sandbox,
+    Start,
+    Tap,
+    Target,
+    log,
+    percentile,
+    run_main,
+    sandboxed,
+)
 
 LOAD = 0.8
 
@@ -333,16 +341,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    name = f"cistate_latency_{os.getpid()}"
-    sandbox = Sandbox(args.database_url, args.rabbitmq_url, name)
-    work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
     results: dict[str, list[dict[str, Phase]]] = {}
-    try:
-        log(f"creating database and vhost {name}")
-        await sandbox.create()
+    async with sandboxed(args, "latency") as (sandbox, work):
         for round_no in range(1, args.repeat + 1):
             rate: float | None = None
             for system, starter in (("cistate", start_cistate), ("bare", start_bare)):
@@ -360,22 +360,7 @@ async def main(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
         return 0
-    finally:
-        if args.keep:
-            log(f"kept database and vhost {name}, and {work}")
-        else:
-            log(f"dropping database and vhost {name}")
-            await asyncio.shield(sandbox.destroy())
-            import shutil
-
-            await asyncio.to_thread(shutil.rmtree, work, True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args())

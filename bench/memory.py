@@ -26,7 +26,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ from throughput import (  # noqa: E402
     free_port,
     log,
     publish,
+    run_main,
+    sandboxed,
     wait_healthy,
 )
 
@@ -258,36 +259,13 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    name = f"cistate_memory_{os.getpid()}"
-    sandbox = Sandbox(args.database_url, args.rabbitmq_url, name)
-    work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
-    try:
-        log(f"creating database and vhost {name}")
-        await sandbox.create()
+    async with sandboxed(args, "memory") as (sandbox, work):
         result = await run(args, sandbox, work)
         report(result)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
         return 0
-    finally:
-        if args.keep:
-            log(f"kept database and vhost {name}, and {work}")
-        else:
-            log(f"dropping database and vhost {name}")
-            await asyncio.shield(sandbox.destroy())
-            import shutil
-
-            await asyncio.to_thread(shutil.rmtree, work, True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args())

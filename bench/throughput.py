@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -181,6 +181,44 @@ class Sandbox:
                     await admin.close()
             except (OSError, asyncpg.PostgresError) as exc:
                 log(f"could not drop database {self.name}: {exc}")
+
+
+@contextlib.asynccontextmanager
+async def sandboxed(args: argparse.Namespace, kind: str
+                    ) -> AsyncIterator[tuple[Sandbox, Path]]:
+    """A database, vhost and temporary folder of this benchmark's own, removed afterwards
+    (unless --keep), also on SIGTERM (which cancels the main task) and on errors."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    name = f"cistate_{kind}_{os.getpid()}"
+    sandbox = Sandbox(args.database_url, args.rabbitmq_url, name)
+    work = Path(tempfile.mkdtemp(prefix=f"{name}_"))
+    try:
+        log(f"creating database and vhost {name}")
+        await sandbox.create()
+        yield sandbox, work
+    finally:
+        if args.keep:
+            log(f"kept database and vhost {name}, and {work}")
+        else:
+            log(f"dropping database and vhost {name}")
+            await asyncio.shield(sandbox.destroy())
+            await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+def run_main(main: Callable[[argparse.Namespace], Awaitable[int]],
+             args: argparse.Namespace) -> None:
+    """Run a benchmark's main and exit with its status: 130 on Ctrl-C, 1 with one line for a
+    RuntimeError (a component missing or refusing)."""
+    try:
+        code = asyncio.run(main(args))
+    except KeyboardInterrupt:
+        code = 130
+    except RuntimeError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
 
 
 async def rabbitmqctl(*args: str) -> None:
