@@ -283,3 +283,17 @@ def test_default_pipeline_needs_its_handlers() -> None:
         load_default(names - {"gitops"})
     message = str(info.value)
     assert "nodejs.yaml" in message and "'gitops'" in message and "'uses'" in message
+
+
+def test_the_example_pipelines_parse() -> None:
+    """The README points users at examples/: they must stay valid."""
+    from pathlib import Path
+
+    import handlers
+    from cistate.pipeline import parse
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+    assert examples, "examples/ holds at least one pipeline"
+    for path in examples:
+        pipeline = parse(path.read_text(), str(path), handlers.names())
+        assert pipeline.steps
