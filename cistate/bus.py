@@ -13,7 +13,6 @@ Topology (names start with the configured prefix, `cistate` by default):
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -26,6 +25,8 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+
+from cistate.events import dumps
 
 REASON_HEADER = "x-cistate-reason"
 # A message redelivered this often (a handler that crashes its process every time) is
@@ -111,7 +112,7 @@ class Bus:
         """Publish and wait for the broker's confirm (raises if it is not confirmed)."""
         if self._exchange is None:
             raise RuntimeError("bus is not connected")
-        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        payload = body if isinstance(body, bytes) else dumps(body).encode()
         await self._exchange.publish(
             aio_pika.Message(
                 payload,

@@ -6,11 +6,14 @@ An event is a fact about one run. It is immutable once appended; `data` holds th
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
+
+import orjson
 
 
 class EventType(StrEnum):
@@ -71,3 +74,17 @@ CISTATE_NAMESPACE = uuid.UUID("6f1f3c2e-4b7a-4f5e-9a53-1c0de5e7a7e5")
 def derived_id(parent: uuid.UUID | str, *parts: object) -> uuid.UUID:
     name = ":".join([str(parent), *map(str, parts)])
     return uuid.uuid5(CISTATE_NAMESPACE, name)
+
+
+def dumps(value: Any) -> str:
+    """JSON text, fast (orjson); values orjson refuses (integers beyond 64 bits) go through
+    the standard library rather than fail the message that carries them."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value)
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON text (raises a ValueError subclass when it is not JSON)."""
+    return orjson.loads(text)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from cistate import run as r
 from cistate.bus import Bus
+from cistate.events import loads
 from cistate.messages import Control, ControlAction, Push, StepResult, message_uuid
 from cistate.store import Conflict, Duplicate, OutboxRow, Store
 
@@ -61,8 +61,8 @@ def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
     else:
         raise Unprocessable(f"no message type for routing key {routing_key!r}")
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = loads(body)
+    except ValueError as exc:
         raise Unprocessable(f"body is not JSON: {exc}") from None
     try:
         message = model.model_validate(raw)

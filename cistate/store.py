@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from cistate.events import Event, NewEvent, derived_id
+from cistate.events import Event, NewEvent, derived_id, dumps, loads
 from cistate.run import Outgoing, RunState, StepState, fold
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
@@ -83,7 +82,7 @@ class OutboxRow:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+    await conn.set_type_codec("jsonb", encoder=dumps, decoder=loads,
                               schema="pg_catalog")
 
 
@@ -290,7 +289,7 @@ class Store:
         """Every run's events as (type, data, recorded_at) triples in seq order, `batch` runs
         at a time in run_id order, read through a cursor of `conn` (inside a transaction).
 
-        PostgreSQL aggregates each run's events into one JSON text: one json.loads per run
+        PostgreSQL aggregates each run's events into one JSON text: one loads() per run
         instead of per-row decoding, which is most of what reading costs in Python.
         recorded_at travels as ISO 8601 in UTC and parses back to the datetime asyncpg would
         give. The next batch is fetched while the caller works on this one.
@@ -301,7 +300,7 @@ class Store:
         try:
             while records := await pending:
                 pending = asyncio.ensure_future(cursor.fetch(batch))
-                yield [(r["run_id"], [(t, d, parse(at)) for t, d, at in json.loads(r["events"])])
+                yield [(r["run_id"], [(t, d, parse(at)) for t, d, at in loads(r["events"])])
                        for r in records]
         finally:
             if not pending.done():
@@ -387,12 +386,8 @@ def _run_row(s: RunState) -> tuple[Any, ...]:
     """The runs row of a state, as append writes it, in the table's column order (its
     jsonb columns as JSON text)."""
     return (s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
-            _dumps([st.to_json() for st in s.steps.values()]), _dumps(s.active), _dumps(s.push),
+            dumps([st.to_json() for st in s.steps.values()]), dumps(s.active), dumps(s.push),
             s.version, s.created_at, s.updated_at)
-
-
-# JSON text for jsonb parameters: compact, and no cycle check (plain trees): half the time
-_dumps = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 _SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, state, step, machine_state, active, push,"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -25,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from cistate.bus import Bus
-from cistate.events import derived_id
+from cistate.events import derived_id, loads
 from cistate.messages import CancelStep, StepCommand, StepError, StepResult
 from handlers import NO_WORKSPACE
 from handlers.base import Handler, StepFailed, StepLog, StepRequest
@@ -68,7 +67,7 @@ class Worker:
 
     async def on_command(self, message: AbstractIncomingMessage) -> None:
         try:
-            command = StepCommand.model_validate(json.loads(message.body))
+            command = StepCommand.model_validate(loads(message.body))
         except (ValueError, ValidationError) as exc:
             await self.bus.dead_letter(message, f"step command does not match its schema: {exc}")
             await message.ack()
