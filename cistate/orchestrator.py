@@ -26,7 +26,7 @@ from cistate import run as r
 from cistate.bus import Bus
 from cistate.events import loads
 from cistate.messages import Control, ControlAction, Push, StepResult, message_uuid
-from cistate.store import Conflict, Duplicate, OutboxRow, Store
+from cistate.store import Append, Conflict, Duplicate, OutboxRow, Store
 
 log = structlog.get_logger("cistate.orchestrator")
 
@@ -84,6 +84,7 @@ class Orchestrator:
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
         self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
         self._sent: list[int] = []
+        self._commits = GroupCommit(store)
         self._flusher: asyncio.Task[None] | None = None
 
     # -- the consumer
@@ -173,11 +174,11 @@ class Orchestrator:
             for event in decision.events:
                 r.apply(state, event.type, event.data, now)
             try:
-                rows = await self.store.append(
+                rows = await self._commits.append(Append(
                     state, expected, decision.events, decision.outgoing, message_id, now,
                     outbox_grace=now + OUTBOX_GRACE if self.bus else None,
                     log=_step_log(message) if status == "recorded" else None,
-                )
+                ))
             except Conflict:
                 self._cache.pop(run_id, None)
                 continue
@@ -250,6 +251,51 @@ class Orchestrator:
             except Exception:
                 # Unmarked rows get published again by the relay; consumers dedupe them.
                 log.warning("could not mark outbox rows sent", count=len(ids), exc_info=True)
+
+
+class GroupCommit:
+    """Stores the decisions of messages handled in the same turn of the event loop with one
+    statement (Store.append_many): one round trip and one commit for all of them. Each
+    caller still gets its own outcome (rows, Conflict, Duplicate) and acks only after the
+    statement that holds its decision has committed."""
+
+    def __init__(self, store: Store, max_batch: int = 64) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._pending: list[tuple[Append, asyncio.Future[list[OutboxRow] | Exception]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def append(self, item: Append) -> list[OutboxRow]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[OutboxRow] | Exception] = loop.create_future()
+        self._pending.append((item, future))
+        if len(self._pending) == 1:
+            loop.call_soon(self._flush)  # after the other messages of this turn joined
+        elif len(self._pending) >= self.max_batch:
+            self._flush()
+        result = await future
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.create_task(self._store(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _store(self, batch: list[tuple[Append, asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self.store.append_many([item for item, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 def _message_id(message: AbstractIncomingMessage) -> uuid.UUID:

@@ -74,6 +74,29 @@ class RebuildReport:
 
 
 @dataclass(frozen=True)
+class Append:
+    """One decision to store: its events on `expected_version`, the state they lead to,
+    its outgoing messages and the step log it carries."""
+
+    state: RunState
+    expected_version: int
+    events: Sequence[NewEvent]
+    outgoing: Sequence[Outgoing]
+    message_id: uuid.UUID
+    now: datetime
+    outbox_grace: datetime | None
+    log: tuple[str, int, str] | None = None
+
+
+def _violation(exc: asyncpg.UniqueViolationError, item: Append) -> Conflict | Duplicate:
+    if exc.constraint_name == "events_message_id_key":
+        return Duplicate(str(item.message_id))
+    if exc.constraint_name in ("events_run_id_seq_key", "outbox_message_id_key"):
+        return Conflict(str(item.state.id))
+    raise exc
+
+
+@dataclass(frozen=True)
 class OutboxRow:
     id: int
     message_id: uuid.UUID
@@ -144,38 +167,73 @@ class Store:
     ) -> list[OutboxRow]:
         """Store events decided on `expected_version` and the state they lead to.
 
-        Events, the runs row, the step log and the outbox rows go in ONE statement of
-        data-modifying CTEs: atomic on its own, and one round trip instead of six.
         Immediate outgoing rows get `outbox_grace` as not_before: the caller publishes them
         itself right after commit and the relay only steps in if it did not.
         """
-        bodies = [o.body.model_dump(mode="json", by_alias=True) for o in outgoing]
-        first = expected_version + 1
-        args: list[Any] = [
-            state.id, list(range(first, first + len(events))), [str(e.type) for e in events],
-            [e.data for e in events], [e.meta for e in events],
-            [message_id] + [derived_id(message_id, i) for i in range(1, len(events))], now,
-            state.repo, state.ref, state.commit, state.pipeline, state.status, state.step,
-            state.machine_state, [st.to_json() for st in state.steps.values()], state.active,
-            state.push, state.version, state.created_at, state.updated_at,
-            [o.message_id for o in outgoing], [o.routing_key for o in outgoing], bodies,
-            [o.not_before or outbox_grace for o in outgoing],
-            *(log or (None, None, None)),
-        ]
+        item = Append(state, expected_version, events, outgoing, message_id, now,
+                      outbox_grace, log)
+        result = (await self.append_many([item]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def append_many(self, items: Sequence[Append]
+                          ) -> list[list[OutboxRow] | Conflict | Duplicate]:
+        """Several decisions (of different runs) in ONE statement of data-modifying CTEs:
+        events, runs rows, step logs and outbox rows, atomic together, one round trip.
+
+        If the statement hits a unique violation, each decision is tried alone, so that a
+        Conflict or Duplicate lands on its own message and the others are stored.
+        """
         try:
-            records = await self.pool.fetch(_APPEND_SQL, *args)
-            if outgoing and outbox_grace is None:
-                await self.pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+            return list(await self._append_all(items))
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "events_message_id_key":
-                raise Duplicate(str(message_id)) from None
-            if exc.constraint_name in ("events_run_id_seq_key", "outbox_message_id_key"):
-                raise Conflict(str(state.id)) from None
-            raise
+            if len(items) == 1:
+                return [_violation(exc, items[0])]
+        results: list[list[OutboxRow] | Conflict | Duplicate] = []
+        for item in items:
+            try:
+                results.extend(await self._append_all([item]))
+            except asyncpg.UniqueViolationError as exc:
+                results.append(_violation(exc, item))
+        return results
+
+    async def _append_all(self, items: Sequence[Append]) -> list[list[OutboxRow]]:
+        ev: list[list[Any]] = [[], [], [], [], [], [], []]
+        runs: list[list[Any]] = [[] for _ in range(14)]
+        logs: list[list[Any]] = [[], [], [], []]
+        out: list[list[Any]] = [[], [], [], []]
+        bodies: list[list[dict[str, Any]]] = []
+        notify = False
+        for item in items:
+            s, first = item.state, item.expected_version + 1
+            mids = [item.message_id] + [derived_id(item.message_id, i)
+                                        for i in range(1, len(item.events))]
+            for n, (event, mid) in enumerate(zip(item.events, mids, strict=True)):
+                for column, value in zip(ev, (s.id, first + n, str(event.type), event.data,
+                                              event.meta, mid, item.now), strict=True):
+                    column.append(value)
+            for column, value in zip(runs, _run_row(s), strict=True):
+                column.append(value)
+            if item.log is not None:
+                for column, value in zip(logs, (s.id, *item.log), strict=True):
+                    column.append(value)
+            item_bodies = [o.body.model_dump(mode="json", by_alias=True) for o in item.outgoing]
+            bodies.append(item_bodies)
+            for o, body in zip(item.outgoing, item_bodies, strict=True):
+                for column, value in zip(out, (o.message_id, o.routing_key, body,
+                                               o.not_before or item.outbox_grace), strict=True):
+                    column.append(value)
+            notify = notify or bool(item.outgoing and item.outbox_grace is None)
+        records = await self.pool.fetch(_APPEND_SQL, *ev, *runs, *logs, *out)
+        if notify:
+            await self.pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
         ids = {r["message_id"]: r["id"] for r in records}
         return [
-            OutboxRow(ids[o.message_id], o.message_id, o.routing_key, body)
-            for o, body in zip(outgoing, bodies, strict=True) if o.not_before is None
+            [OutboxRow(ids[o.message_id], o.message_id, o.routing_key, body)
+             for o, body in zip(item.outgoing, item_bodies, strict=True)
+             if o.not_before is None]
+            for item, item_bodies in zip(items, bodies, strict=True)
         ]
 
     # -- outbox relay
@@ -393,26 +451,34 @@ def _run_row(s: RunState) -> tuple[Any, ...]:
 _SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, state, step, machine_state, active, push,"
                     " version, created_at, updated_at")
 
-# One decision, one statement. Every data-modifying CTE runs whether or not it is read.
+# Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
+# runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
+# taken for another array dimension).
 _APPEND_SQL = """
 WITH ev AS (
   INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at)
-  SELECT $1, t.seq, t.type, t.data, t.meta, t.mid, $7
-  FROM unnest($2::int[], $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[])
-    AS t(seq, type, data, meta, mid)
+  SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::jsonb[],
+                       $6::uuid[], $7::timestamptz[])
 ), run AS (
   INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
                     active, push, version, created_at, updated_at)
-  VALUES ($1, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)
-  ON CONFLICT (id) DO UPDATE SET state = $12, step = $13, machine_state = $14, steps = $15,
-    version = $18, updated_at = $20
+  SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
+         active::jsonb, push::jsonb, version, created_at, updated_at
+  FROM unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
+              $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int[],
+              $20::timestamptz[], $21::timestamptz[])
+    AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
+         version, created_at, updated_at)
+  ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, step = EXCLUDED.step,
+    machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
+    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
 ), lg AS (
   INSERT INTO step_logs (run_id, step, attempt, log)
-  SELECT $1, $25::text, $26::int, $27::text WHERE $25::text IS NOT NULL
+  SELECT * FROM unnest($22::uuid[], $23::text[], $24::int[], $25::text[])
   ON CONFLICT DO NOTHING
 )
 INSERT INTO outbox (message_id, routing_key, body, not_before)
-SELECT * FROM unnest($21::uuid[], $22::text[], $23::jsonb[], $24::timestamptz[])
+SELECT * FROM unnest($26::uuid[], $27::text[], $28::jsonb[], $29::timestamptz[])
 RETURNING id, message_id
 """
 
