@@ -209,7 +209,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     seen = 0
     while True:
-        events = [e for e in await app.store.events(run_id) if e.seq > seen]
+        events = await app.store.events(run_id, after_seq=seen)
         for event in events:
             await response.write(
                 f"id: {event.seq}\nevent: {event.type}\ndata: {json.dumps(event.to_json())}\n\n"

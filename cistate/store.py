@@ -275,11 +275,13 @@ class Store:
         record = await self.pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
         return _state_from_row(record) if record else None
 
-    async def events(self, run_id: uuid.UUID, upto_seq: int | None = None) -> list[Event]:
+    async def events(self, run_id: uuid.UUID, upto_seq: int | None = None,
+                     after_seq: int = 0) -> list[Event]:
+        """The run's events with after_seq < seq <= upto_seq, in order."""
         records = await self.pool.fetch(
             "SELECT * FROM events WHERE run_id = $1 AND ($2::int IS NULL OR seq <= $2)"
-            " ORDER BY seq",
-            run_id, upto_seq,
+            " AND seq > $3 ORDER BY seq",
+            run_id, upto_seq, after_seq,
         )
         return [_event(r) for r in records]
 
