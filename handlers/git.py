@@ -169,17 +169,17 @@ async def checkout(request: StepRequest) -> Path:
 
 
 async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) -> str:
-    repo = await asyncio.to_thread(_init, path, url)
+    repo = await asyncio.to_thread(init_repo, path, url)
     where = f"repo {redact(url)}"
     if len(sha) in _FULL_SHA_LENGTHS:
-        done = await _git(request, path, "fetch", "--no-tags", REMOTE, sha, check=False)
+        done = await run_git(request, path, "fetch", "--no-tags", REMOTE, sha, check=False)
         fetched = done.exit_code == 0
     else:
         fetched = False
     if not fetched:
         # The server may refuse wants by sha (uploadpack.allowReachableSHA1InWant off), or
         # the sha is abbreviated: fetch the branches and look for it among them.
-        done = await _git(
+        done = await run_git(
             request,
             path,
             "fetch",
@@ -201,7 +201,8 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) ->
     return full
 
 
-def _init(path: Path, url: str) -> git.Repo:
+def init_repo(path: Path, url: str) -> git.Repo:
+    """An empty repo at path (replacing what was there) whose remote is `url`."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -243,9 +244,10 @@ def _unreachable(where: str, done: process.Completed) -> StepFailed:
     )
 
 
-async def _git(
+async def run_git(
     request: StepRequest, path: Path, *args: str, check: bool = True
 ) -> process.Completed:
+    """git with the worker's safe settings, output to the step log, stopped on cancel."""
     return await process.run(
         [*GIT, *args],
         cwd=path,
@@ -272,7 +274,7 @@ class Tag:
 
 async def fetch_tags(request: StepRequest, path: Path) -> list[Tag]:
     """The remote's tags, as they are now (local tags that differ are overwritten)."""
-    done = await _git(
+    done = await run_git(
         request,
         path,
         "fetch",
@@ -331,7 +333,7 @@ async def push_tag(request: StepRequest, path: Path, name: str) -> Push:
     the caller fetches the tags again to tell a race it lost from a refusal.
     """
     refspec = f"refs/tags/{name}:refs/tags/{name}"
-    done = await _git(request, path, "push", "--porcelain", REMOTE, refspec, check=False)
+    done = await run_git(request, path, "push", "--porcelain", REMOTE, refspec, check=False)
     if done.exit_code == 0:
         return Push(True, 0, done.tail)
     if "[rejected]" in done.tail or "[remote rejected]" in done.tail:

@@ -22,14 +22,13 @@ Outputs:
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 from typing import Any
 
 import git as gitpython
 import yaml
 
-from handlers import git, process
+from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.cd_settings import DeliverySettings, for_request
 
@@ -122,13 +121,13 @@ async def _publish(
     branch = settings.gitops_branch
     where = f"GitOps repo {git.redact(settings.gitops_repo)}"
     path = request.workdir / CLONE_DIR
-    await asyncio.to_thread(_init, path, settings)
+    await asyncio.to_thread(git.init_repo, path, settings.gitops_repo)
     subdir = Path(settings.gitops_dir) / app
     message = f"Updates {app} to {version}"
     for attempt in range(1, settings.gitops_attempts + 1):
         await _fetch(request, path, branch, where)
-        await _git(request, path, "checkout", "-q", "-B", branch, f"origin/{branch}")
-        await _git(request, path, "clean", "-q", "-fdx")
+        await git.run_git(request, path, "checkout", "-q", "-B", branch, f"origin/{branch}")
+        await git.run_git(request, path, "clean", "-q", "-fdx")
         await asyncio.to_thread(
             update_app_dir,
             path / subdir,
@@ -138,12 +137,12 @@ async def _publish(
             repository=repository,
             yaml_name=settings.gitops_yaml,
         )
-        await _git(request, path, "add", "-A", "--", str(subdir))
+        await git.run_git(request, path, "add", "-A", "--", str(subdir))
         if not await asyncio.to_thread(_staged, path):
-            head = await asyncio.to_thread(_head, path)
+            head = await git.head_sha(path)
             request.log.line(f"no changes: {where} {branch} already has {chart} {version}")
             return {"commit": head, "changed": False}
-        await _git(
+        await git.run_git(
             request,
             path,
             "-c",
@@ -155,8 +154,8 @@ async def _publish(
             "-m",
             message,
         )
-        head = await asyncio.to_thread(_head, path)
-        done = await _git(
+        head = await git.head_sha(path)
+        done = await git.run_git(
             request, path, "push", "--porcelain", "origin", f"HEAD:refs/heads/{branch}", check=False
         )
         if done.exit_code == 0:
@@ -181,29 +180,14 @@ async def _publish(
     )
 
 
-def _init(path: Path, settings: DeliverySettings) -> None:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    repo = gitpython.Repo.init(path)
-    with repo.config_writer() as config:
-        # written as config, never passed on a command line: it may hold credentials
-        config.set_value('remote "origin"', "url", settings.gitops_repo)
-        config.set_value('remote "origin"', "fetch", "+refs/heads/*:refs/remotes/origin/*")
-
-
 def _staged(path: Path) -> bool:
     repo = gitpython.Repo(path)
     return bool(repo.index.diff("HEAD"))
 
 
-def _head(path: Path) -> str:
-    return str(gitpython.Repo(path).head.commit.hexsha)
-
-
 async def _fetch(request: StepRequest, path: Path, branch: str, where: str) -> None:
     refspec = f"+refs/heads/{branch}:refs/remotes/origin/{branch}"
-    done = await _git(request, path, "fetch", "--no-tags", "origin", refspec, check=False)
+    done = await git.run_git(request, path, "fetch", "--no-tags", "origin", refspec, check=False)
     if done.exit_code == 0:
         return
     if "couldn't find remote ref" in done.tail.lower():
@@ -218,19 +202,5 @@ async def _fetch(request: StepRequest, path: Path, branch: str, where: str) -> N
         "that it is up and the worker may read it",
         exit_code=done.exit_code,
         output_tail=done.tail,
-        retryable=True,
-    )
-
-
-async def _git(
-    request: StepRequest, path: Path, *args: str, check: bool = True
-) -> process.Completed:
-    return await process.run(
-        [*git.GIT, *args],
-        cwd=path,
-        log=request.log,
-        env=git.GIT_ENV,
-        what=f"git {args[0]}",
-        check=check,
         retryable=True,
     )
