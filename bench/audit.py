@@ -52,7 +52,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import eventgen  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
-from throughput import Sandbox, log, percentile  # noqa: E402
+from throughput import Sandbox, log, percentile, run_main, sandboxed  # noqa: E402
 
 from cistate.store import EventQuery, RunQuery, Store, connect  # noqa: E402
 
@@ -326,30 +326,16 @@ async def main(args: argparse.Namespace) -> int:
             await store.close()
         summary = await measure(args, sandbox, total)
     else:
-        name = f"cistate_audit_{os.getpid()}"
-        sandbox = Sandbox(args.database_url, args.rabbitmq_url, name)
-        try:
-            log(f"creating database {name}")
-            await sandbox.create()
+        async with sandboxed(args, "audit") as (sandbox, _work):
             total, seconds = await build(args, sandbox)
             log(f"store ready in {seconds:.0f} s")
             summary = await measure(args, sandbox, total)
-        finally:
             if args.keep:
-                log(f"kept database and vhost {name} (measure again: --reuse {name})")
-            else:
-                log(f"dropping database and vhost {name}")
-                await asyncio.shield(sandbox.destroy())
+                log(f"measure this store again with --reuse {sandbox.name}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args())

@@ -38,7 +38,6 @@ import io
 import json
 import os
 import pstats
-import signal
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import eventgen  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
-from throughput import Sandbox, log, percentile  # noqa: E402
+from throughput import log, percentile, run_main, sandboxed  # noqa: E402
 
 from cistate.run import fold  # noqa: E402
 from cistate.store import Store, connect  # noqa: E402
@@ -317,14 +316,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def main(args: argparse.Namespace) -> int:
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    name = f"cistate_replay_{os.getpid()}"
-    sandbox = Sandbox(args.database_url, args.rabbitmq_url, name)
-    try:
-        log(f"creating database {name}")
-        await sandbox.create()
+    async with sandboxed(args, "replay") as (sandbox, _work):
+        name = sandbox.name
         plan = eventgen.Plan.for_events(args.events)
         log(f"generating {plan.events:,} events in {plan.runs:,} runs + one of {args.long:,}")
         conn = await asyncpg.connect(sandbox.dsn)
@@ -360,19 +353,7 @@ async def main(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
         return 0
-    finally:
-        if args.keep:
-            log(f"kept database and vhost {name}: {sandbox.dsn}")
-        else:
-            log(f"dropping database and vhost {name}")
-            await asyncio.shield(sandbox.destroy())
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(asyncio.run(main(parse_args())))
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except RuntimeError as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        sys.exit(1)
+    run_main(main, parse_args())
