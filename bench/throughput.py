@@ -221,13 +221,34 @@ def run_main(main: Callable[[argparse.Namespace], Awaitable[int]],
     sys.exit(code)
 
 
-async def rabbitmqctl(*args: str) -> None:
+async def rabbitmqctl(*args: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         "rabbitmqctl", "-q", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited {proc.returncode}: "
                            f"{out.decode(errors='replace').strip()}")
+    return out.decode(errors="replace")
+
+
+# This script's own connections carry this name; every other connection in the benchmark's
+# vhost belongs to the process under test.
+BENCH_CONNECTION = {"connection_name": "bench-driver"}
+
+
+async def broker_packets(vhost: str) -> tuple[int, int]:
+    """Socket reads and writes RabbitMQ made so far on the connections of the process under
+    test: how many separate sends reached the broker from it, and the other way. Frames
+    sent together (one multiple ack for many deliveries) take fewer of them."""
+    rows = json.loads(await rabbitmqctl("list_connections", "-p", vhost, "--formatter", "json",
+                                        "client_properties", "recv_cnt", "send_cnt") or "[]")
+    reads = writes = 0
+    for row in rows:
+        props = {p[0]: p[2] for p in row["client_properties"]}
+        if props.get("connection_name") != BENCH_CONNECTION["connection_name"]:
+            reads += row["recv_cnt"]
+            writes += row["send_cnt"]
+    return reads, writes
 
 
 # -- the tap: when did each result and command pass through the exchange ----------------
@@ -321,6 +342,8 @@ class Result:
     cpu: dict[str, float]  # cores busy on average over cpu_seconds, per group
     cpu_seconds: float
     tap_repeats: int
+    broker_reads: int = 0  # RabbitMQ's socket reads from the process under test
+    broker_writes: int = 0  # ... and writes to it
 
     @property
     def runs_per_s(self) -> float:
@@ -422,7 +445,7 @@ async def drive(exchange: AbstractExchange, pg: asyncpg.Connection, target: Targ
 
 async def measure(args: argparse.Namespace, sandbox: Sandbox, target: Target, sut_pid: int,
                   alive: Callable[[], str | None]) -> Result:
-    connection = await aio_pika.connect_robust(sandbox.amqp)
+    connection = await aio_pika.connect_robust(sandbox.amqp, client_properties=BENCH_CONNECTION)
     pg = await asyncpg.connect(sandbox.dsn)
     try:
         channel = await connection.channel(publisher_confirms=True)
@@ -439,11 +462,14 @@ async def measure(args: argparse.Namespace, sandbox: Sandbox, target: Target, su
         await asyncio.sleep(0.5)  # let the warm-up's tail (outbox marking) settle
         pg_pids = frozenset(r["pid"] for r in await pg.fetch(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"))
+        packets_before = await broker_packets(sandbox.name)
         cpu_before = cpu_snapshot(sut_pid, pg_pids)
         t0_wall, t0 = time.time(), time.perf_counter()
         await drive(exchange, pg, target, starts, args.inflight, args.timeout, alive)
         cpu_after = cpu_snapshot(sut_pid, pg_pids)
         cpu_seconds = time.perf_counter() - t0
+        await asyncio.sleep(0.3)  # the last acks
+        packets_after = await broker_packets(sandbox.name)
         last_event, events = await target.finished(pg, chains)
         seconds = last_event.timestamp() - t0_wall  # first publish -> last terminal event
         return Result(
@@ -452,7 +478,9 @@ async def measure(args: argparse.Namespace, sandbox: Sandbox, target: Target, su
             messages=args.runs * target.messages_per_run,
             latencies=tap.gaps(chains, args.steps),
             cpu=cpu_delta(cpu_before, cpu_after, cpu_seconds), cpu_seconds=cpu_seconds,
-            tap_repeats=tap.repeats)
+            tap_repeats=tap.repeats,
+            broker_reads=packets_after[0] - packets_before[0],
+            broker_writes=packets_after[1] - packets_before[1])
     finally:
         await pg.close()
         await connection.close()
@@ -756,6 +784,9 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> dict[s
         return statistics.median(r.cpu[group] * r.cpu_seconds / r.hops * 1000
                                  for r in results[name])
 
+    def reads_per_hop(name: str) -> float:  # separate sends from the process under test
+        return statistics.median(r.broker_reads / r.hops for r in results[name])
+
     def other_cores(name: str) -> float:  # cores busy with anything else: noise
         return statistics.median(
             max(0.0, r.cpu["machine"] - sum(r.cpu[g] for g in CPU_GROUPS)) for r in results[name])
@@ -770,7 +801,7 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> dict[s
           f"ack); a run is K+1 = {args.steps + 1} hops")
     header = (f"{'':<10}{'wall s':>7}{'runs/s':>8}{'hops/s':>8}{'events/s':>9}"
               f"{'p50 ms':>8}{'p99 ms':>8} | CPU ms/hop:{'sut':>5}{'pg':>5}{'rmq':>5}"
-              f"{'bench':>6} | other cores")
+              f"{'bench':>6} | rmq reads/hop | other cores")
     print(header)
     print("-" * len(header))
     noisiest = 0.0
@@ -783,7 +814,7 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> dict[s
               f"{_fmt(median(name, 'runs_per_s')):>8}{_fmt(median(name, 'hops_per_s')):>8}"
               f"{_fmt(median(name, 'events_per_s')):>9}"
               f"{_fmt(median(name, 'p50'), 0):>8}{_fmt(median(name, 'p99'), 0):>8} |"
-              f"{'':>11}{per_hop} | {other:>5.2f}")
+              f"{'':>11}{per_hop} | {reads_per_hop(name):>13.2f} | {other:>5.2f}")
     summary: dict[str, Any] = {
         "runs": args.runs, "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
         "inflight": args.inflight,

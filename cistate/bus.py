@@ -13,11 +13,19 @@ Topology (names start with the configured prefix, `cistate` by default):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import aiormq.abc
+import aiormq.exceptions
+import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -28,12 +36,173 @@ from aio_pika.abc import (
 
 from cistate.events import dumps
 
+log = structlog.get_logger("cistate.bus")
+
 REASON_HEADER = "x-cistate-reason"
 # A message redelivered this often (a handler that crashes its process every time) is
 # dead-lettered by the broker instead of looping forever.
 DELIVERY_LIMIT = 20
+# How long a finished delivery waits for the deliveries before it to finish, so that one ack
+# frame settles them all, before it is acked on its own.
+ACK_HOLD_SECONDS = 0.01
 
 Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame to send for settled deliveries: an ack (of every outstanding delivery up to
+    `tag` if `multiple`) or a nack."""
+    tag: int
+    multiple: bool = False
+    nack: bool = False
+    requeue: bool = True
+
+
+@dataclass
+class AckPlan:
+    """Which frames settle the finished deliveries of one channel: pure bookkeeping.
+
+    The broker numbers a channel's deliveries 1, 2, 3, ... Once every tag up to T is
+    finished, one ack of T with multiple=True settles them all, in place of one frame each.
+    Only tags handed to `finish` count, so a delivery still being handled (or one this
+    process never saw) is never acked by a multiple ack. A finished delivery behind one still
+    running waits up to `hold` seconds for the gap to close, then is acked on its own, so a
+    long step does not keep the deliveries after it unacked (holding prefetch slots). A nack
+    is sent before any multiple ack that covers its tag: the broker would otherwise ack it,
+    then refuse the nack of an unknown tag by closing the channel."""
+
+    floor: int = 0  # every tag <= floor is settled
+    acks: dict[int, float] = field(default_factory=dict)  # finished -> when; not sent yet
+    nacks: dict[int, bool] = field(default_factory=dict)  # tag -> requeue, not sent yet
+    settled: set[int] = field(default_factory=set)  # > floor, settled by a frame of its own
+
+    def finish(self, tag: int, ack: bool = True, requeue: bool = True,
+               now: float = 0.0) -> None:
+        if tag <= self.floor or tag in self.settled or tag in self.acks or tag in self.nacks:
+            raise ValueError(f"delivery tag {tag} is already settled")
+        if ack:
+            self.acks[tag] = now
+        else:
+            self.nacks[tag] = requeue
+
+    def take(self, now: float = 0.0, hold: float = 0.0) -> list[Frame]:
+        """The frames to send at time `now`, in order; the plan counts them as sent."""
+        frames = [Frame(tag, nack=True, requeue=requeue)
+                  for tag, requeue in sorted(self.nacks.items())]
+        self.settled.update(self.nacks)
+        self.nacks.clear()
+        top, highest_ack = self.floor, 0
+        while top + 1 in self.acks or top + 1 in self.settled:
+            top += 1
+            if self.acks.pop(top, None) is not None:
+                highest_ack = top
+        if highest_ack:
+            frames.append(Frame(highest_ack, multiple=True))
+        self.settled = {tag for tag in self.settled if tag > top}
+        self.floor = top
+        for tag in sorted(tag for tag, at in self.acks.items() if now - at >= hold):
+            frames.append(Frame(tag))  # waited long enough behind a delivery still running
+            self.settled.add(tag)
+            del self.acks[tag]
+        return frames
+
+    def due(self, hold: float) -> float | None:
+        """When the oldest ack still held must go, if any is held."""
+        return min(self.acks.values()) + hold if self.acks else None
+
+
+class Acker:
+    """Settles deliveries in batches: callers hand over finished messages (`ack`, `nack`)
+    without waiting, and one task sends, at the end of each turn of the event loop, the
+    fewest frames that settle them (see AckPlan). Messages handled in the same turn - a
+    group commit, a burst of publisher confirms - share one ack frame.
+
+    A message is handed over only after its effect is durable (the caller's rule), so a
+    batch never acks anything unfinished. Plans are per channel: after a reconnect the new
+    channel counts tags from 1 again, and a delivery of the closed one cannot be settled any
+    more; the broker redelivers it and the consumer recognises it as a duplicate."""
+
+    def __init__(self, hold: float = ACK_HOLD_SECONDS) -> None:
+        self.hold = hold
+        self._plans: dict[aiormq.abc.AbstractChannel, AckPlan] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self.frames_sent = 0
+        self.settled = 0
+
+    def ack(self, message: AbstractIncomingMessage) -> None:
+        self._finish(message, ack=True)
+
+    def nack(self, message: AbstractIncomingMessage, requeue: bool = True) -> None:
+        self._finish(message, ack=False, requeue=requeue)
+
+    def _finish(self, message: AbstractIncomingMessage, ack: bool,
+                requeue: bool = True) -> None:
+        try:
+            channel = message.channel
+        except aiormq.exceptions.ChannelInvalidStateError:
+            return  # the channel is gone and the broker will redeliver the message
+        if message.delivery_tag is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._plans.setdefault(channel, AckPlan()).finish(
+            message.delivery_tag, ack, requeue, loop.time())
+        self.settled += 1
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_forever())
+        self._wake.set()
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self, everything: bool = False) -> None:
+        """Send every frame due now (`everything`: held acks too), in order. One task
+        sends, so frames never overtake each other."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for channel, plan in list(self._plans.items()):
+            if channel.is_closed:
+                del self._plans[channel]
+                continue
+            try:
+                for frame in plan.take(now, 0.0 if everything else self.hold):
+                    # wait=False: queued for the connection's writer in this order, without
+                    # a round through the event loop per frame to see it written
+                    if frame.nack:
+                        await channel.basic_nack(frame.tag, requeue=frame.requeue, wait=False)
+                    else:
+                        await channel.basic_ack(frame.tag, multiple=frame.multiple,
+                                                wait=False)
+                    self.frames_sent += 1
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError) as exc:
+                log.warning("could not settle deliveries; the broker will redeliver them",
+                            error=f"{type(exc).__name__}: {exc}")
+                self._plans.pop(channel, None)
+        due = [d for plan in self._plans.values() if (d := plan.due(self.hold)) is not None]
+        if due and self._timer is None:
+            self._timer = loop.call_at(min(due), self._wake_held)
+
+    def _wake_held(self) -> None:
+        self._timer = None
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Send what is due, then stop."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        await self.flush(everything=True)
 
 
 class Bus:
@@ -45,6 +214,7 @@ class Bus:
         self._exchange: AbstractExchange | None = None
         self._dead: AbstractExchange | None = None
         self._queues: list[AbstractQueue] = []  # keep declared objects referenced (robust)
+        self.acker = Acker()
 
     @property
     def exchange_name(self) -> str:
@@ -54,7 +224,10 @@ class Bus:
         return f"{self.prefix}.{role}"
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(self.url)
+        # Named, so that an operator can tell cistate's connections apart in RabbitMQ's
+        # management UI and `rabbitmqctl list_connections client_properties`.
+        self._connection = await aio_pika.connect_robust(self.url, client_properties={
+            "connection_name": f"cistate {socket.gethostname()} pid {os.getpid()}"})
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._exchange = await self._channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -65,6 +238,7 @@ class Bus:
 
     async def close(self) -> None:
         if self._connection is not None:
+            await self.acker.close()
             await self._connection.close()
             self._connection = None
 

@@ -11,7 +11,6 @@ the dead-letter queue with a reason; messages that arrive in the wrong state bec
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -100,7 +99,7 @@ class Orchestrator:
             log.warning("dead-lettered", routing_key=routing_key, reason=str(exc),
                         message_id=message.message_id)
             await self.bus.dead_letter(message, str(exc))
-            await message.ack()
+            self.bus.acker.ack(message)
             return
         except Exception as exc:
             # The database or the broker is away (a restart, a network cut): nothing was
@@ -109,13 +108,14 @@ class Orchestrator:
             log.warning("could not handle message; it will be redelivered",
                         routing_key=routing_key, error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            assert self.bus is not None
+            self.bus.acker.nack(message, requeue=True)
             return
         # one line per message is for debugging: at info level it costs a write per hop
         log.debug(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
                   detail=outcome.detail)
-        await message.ack()
+        assert self.bus is not None
+        self.bus.acker.ack(message)  # sent with the other acks of this turn, in one frame
 
     async def submit(
         self,

@@ -50,7 +50,10 @@ class Worker:
         for step in steps:
             queue = await self.bus.declare_step(step, channel=channel)
             await queue.consume(self.on_command, no_ack=False)
-        cancel_queue = await self.bus.declare_cancel_queue(channel, self.worker_id)
+        # Cancels (no ack) on a channel of their own: the step channel's delivery tags then
+        # run without gaps, which lets one ack frame settle many commands.
+        cancel_channel = await self.bus.consumer_channel(prefetch=0)
+        cancel_queue = await self.bus.declare_cancel_queue(cancel_channel, self.worker_id)
         await cancel_queue.consume(self.on_cancel, no_ack=True)
 
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
@@ -70,7 +73,7 @@ class Worker:
             command = StepCommand.model_validate(loads(message.body))
         except (ValueError, ValidationError) as exc:
             await self.bus.dead_letter(message, f"step command does not match its schema: {exc}")
-            await message.ack()
+            self.bus.acker.ack(message)
             return
         command_id = message.message_id or str(uuid.uuid4())
         key = (str(command.run_id), command.step, command.attempt)
@@ -99,10 +102,9 @@ class Worker:
             # and its result (same message id) is recognised if the first one got through.
             log.warning("could not publish result; the command will be redelivered",
                         run_id=key[0], step=key[1], error=f"{type(exc).__name__}: {exc}")
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            self.bus.acker.nack(message, requeue=True)
             return
-        await message.ack()
+        self.bus.acker.ack(message)  # after the result is confirmed
 
     async def execute(self, command: StepCommand) -> StepResult:
         """Run the handler for one attempt; every outcome becomes a result."""
