@@ -212,8 +212,11 @@ class Orchestrator:
     async def _publish(self, rows: list[OutboxRow]) -> None:
         if self.bus is None or not rows:
             return
-        await asyncio.gather(*(
-            self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
+        if len(rows) == 1:  # the usual case: no task for gather to wrap it in
+            await self.bus.publish(rows[0].routing_key, rows[0].body, rows[0].message_id)
+        else:
+            await asyncio.gather(*(
+                self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
         self._sent.extend(row.id for row in rows)
 
     # -- operator requests (API and CLI): rejections are answered, not recorded

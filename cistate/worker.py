@@ -111,7 +111,8 @@ class Worker:
         started = datetime.now(UTC)
         run_dir = self.workdir / "runs" / str(command.run_id)
         workspace = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
-        if command.uses not in NO_WORKSPACE:
+        uses_workspace = command.uses not in NO_WORKSPACE
+        if uses_workspace:
             workspace.mkdir(parents=True)
         step_log = StepLog()  # in memory: the result carries it to the store
         request = StepRequest(
@@ -145,7 +146,8 @@ class Worker:
                 message=f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}",
                 output_tail=step_log.tail()))
         finally:
-            _remove(workspace, run_dir)
+            if uses_workspace:
+                _remove(workspace, run_dir)
         return result.model_copy(update={
             "log": step_log.text() or None, "started_at": started,
             "finished_at": datetime.now(UTC)})
