@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -119,6 +120,10 @@ async def connect(dsn: str, min_size: int = 2, max_size: int = 10) -> Store:
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
                                      init=_init_connection, reset=_keep_session)
     return Store(pool, dsn)
+
+
+_FIRST_UUID = uuid.UUID(int=0)
+_LAST_UUID = uuid.UUID(int=(1 << 128) - 1)
 
 
 class Store:
@@ -344,10 +349,12 @@ class Store:
             return None
         return fold(run_id, ((r["type"], r["data"], r["recorded_at"]) for r in records))
 
-    async def run_batches(self, conn: Conn, batch: int = 500
+    async def run_batches(self, conn: Conn, batch: int = 500,
+                          first: uuid.UUID = _FIRST_UUID, last: uuid.UUID = _LAST_UUID,
                           ) -> AsyncGenerator[list[tuple[uuid.UUID, list[Triple]]], None]:
         """Every run's events as (type, data, recorded_at) triples in seq order, `batch` runs
-        at a time in run_id order, read through a cursor of `conn` (inside a transaction).
+        at a time in run_id order, read through a cursor of `conn` (inside a transaction);
+        only the runs with first <= run_id <= last.
 
         PostgreSQL aggregates each run's events into one JSON text: one loads() per run
         instead of per-row decoding, which is most of what reading costs in Python.
@@ -355,7 +362,7 @@ class Store:
         give. The next batch is fetched while the caller works on this one.
         """
         parse = datetime.fromisoformat
-        cursor = await conn.cursor(_RUN_EVENTS_SQL)
+        cursor = await conn.cursor(_RUN_EVENTS_SQL, first, last)
         pending = asyncio.ensure_future(cursor.fetch(batch))
         try:
             while records := await pending:
@@ -368,19 +375,36 @@ class Store:
                 with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
                     await pending
 
-    async def rebuild_projections(self, batch: int = 500) -> RebuildReport:
+    async def rebuild_projections(self, batch: int = 500, parts: int = 2) -> RebuildReport:
         """Refold every run from its events; rewrite and report the rows that differed.
 
-        `batch` runs at a time: one cursor fetch reads their events, one statement compares
-        their folded rows with the stored ones in PostgreSQL and rewrites those that differ
-        (while the next batch is read and folded). A row differs when any column differs
-        from what the fold writes. A stored row whose version is ahead of the fold (appended
-        since this read began) is newer, not damaged: it is left alone.
+        The run ids are split into `parts` ranges rebuilt side by side, each on connections
+        of its own, so PostgreSQL aggregates and writes on several cores while this process
+        folds. In each range, `batch` runs at a time: one cursor fetch reads their events,
+        one statement compares their folded rows with the stored ones in PostgreSQL and
+        rewrites those that differ (while the next batch is read and folded). A row differs
+        when any column differs from what the fold writes. A stored row whose version is
+        ahead of the fold (appended since this read began) is newer, not damaged: it is left
+        alone. `differed` is in run_id order.
         """
+        starts = [(i << 128) // parts for i in range(parts + 1)]
+        reports = await asyncio.gather(*(
+            self._rebuild_range(batch, uuid.UUID(int=first), uuid.UUID(int=after - 1))
+            for first, after in itertools.pairwise(starts)))
+        report = RebuildReport()
+        for part in reports:
+            report.runs += part.runs
+            report.events += part.events
+            report.differed.extend(part.differed)
+        return report
+
+    async def _rebuild_range(self, batch: int, first: uuid.UUID, last: uuid.UUID
+                             ) -> RebuildReport:
         report = RebuildReport()
         fixing: asyncio.Future[None] | None = None
         async with (self.pool.acquire() as reader, reader.transaction(),
-                    contextlib.aclosing(self.run_batches(reader, batch)) as batches):
+                    contextlib.aclosing(self.run_batches(reader, batch, first, last))
+                    as batches):
             try:
                 async for runs in batches:
                     rows = [_run_row(fold(run_id, triples)) for run_id, triples in runs]
@@ -409,7 +433,7 @@ Triple = tuple[str, dict[str, Any], datetime]
 _RUN_EVENTS_SQL = (
     "SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE"
     " 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')) ORDER BY seq)::text AS events"
-    " FROM events GROUP BY run_id ORDER BY run_id"
+    " FROM events WHERE run_id BETWEEN $1 AND $2 GROUP BY run_id ORDER BY run_id"
 )
 
 # The folded rows of a batch (in _run_row's column order) are compared with the stored ones

@@ -51,3 +51,26 @@ async def test_a_batch_stores_every_decision_and_gives_a_collision_to_its_own_me
         assert [e.seq for e in await store.events(run.id)] == [1, 2]
     assert await store.load(stale.state.id) is not None
     assert len(await store.events(stale.state.id)) == 2, "the conflicting decision wrote nothing"
+
+
+@pytest.mark.parametrize(("parts", "batch"), [(1, 500), (2, 3), (3, 2)])
+async def test_rebuild_over_run_id_ranges_repairs_exactly_the_damaged_rows_in_id_order(
+        store: Store, parts: int, batch: int) -> None:
+    items = [decided(uuid.uuid4()) for _ in range(16)]
+    assert not any(isinstance(x, Exception) for x in await store.append_many(items))
+    ids = sorted(item.state.id for item in items)
+    # damage rows spread over the id space: both ends and the middle
+    damaged = [ids[0], ids[5], ids[9], ids[15]]
+    await store.pool.execute("DELETE FROM runs WHERE id = $1", damaged[0])
+    await store.pool.execute(
+        "UPDATE runs SET state = 'failed', steps = '[]' WHERE id = ANY($1::uuid[])", damaged[1:])
+
+    report = await store.rebuild_projections(batch=batch, parts=parts)
+
+    assert report.runs == 16 and report.events == 32
+    assert report.differed == damaged  # in run_id order, whichever range found them
+    for run_id in damaged:
+        run = await store.load(run_id)
+        assert run is not None and run.status == "running" and run.steps["a"].state == "running"
+    again = await store.rebuild_projections(batch=batch, parts=parts)
+    assert again.differed == [] and again.runs == 16
