@@ -10,11 +10,12 @@ to show a 10k-event run as it stood at seq 9000.
    row differs and is written) and "verify" (the table is up to date: every row compared,
    none written; what an operator's `cistate projections rebuild` normally does). Events/s.
 3. Baseline, same invocation: "bare stream" reads the same events the way the rebuild does
-   (Store.run_batches: same SQL, cursor, batches, one transaction, json decoding) but does
-   not fold or compare. "stream + fold" folds each run but does not compare. The ratios
-   rebuild / bare say what folding and comparing cost on top of reading. "per-row stream"
-   is the read path the rebuild had before (one row per event, jsonb decoded by the pool's
-   codec, grouped in Python), for reference.
+   (Store.run_batches over the same run id ranges side by side: same SQL, cursors, batches,
+   transactions, json decoding) but does not fold or compare. "stream + fold" folds each
+   run but does not compare. The ratios rebuild / bare say what folding and comparing
+   cost on top of reading. "per-row stream" is the read path the rebuild had before (one
+   row per event, jsonb decoded by the pool's codec, grouped in Python, one range), for
+   reference.
 4. `Store.state_at(long run, --at)`: p50/p99 of --calls calls; baseline: the same SELECT of
    the same rows without the fold. Then the CLI, `cistate runs show RUN --at N --json`, wall
    time (median of --cli-calls); baseline: `cistate runs show RUN --json` (the projection
@@ -56,11 +57,12 @@ from cpu import CpuMeter  # noqa: E402
 from throughput import log, percentile, run_main, sandboxed  # noqa: E402
 
 from cistate.run import fold  # noqa: E402
-from cistate.store import Store, connect  # noqa: E402
+from cistate.store import Store, connect, run_id_ranges  # noqa: E402
 
 TARGET_EVENTS_PER_S = 100_000
 ROWS_SQL = "SELECT run_id, type, data, recorded_at FROM events ORDER BY run_id, seq"
 BATCH = inspect.signature(Store.rebuild_projections).parameters["batch"].default
+PARTS = inspect.signature(Store.rebuild_projections).parameters["parts"].default
 
 
 class Phase:
@@ -84,17 +86,23 @@ class Phase:
 
 
 async def stream(store: Store, with_fold: bool) -> int:
-    """rebuild_projections' read loop: Store.run_batches (same SQL, cursor, batches, read-ahead,
-    transaction and decoding); folds each run if `with_fold`; never compares or writes."""
-    events = 0
-    async with (store.pool.acquire() as reader, reader.transaction(),
-                contextlib.aclosing(store.run_batches(reader, BATCH)) as batches):
-        async for runs in batches:
-            for run_id, triples in runs:
-                events += len(triples)
-                if with_fold:
-                    fold(run_id, triples)
-    return events
+    """rebuild_projections' read loop: Store.run_batches over the same run id ranges side by
+    side (same SQL, cursors, batches, read-ahead, transactions and decoding); folds each run
+    if `with_fold`; never compares or writes."""
+
+    async def one_range(first: uuid.UUID, last: uuid.UUID) -> int:
+        events = 0
+        async with (store.pool.acquire() as reader, reader.transaction(),
+                    contextlib.aclosing(store.run_batches(reader, BATCH, first, last))
+                    as batches):
+            async for runs in batches:
+                for run_id, triples in runs:
+                    events += len(triples)
+                    if with_fold:
+                        fold(run_id, triples)
+        return events
+
+    return sum(await asyncio.gather(*(one_range(*r) for r in run_id_ranges(PARTS))))
 
 
 async def stream_rows(store: Store) -> int:

@@ -126,6 +126,16 @@ _FIRST_UUID = uuid.UUID(int=0)
 _LAST_UUID = uuid.UUID(int=(1 << 128) - 1)
 
 
+def run_id_ranges(parts: int) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """The id space cut into `parts` contiguous (first, last) ranges, in order. Run ids are
+    UUIDs derived by hashing, so each range holds about the same share of the runs."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, not {parts}")
+    starts = [(i << 128) // parts for i in range(parts + 1)]
+    return [(uuid.UUID(int=first), uuid.UUID(int=after - 1))
+            for first, after in itertools.pairwise(starts)]
+
+
 class Store:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
@@ -387,10 +397,8 @@ class Store:
         ahead of the fold (appended since this read began) is newer, not damaged: it is left
         alone. `differed` is in run_id order.
         """
-        starts = [(i << 128) // parts for i in range(parts + 1)]
         reports = await asyncio.gather(*(
-            self._rebuild_range(batch, uuid.UUID(int=first), uuid.UUID(int=after - 1))
-            for first, after in itertools.pairwise(starts)))
+            self._rebuild_range(batch, first, last) for first, last in run_id_ranges(parts)))
         report = RebuildReport()
         for part in reports:
             report.runs += part.runs
