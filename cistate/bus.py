@@ -127,6 +127,7 @@ class Acker:
         self.hold = hold
         self._plans: dict[aiormq.abc.AbstractChannel, AckPlan] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._sending = asyncio.Lock()
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.frames_sent = 0
@@ -161,8 +162,12 @@ class Acker:
             await self.flush()
 
     async def flush(self, everything: bool = False) -> None:
-        """Send every frame due now (`everything`: held acks too), in order. One task
-        sends, so frames never overtake each other."""
+        """Send every frame due now (`everything`: held acks too), in order. One flush at a
+        time: a frame taken by one must not be overtaken by a later multiple ack."""
+        async with self._sending:
+            await self._flush(everything)
+
+    async def _flush(self, everything: bool) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         for channel, plan in list(self._plans.items()):
@@ -179,8 +184,7 @@ class Acker:
                         await channel.basic_ack(frame.tag, multiple=frame.multiple,
                                                 wait=False)
                     self.frames_sent += 1
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError) as exc:
+            except Exception as exc:  # the channel or connection is going away
                 log.warning("could not settle deliveries; the broker will redeliver them",
                             error=f"{type(exc).__name__}: {exc}")
                 self._plans.pop(channel, None)
