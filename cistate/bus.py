@@ -131,7 +131,7 @@ class Acker:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self.frames_sent = 0
-        self.settled = 0
+        self.finished = 0  # messages handed over
 
     def ack(self, message: AbstractIncomingMessage) -> None:
         self._finish(message, ack=True)
@@ -150,7 +150,7 @@ class Acker:
         loop = asyncio.get_running_loop()
         self._plans.setdefault(channel, AckPlan()).finish(
             message.delivery_tag, ack, requeue, loop.time())
-        self.settled += 1
+        self.finished += 1
         if self._sender is None or self._sender.done():
             self._sender = loop.create_task(self._send_forever())
         self._wake.set()

@@ -397,8 +397,18 @@ class Store:
         ahead of the fold (appended since this read began) is newer, not damaged: it is left
         alone. `differed` is in run_id order.
         """
-        reports = await asyncio.gather(*(
-            self._rebuild_range(batch, first, last) for first, last in run_id_ranges(parts)))
+        # each range holds a reader connection and borrows one to write: never more ranges
+        # than the pool can serve at once
+        parts = max(1, min(parts, self.pool.get_max_size() // 2))
+        ranges = [asyncio.ensure_future(self._rebuild_range(batch, first, last))
+                  for first, last in run_id_ranges(parts)]
+        try:
+            reports = await asyncio.gather(*ranges)
+        except BaseException:
+            for task in ranges:  # one failed (or we are cancelled): stop the others too
+                task.cancel()
+            await asyncio.gather(*ranges, return_exceptions=True)
+            raise
         report = RebuildReport()
         for part in reports:
             report.runs += part.runs

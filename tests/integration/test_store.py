@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -11,7 +12,7 @@ import handlers
 from cistate import run as r
 from cistate.messages import Push
 from cistate.pipeline import parse
-from cistate.store import Append, Conflict, Duplicate, Store
+from cistate.store import Append, Conflict, Duplicate, Store, connect
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +75,32 @@ async def test_rebuild_over_run_id_ranges_repairs_exactly_the_damaged_rows_in_id
         assert run is not None and run.status == "running" and run.steps["a"].state == "running"
     again = await store.rebuild_projections(batch=batch, parts=parts)
     assert again.differed == [] and again.runs == 16
+
+
+async def test_rebuild_on_a_pool_too_small_for_two_ranges_still_finishes(
+        store: Store, database_url: str) -> None:
+    items = [decided(uuid.uuid4()) for _ in range(6)]
+    assert not any(isinstance(x, Exception) for x in await store.append_many(items))
+    await store.pool.execute("TRUNCATE runs")
+    small = await connect(database_url, min_size=1, max_size=2)
+    try:
+        report = await asyncio.wait_for(small.rebuild_projections(parts=2), timeout=20)
+    finally:
+        await small.close()
+    assert report.runs == 6 and len(report.differed) == 6
+
+
+async def test_a_range_that_fails_stops_the_rebuild_and_leaves_the_pool_usable(
+        store: Store) -> None:
+    items = [decided(uuid.uuid4()) for _ in range(12)]
+    assert not any(isinstance(x, Exception) for x in await store.append_many(items))
+    ids = sorted(item.state.id for item in items)
+    # a damaged first event in the upper half: folding that run fails
+    await store.pool.execute(
+        "UPDATE events SET data = '{}' WHERE run_id = $1 AND seq = 1", ids[-1])
+    with pytest.raises(KeyError):
+        await store.rebuild_projections(batch=2, parts=2)
+    await asyncio.sleep(0.2)  # the other range was cancelled, not left running
+    idle = store.pool.get_idle_size()
+    assert idle == store.pool.get_size(), "a connection is still held by the rebuild"
+    assert await store.load(ids[0]) is not None
