@@ -219,11 +219,11 @@ def push(
 # -- runs
 
 
-def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]], connections: int = 2) -> T:
     s = settings()
 
     async def go() -> T:
-        store = await connect(s.database_url, min_size=1, max_size=2)
+        store = await connect(s.database_url, min_size=1, max_size=connections)
         try:
             return await fn(store)
         finally:
@@ -466,16 +466,25 @@ def audit(
 
 @projections_cli.command("rebuild")
 def projections_rebuild(as_json: JsonFlag = False) -> None:
-    """Refold every run from its events into the runs projection; report rows that differed."""
-    report = _with_store(lambda st: st.rebuild_projections())
+    """Refold every run from its events into the runs projection; report rows that differed.
+    Exits 1 if some run's events could not be folded (those rows are left as they are)."""
+    # two id ranges side by side, each a reader and a writer connection
+    report = _with_store(lambda st: st.rebuild_projections(parts=2), connections=4)
     if as_json:
         print_json({"runs": report.runs, "events": report.events,
-                    "differed": [str(r) for r in report.differed]})
-        return
-    typer.echo(f"refolded {report.runs} runs from {report.events} events; "
-               f"{len(report.differed)} row(s) differed and were rewritten")
-    for run_id in report.differed:
-        typer.echo(f"  {run_id}")
+                    "differed": [str(r) for r in report.differed],
+                    "unfoldable": [{"run_id": str(run_id), "error": error}
+                                   for run_id, error in report.unfoldable]})
+    else:
+        typer.echo(f"refolded {report.runs} runs from {report.events} events; "
+                   f"{len(report.differed)} row(s) differed and were rewritten")
+        for run_id in report.differed:
+            typer.echo(f"  {run_id}")
+        for run_id, error in report.unfoldable:
+            typer.echo(f"cannot fold run {run_id} (its row was left as it is): {error}",
+                       err=True)
+    if report.unfoldable:
+        raise typer.Exit(1)
 
 
 def _run_table(state: RunState) -> Table:

@@ -72,6 +72,8 @@ class RebuildReport:
     runs: int = 0
     events: int = 0
     differed: list[uuid.UUID] = field(default_factory=list)
+    # runs whose events do not fold (a damaged event): left as they are, with the error
+    unfoldable: list[tuple[uuid.UUID, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -395,7 +397,8 @@ class Store:
         rewrites those that differ (while the next batch is read and folded). A row differs
         when any column differs from what the fold writes. A stored row whose version is
         ahead of the fold (appended since this read began) is newer, not damaged: it is left
-        alone. `differed` is in run_id order.
+        alone. `differed` is in run_id order. A run whose events do not fold (a damaged
+        event) is left alone and listed in `unfoldable` with the error; the rest goes on.
         """
         # each range holds a reader connection and borrows one to write: never more ranges
         # than the pool can serve at once
@@ -414,6 +417,7 @@ class Store:
             report.runs += part.runs
             report.events += part.events
             report.differed.extend(part.differed)
+            report.unfoldable.extend(part.unfoldable)
         return report
 
     async def _rebuild_range(self, batch: int, first: uuid.UUID, last: uuid.UUID
@@ -425,7 +429,13 @@ class Store:
                     as batches):
             try:
                 async for runs in batches:
-                    rows = [_run_row(fold(run_id, triples)) for run_id, triples in runs]
+                    rows = []
+                    for run_id, triples in runs:
+                        try:
+                            rows.append(_run_row(fold(run_id, triples)))
+                        except Exception as exc:  # a damaged event: report it, go on
+                            report.unfoldable.append(
+                                (run_id, f"{type(exc).__name__}: {exc}"))
                     report.events += sum(len(triples) for _, triples in runs)
                     if fixing is not None:
                         await fixing  # one at a time: the report keeps run_id order
@@ -441,6 +451,8 @@ class Store:
 
     async def _compare_and_fix(self, rows: list[tuple[Any, ...]], report: RebuildReport
                                ) -> None:
+        if not rows:
+            return
         report.runs += len(rows)
         fixed = {r["id"] for r in await self.pool.fetch(_FIX_RUNS_SQL, *zip(*rows, strict=True))}
         report.differed.extend(row[0] for row in rows if row[0] in fixed)
