@@ -1,4 +1,5 @@
-"""HTTP API (aiohttp): health, runs, events, logs, operator actions, live stream, webhooks.
+"""HTTP API (aiohttp): health, metrics, runs, events, logs, operator actions, live stream,
+webhooks.
 
 Mutating calls need `Authorization: Bearer <token>` (CISTATE_API_TOKEN); the token's name
 becomes the actor of the events they cause. Reads are open unless CISTATE_API_READ_AUTH=1.
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 from cistate import webhooks
 from cistate.app import App
 from cistate.messages import Control, ControlAction, message_uuid
+from cistate.metrics import CONTENT_TYPE, Counts, exposition
 from cistate.orchestrator import Outcome
 from cistate.store import EventQuery, RunQuery
 
@@ -38,6 +40,7 @@ def make_app(app: App) -> web.Application:
     web_app[APP_KEY] = app
     web_app.add_routes([
         web.get("/health", health),
+        web.get("/metrics", metrics),
         web.get("/api/v1/runs", list_runs),
         web.get("/api/v1/runs/{id}", show_run),
         web.get("/api/v1/runs/{id}/events", run_events),
@@ -118,6 +121,19 @@ async def health(request: web.Request) -> web.Response:
     ok = all(v == "ok" for v in checks.values())
     return web.json_response({"status": "ok" if ok else "failing", **checks},
                              status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: this process's counts, and the store's state now."""
+    app = request.app[APP_KEY]
+    counts = Counts(messages=app.orchestrator.outcomes)
+    if app.worker is not None:
+        counts.step_attempts = app.worker.attempts
+    if app.bus is not None:
+        counts.ack_frames = app.bus.acker.frames_sent
+        counts.deliveries_finished = app.bus.acker.finished
+    body = exposition(counts, await app.store.gauges())
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def list_runs(request: web.Request) -> web.Response:

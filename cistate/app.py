@@ -44,6 +44,7 @@ class App:
     store: Store
     bus: Bus | None
     orchestrator: Orchestrator
+    worker: Worker | None = None  # when this process runs the worker role
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
@@ -85,6 +86,7 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)
                 await worker.start(steps or app.pipeline.step_names)
+                app.worker = worker
             if "api" in roles:
                 from cistate.api import make_app
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -85,6 +85,7 @@ class Orchestrator:
         self._sent: list[int] = []
         self._commits = GroupCommit(store)
         self._flusher: asyncio.Task[None] | None = None
+        self.outcomes: Counter[str] = Counter()  # messages handled, by outcome (metrics)
 
     # -- the consumer
 
@@ -100,6 +101,7 @@ class Orchestrator:
                         message_id=message.message_id)
             await self.bus.dead_letter(message, str(exc))
             self.bus.acker.ack(message)
+            self.outcomes["dead_lettered"] += 1
             return
         except Exception as exc:
             # The database or the broker is away (a restart, a network cut): nothing was
@@ -110,12 +112,14 @@ class Orchestrator:
             await asyncio.sleep(REQUEUE_PAUSE_SECONDS)
             assert self.bus is not None
             self.bus.acker.nack(message, requeue=True)
+            self.outcomes["requeued"] += 1
             return
         # one line per message is for debugging: at info level it costs a write per hop
         log.debug(outcome.status, run_id=str(outcome.run_id), routing_key=routing_key,
                   detail=outcome.detail)
         assert self.bus is not None
         self.bus.acker.ack(message)  # sent with the other acks of this turn, in one frame
+        self.outcomes[outcome.status] += 1
 
     async def submit(
         self,

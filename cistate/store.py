@@ -22,6 +22,7 @@ from typing import Any
 import asyncpg
 
 from cistate.events import Event, NewEvent, derived_id, dumps, loads
+from cistate.metrics import StoreState
 from cistate.run import Outgoing, RunState, StepState, fold
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
@@ -124,6 +125,15 @@ async def connect(dsn: str, min_size: int = 2, max_size: int = 10) -> Store:
     return Store(pool, dsn)
 
 
+_GAUGES_SQL = """
+SELECT (SELECT COALESCE(jsonb_object_agg(state, n), '{}')
+        FROM (SELECT state, count(*) AS n FROM runs GROUP BY state) s) AS runs,
+       count(*)::int AS due,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(COALESCE(not_before, created_at))),
+                0)::float8 AS oldest
+FROM outbox WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())
+"""
+
 _FIRST_UUID = uuid.UUID(int=0)
 _LAST_UUID = uuid.UUID(int=(1 << 128) - 1)
 
@@ -168,6 +178,14 @@ class Store:
 
     async def ping(self) -> None:
         await self.pool.fetchval("SELECT 1")
+
+    async def gauges(self) -> StoreState:
+        """Runs by state, and the outbox's due messages not yet published (how far the
+        relay is behind), for the metrics endpoint. One round trip."""
+        row = await self.pool.fetchrow(_GAUGES_SQL)
+        assert row is not None
+        return StoreState(runs=row["runs"], outbox_due=row["due"],
+                          outbox_oldest_due_seconds=max(0.0, row["oldest"]))
 
     # -- writing
 

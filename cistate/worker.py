@@ -15,6 +15,7 @@ import shutil
 import socket
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[tuple[str, str, int], asyncio.Task[StepResult]] = {}
         self._cancelled: set[tuple[str, str, int]] = set()
+        self.attempts: Counter[tuple[str, str]] = Counter()  # (step, status) (metrics)
 
     async def start(self, steps: Iterable[str]) -> None:
         channel = await self.bus.consumer_channel(prefetch=self.concurrency)
@@ -105,6 +107,7 @@ class Worker:
             self.bus.acker.nack(message, requeue=True)
             return
         self.bus.acker.ack(message)  # after the result is confirmed
+        self.attempts[(command.step, result.status)] += 1
 
     async def execute(self, command: StepCommand) -> StepResult:
         """Run the handler for one attempt; every outcome becomes a result."""
