@@ -1,0 +1,221 @@
+"""cistate's own Helm chart (chart/cistate) on real helm, a real kube-apiserver, and the real
+service: it lints, the apiserver accepts every object it renders, it carries no secret, and
+the command lines it renders, run as processes, serve and complete a run.
+
+Stand-in (named): no kubelet runs here, so the rendered containers are not started as pods;
+their command, arguments and environment are run as local processes instead (with the
+Secret's values and a local port), which is what the kubelet would execute in the image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+import handlers
+from cistate.pipeline import parse
+from cistate.store import Store
+from tests.conftest import free_port, wait_until
+from tests.e2e.conftest import Kube
+
+pytestmark = pytest.mark.e2e
+
+CHART = Path(__file__).resolve().parents[2] / "chart" / "cistate"
+PIPELINE = """\
+name: chart-check
+steps:
+  - {name: fetch, uses: noop}
+  - name: check
+    uses: script
+    run: "test -n \\"$HOME\\""
+"""
+
+
+def render(helm: Path, values: dict[str, Any] | None = None,
+           folder: Path | None = None) -> list[dict[str, Any]]:
+    """`helm template` of the chart, with these values (as a values file, like a user's)."""
+    args: list[str] = []
+    if values:
+        assert folder is not None
+        file = folder / "values.yaml"
+        file.write_text(yaml.safe_dump(values))
+        args = ["-f", str(file)]
+    done = subprocess.run([str(helm), "template", "rel", str(CHART), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def by_kind(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        kinds.setdefault(obj["kind"], []).append(obj)
+    return kinds
+
+
+def test_the_chart_lints_and_holds_no_secret(helm_bin: Path) -> None:
+    lint = subprocess.run([str(helm_bin), "lint", "--strict", str(CHART)],
+                          capture_output=True, text=True, timeout=60)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    objects = render(helm_bin)
+    kinds = by_kind(objects)
+    assert sorted((k, len(v)) for k, v in kinds.items()) == [
+        ("Deployment", 3), ("Job", 1), ("Service", 1)]
+    assert "Secret" not in kinds
+    text = json.dumps(objects)
+    assert "postgresql://" not in text and "amqp://" not in text
+    for deployment in kinds["Deployment"]:
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
+        assert set(refs) == {"CISTATE_DATABASE_URL", "CISTATE_RABBITMQ_URL",
+                             "CISTATE_API_TOKEN", "CISTATE_WEBHOOK_SECRET"}
+        assert refs["CISTATE_API_TOKEN"].get("optional") is True
+    service = kinds["Service"][0]
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "api"
+
+
+@pytest.fixture
+def kubectl(helm_bin: Path, kube: Kube) -> Iterator[list[str]]:
+    binary = helm_bin.parent / "kubectl"
+    assert binary.exists(), f"tests/infra/helm.sh should have installed {binary}"
+    yield [str(binary), "--kubeconfig", str(kube.kubeconfig)]
+
+
+def test_the_apiserver_accepts_every_object_the_chart_renders(
+        helm_bin: Path, kubectl: list[str], tmp_path: Path) -> None:
+    namespace = f"cistate-{uuid.uuid4().hex[:8]}"
+    subprocess.run([*kubectl, "create", "namespace", namespace], check=True,
+                   capture_output=True, timeout=60)
+    objects = render(helm_bin, {
+        "pipeline": PIPELINE, "worker": {"steps": ["fetch", "check"]},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}}, tmp_path)
+    assert "ConfigMap" in by_kind(objects)
+    manifest = "\n---\n".join(yaml.safe_dump(obj) for obj in objects)
+    applied = subprocess.run(
+        [*kubectl, "apply", "--server-side", "--field-manager=cistate-test", "-n", namespace,
+         "-f", "-"], input=manifest, capture_output=True, text=True, timeout=120)
+    assert applied.returncode == 0, applied.stderr
+    for obj in objects:
+        got = subprocess.run([*kubectl, "get", "-n", namespace, obj["kind"].lower(),
+                              obj["metadata"]["name"], "-o", "json"],
+                             capture_output=True, text=True, timeout=60)
+        assert got.returncode == 0, got.stderr
+        stored = json.loads(got.stdout)
+        assert stored["metadata"]["labels"]["app.kubernetes.io/name"] == "cistate"
+
+
+def local_command(container: dict[str, Any], secret: dict[str, str], files: dict[str, Path],
+                  port: int, workdir: Path) -> tuple[list[str], dict[str, str]]:
+    """What the kubelet would run for this container, as a local process: the Secret's
+    values in place of its references, a local port and folders in place of the pod's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CISTATE_")}
+    for item in container.get("env", []):
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            if ref["key"] in secret:
+                env[item["name"]] = secret[ref["key"]]
+            else:
+                assert ref.get("optional"), f"{item['name']}: a required key is missing"
+            continue
+        env[item["name"]] = str(item["value"])
+    env["CISTATE_LISTEN"] = f"127.0.0.1:{port}"
+    assert env.get("CISTATE_WORKDIR") == "/work"
+    env["CISTATE_WORKDIR"] = str(workdir)
+    if "CISTATE_PIPELINE" in env:
+        env["CISTATE_PIPELINE"] = str(files[env["CISTATE_PIPELINE"]])
+    assert container["command"] == ["cistate"]
+    cli = str(Path(sys.executable).with_name("cistate"))
+    return [cli, *map(str, container["args"])], env
+
+
+async def test_the_rendered_command_lines_serve_and_complete_a_run(
+        helm_bin: Path, database_url: str, amqp_url: str, bus_prefix: str, store: Store,
+        tmp_path: Path) -> None:
+    objects = render(helm_bin, {"pipeline": PIPELINE, "busPrefix": bus_prefix}, tmp_path)
+    kinds = by_kind(objects)
+    configmap = kinds["ConfigMap"][0]
+    pipeline_file = tmp_path / "pipeline.yaml"
+    pipeline_file.write_text(configmap["data"]["pipeline.yaml"])
+    parse(pipeline_file.read_text(), str(pipeline_file), handlers.names())  # a valid pipeline
+    files = {"/etc/cistate/pipeline.yaml": pipeline_file}
+    secret = {"database-url": database_url, "rabbitmq-url": amqp_url}
+
+    # the migration hook first, as helm runs it before installing
+    job = kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]
+    argv, env = local_command(job, secret, files, free_port(), tmp_path / "work-migrate")
+    migrate = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert migrate.returncode == 0, migrate.stderr
+
+    processes: list[tuple[str, subprocess.Popen[bytes], int]] = []
+    try:
+        for deployment in kinds["Deployment"]:
+            role = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+            container = deployment["spec"]["template"]["spec"]["containers"][0]
+            port = free_port()
+            argv, env = local_command(container, secret, files, port, tmp_path / f"work-{role}")
+            log = (tmp_path / f"{role}.log").open("wb")
+            processes.append((role, subprocess.Popen(argv, env=env, stdout=log,
+                                                     stderr=subprocess.STDOUT), port))
+        async with aiohttp.ClientSession() as http:
+            for role, proc, port in processes:
+                probe = deployment_probe(kinds, role)
+                assert probe == {"path": "/health", "port": "http"}
+
+                async def ready(proc: subprocess.Popen[bytes] = proc, port: int = port) -> bool:
+                    assert proc.poll() is None, f"exited {proc.returncode}"
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{port}/health") as resp:
+                            return resp.status == 200
+                    return False
+
+                await wait_until(ready, timeout=30, what=f"the {role} pod's readiness probe")
+            # each pod serves its own metrics, where the prometheus.io annotations point
+            for role, _, port in processes:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    assert resp.status == 200, role
+                    assert "cistate_runs" in await resp.text()
+
+        pushed = subprocess.run(
+            [str(Path(sys.executable).with_name("cistate")), "push", "--repo",
+             "https://git.example.com/team/app.git", "--ref", "refs/heads/main",
+             "--commit", "ab" * 20, "--json"],
+            env=local_command(kinds["Deployment"][0]["spec"]["template"]["spec"]
+                              ["containers"][0], secret, files, free_port(), tmp_path)[1],
+            capture_output=True, text=True, timeout=60)
+        assert pushed.returncode == 0, pushed.stderr
+        run_id = uuid.UUID(json.loads(pushed.stdout)["run_id"])
+
+        async def finished() -> str | None:
+            run = await store.load(run_id)
+            return run.status if run is not None and run.status in (
+                "succeeded", "failed", "cancelled") else None
+
+        assert await wait_until(finished, timeout=30, what="the run to finish") == "succeeded"
+    finally:
+        for _, proc, _ in processes:
+            proc.terminate()
+        for _, proc, _ in processes:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def deployment_probe(kinds: dict[str, list[dict[str, Any]]], role: str) -> dict[str, Any]:
+    for deployment in kinds["Deployment"]:
+        if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == role:
+            probe: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0][
+                "readinessProbe"]["httpGet"]
+            return probe
+    raise AssertionError(f"no {role} Deployment")
