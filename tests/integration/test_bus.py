@@ -137,3 +137,17 @@ async def test_a_message_from_a_closed_channel_is_redelivered_not_lost(bus: Bus)
     for message in second.redelivered:
         bus.acker.ack(message)
     assert await second.left_in_queue() == 0
+
+
+async def test_finished_deliveries_behind_a_running_one_are_acked_after_the_hold(
+        bus: Bus) -> None:
+    consumer = await Consumer(bus, "e", 3).start()
+    running, *finished = consumer.received  # the first is still being handled (a long step)
+    before = bus.acker.frames_sent
+    for message in finished:
+        bus.acker.ack(message)
+    # no further activity: the hold's timer sends them, one frame each (no multiple ack
+    # may pass the running delivery)
+    await wait_until(lambda: bus.acker.frames_sent - before == 2, what="the held acks")
+    assert await consumer.left_in_queue() == 1  # only the running one goes back
+    assert running.delivery_tag == 1
