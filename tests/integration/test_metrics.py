@@ -42,7 +42,7 @@ async def test_metrics_count_this_process_work_and_read_the_store(
                 assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 got = samples(await resp.text())
             # counts move just after the store does (an ack, a confirm): wait for the last
-            settled = got.get(("cistate_deliveries_finished_total", ())) == 16
+            settled = got.get(("cistate_deliveries_finished_total", ()), 0) >= 16
             return got if settled else None
 
         got = await wait_until(scrape, timeout=10, what="every delivery counted")
@@ -57,9 +57,11 @@ async def test_metrics_count_this_process_work_and_read_the_store(
     assert got[("cistate_step_attempts_total", (("status", "failed"), ("step", "check")))] == 3
     assert got[("cistate_outbox_due_messages", ())] == 0
     assert got[("cistate_outbox_oldest_due_seconds", ())] == 0
-    # 9 + 1 orchestrator messages and 6 commands were acked; batching may use fewer frames
-    assert got[("cistate_deliveries_finished_total", ())] == 16
-    assert 1 <= got[("cistate_ack_frames_total", ())] <= 16
+    # 9 + 1 orchestrator messages and 6 commands were acked (a command the relay published
+    # again after a stall would add a duplicate); batching may use fewer frames
+    finished = got[("cistate_deliveries_finished_total", ())]
+    assert finished >= 16
+    assert 1 <= got[("cistate_ack_frames_total", ())] <= finished
 
 
 async def test_metrics_need_a_token_when_reads_do(serve: Serve) -> None:
