@@ -136,5 +136,11 @@ class StepFailed(Exception):
         self.output_tail = output_tail
         self.retryable = retryable
 
+    def reworded(self, message: str, *, retryable: bool = False) -> StepFailed:
+        """The same failure (exit code, output tail) told in the step's own terms: a tool's
+        failure becomes "the tests of commit X failed"."""
+        return StepFailed(message, exit_code=self.exit_code, output_tail=self.output_tail,
+                          retryable=retryable)
+
 
 Handler = Callable[[StepRequest], Awaitable[dict[str, Any]]]

@@ -121,12 +121,9 @@ async def _build_app(request: StepRequest, settings: HandlerSettings, source: Pa
             retryable=False,
         )
     except StepFailed as failed:
-        raise StepFailed(
+        raise failed.reworded(
             f"the build script of commit {request.commit[:12]} failed (npm run build exited "
-            f"with code {failed.exit_code}); see the output tail",
-            exit_code=failed.exit_code,
-            output_tail=failed.output_tail,
-            retryable=False,
+            f"with code {failed.exit_code}); see the output tail"
         ) from None
 
 

@@ -7,11 +7,8 @@ Registry credentials reach buildah in an auth file written to a private temporar
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import shlex
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +16,7 @@ from typing import Any
 
 from handlers import process
 from handlers.base import StepFailed, StepRequest
-from handlers.settings import HandlerSettings
+from handlers.settings import HandlerSettings, docker_auth, private_docker_config
 
 
 class Buildah:
@@ -134,15 +131,6 @@ def private_authfile(settings: HandlerSettings, hosts: Iterable[str]) -> Iterato
     for host in hosts:
         credentials = settings.credentials_for(host)
         if credentials is not None:
-            pair = f"{credentials.username}:{credentials.password}".encode()
-            auths[host] = {"auth": base64.b64encode(pair).decode("ascii")}
-    if not auths:
-        yield None
-        return
-    with tempfile.TemporaryDirectory(prefix="cistate-auth-") as tmp:
-        os.chmod(tmp, 0o700)
-        path = Path(tmp) / "auth.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump({"auths": auths}, out)
+            auths[host] = docker_auth(credentials.username, credentials.password)
+    with private_docker_config(auths) as path:
         yield path

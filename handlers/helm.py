@@ -12,13 +12,9 @@ in a private registry-config file, never on its command line.
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ import yaml
 
 from handlers import process
 from handlers.base import StepFailed, StepRequest
+from handlers.settings import docker_auth, private_docker_config
 
 CHART_FILE = "Chart.yaml"
 
@@ -154,11 +151,8 @@ class Helm:
         try:
             await self._run(["lint", str(chart)], what=f"helm lint {shown}")
         except StepFailed as failed:
-            raise StepFailed(
-                f"the chart {shown} fails `helm lint`: {_errors(failed.output_tail)}",
-                exit_code=failed.exit_code,
-                output_tail=failed.output_tail,
-                retryable=False,
+            raise failed.reworded(
+                f"the chart {shown} fails `helm lint`: {_errors(failed.output_tail)}"
             ) from None
 
     async def template(
@@ -180,11 +174,8 @@ class Helm:
         try:
             await self._run(args, what=f"helm template {shown}")
         except StepFailed as failed:
-            raise StepFailed(
-                f"`helm template` of the chart {shown} failed: {_errors(failed.output_tail)}",
-                exit_code=failed.exit_code,
-                output_tail=failed.output_tail,
-                retryable=False,
+            raise failed.reworded(
+                f"`helm template` of the chart {shown} failed: {_errors(failed.output_tail)}"
             ) from None
         return await asyncio.to_thread(_load_rendered, out, shown)
 
@@ -295,19 +286,7 @@ def _load_rendered(out: Path, shown: str) -> list[dict[str, Any]]:
     return objects
 
 
-@contextmanager
-def _registry_config(auths: Mapping[str, tuple[str, str]]) -> Iterator[Path | None]:
-    if not auths:
-        yield None
-        return
-    entries = {
-        host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode("ascii")}
-        for host, (user, password) in auths.items()
-    }
-    with tempfile.TemporaryDirectory(prefix="cistate-helm-auth-") as tmp:
-        os.chmod(tmp, 0o700)
-        path = Path(tmp) / "config.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump({"auths": entries}, out)
-        yield path
+def _registry_config(auths: Mapping[str, tuple[str, str]]
+                     ) -> AbstractContextManager[Path | None]:
+    return private_docker_config({host: docker_auth(user, password)
+                                  for host, (user, password) in auths.items()})

@@ -14,7 +14,10 @@ import base64
 import binascii
 import fnmatch
 import json
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -221,3 +224,25 @@ def _auth_key_host(key: str) -> str:
     if "://" in key:
         key = key.split("://", 1)[1]
     return key.split("/", 1)[0]
+
+
+def docker_auth(username: str, password: str) -> dict[str, str]:
+    """One `auths` entry of a docker config.json."""
+    return {"auth": base64.b64encode(f"{username}:{password}".encode()).decode("ascii")}
+
+
+@contextmanager
+def private_docker_config(auths: Mapping[str, Any]) -> Iterator[Path | None]:
+    """A docker config.json holding `auths` (host -> entry), readable by this user alone and
+    removed afterwards: credentials go to buildah and helm as a file, never on a command
+    line. None when there are no credentials."""
+    if not auths:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="cistate-auth-") as tmp:
+        os.chmod(tmp, 0o700)
+        path = Path(tmp) / "config.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump({"auths": dict(auths)}, out)
+        yield path

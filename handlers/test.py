@@ -40,11 +40,8 @@ async def run(request: StepRequest) -> dict[str, Any]:
             env={"CI": "true"},
         )
     except StepFailed as failed:
-        raise StepFailed(
+        raise failed.reworded(
             f"the tests of commit {request.commit[:12]} failed (npm test exited with code "
-            f"{failed.exit_code}); see the output tail",
-            exit_code=failed.exit_code,
-            output_tail=failed.output_tail,
-            retryable=False,
+            f"{failed.exit_code}); see the output tail"
         ) from None
     return {"install": installed}
