@@ -532,6 +532,15 @@ class Child:
 # -- cistate -------------------------------------------------------------------------------
 
 
+async def last_event(pg: asyncpg.Connection, table: str, chains: list[str]
+                     ) -> tuple[datetime, int]:
+    """When the last event of these runs was recorded, and how many events they have."""
+    row = await pg.fetchrow(f"SELECT max(recorded_at) AS last, count(*) AS n FROM {table}"
+                            " WHERE run_id = ANY($1::uuid[])", chains)
+    assert row is not None
+    return row["last"], row["n"]
+
+
 def pipeline_yaml(steps: int) -> str:
     lines = ["name: bench", "steps:"]
     for i in range(1, steps + 1):
@@ -553,11 +562,7 @@ def cistate_target(args: argparse.Namespace, prefix: str) -> Target:
         return Progress(row["ok"], row["bad"], (row["detail"] or "")[:2000])
 
     async def finished(pg: asyncpg.Connection, chains: list[str]) -> tuple[datetime, int]:
-        row = await pg.fetchrow(
-            "SELECT max(recorded_at) AS last, count(*) AS n FROM events"
-            " WHERE run_id = ANY($1::uuid[])", chains)
-        assert row is not None
-        return row["last"], row["n"]
+        return await last_event(pg, "events", chains)
 
     def make_start(_: int) -> Start:
         message_id = uuid.uuid4()
@@ -657,11 +662,7 @@ def bare_target(args: argparse.Namespace, prefix: str, mode: str) -> Target:
         return Progress(done, 0)
 
     async def finished(pg: asyncpg.Connection, chains: list[str]) -> tuple[datetime, int]:
-        row = await pg.fetchrow(
-            "SELECT max(recorded_at) AS last, count(*) AS n FROM bare_events"
-            " WHERE run_id = ANY($1::uuid[])", chains)
-        assert row is not None
-        return row["last"], row["n"]
+        return await last_event(pg, "bare_events", chains)
 
     def make_start(_: int) -> Start:
         chain = str(uuid.uuid4())
