@@ -31,6 +31,15 @@ def _pg_url(dbname: str) -> str:
     return PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
 
 
+async def _admin(statement: str) -> None:
+    """One statement on the server's admin database (CREATE/DROP DATABASE)."""
+    admin = await asyncpg.connect(PG_ADMIN)
+    try:
+        await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
 def _rabbitmqctl(*args: str) -> None:
     done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
@@ -54,38 +63,22 @@ def amqp_url(vhost: str) -> str:
 @pytest.fixture(scope="session")
 async def template_db() -> AsyncIterator[str]:
     name = f"cistate_tpl_{SESSION}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
+    await _admin(f'CREATE DATABASE "{name}"')
     store = await connect(_pg_url(name), min_size=1, max_size=1)
     try:
         await store.migrate()
     finally:
         await store.close()
     yield name
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def database_url(template_db: str) -> AsyncIterator[str]:
     name = f"cistate_t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-    finally:
-        await admin.close()
+    await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
     yield _pg_url(name)
-    admin = await asyncpg.connect(PG_ADMIN)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
