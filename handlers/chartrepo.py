@@ -26,6 +26,7 @@ import aiohttp
 import yaml
 
 from handlers.base import StepFailed, StepLog
+from handlers.helm import dump_yaml
 
 INDEX = "index.yaml"
 
@@ -184,7 +185,7 @@ class ChartRepo:
             if not merge_index(index, entry):
                 self.log.line(f"{self.url(INDEX)} already lists {entry['name']} {entry['version']}")
                 return
-            data = yaml.safe_dump(index, sort_keys=False).encode()
+            data = dump_yaml(index).encode()
             status, _, body = await self._request(
                 session, "PUT", INDEX, data=data, headers=condition
             )

@@ -31,6 +31,7 @@ import yaml
 from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.cd_settings import DeliverySettings, for_request
+from handlers.helm import dump_yaml
 
 CLONE_DIR = "gitops"
 
@@ -52,7 +53,7 @@ def update_app_dir(
             ) from None
         if not isinstance(data, dict):
             raise StepFailed(f"{requirements} in the GitOps repo is not a mapping", retryable=False)
-        before = yaml.safe_dump(data, sort_keys=False)
+        before = dump_yaml(data)
         deps = data.setdefault("dependencies", [])
         if not isinstance(deps, list):
             raise StepFailed(
@@ -65,7 +66,7 @@ def update_app_dir(
             dep["repository"] = repository
         if not matched:
             deps.append({"name": chart, "version": version, "repository": repository})
-        after = yaml.safe_dump(data, sort_keys=False)
+        after = dump_yaml(data)
         if after != before:
             requirements.write_text(after, encoding="utf-8")
         return
@@ -85,7 +86,7 @@ def update_app_dir(
     for name, content in files.items():
         path = directory / name
         if not path.exists():
-            path.write_text(yaml.safe_dump(content, sort_keys=False), encoding="utf-8")
+            path.write_text(dump_yaml(content), encoding="utf-8")
 
 
 async def run(request: StepRequest) -> dict[str, Any]:

@@ -12,6 +12,7 @@ in a private registry-config file, never on its command line.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +26,31 @@ from handlers.base import StepFailed, StepRequest
 from handlers.settings import docker_auth, private_docker_config
 
 CHART_FILE = "Chart.yaml"
+
+
+class _GoYamlDumper(yaml.SafeDumper):
+    """PyYAML writes by YAML 1.1, helm and Argo CD read by YAML 1.2: a string such as
+    0292003 (a short commit sha, an image tag) or 1e5 is plain text to the first and a
+    number to the second. Such strings are written quoted."""
+
+
+_NUMBER_LIKE = re.compile(
+    r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+    r"|0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if _NUMBER_LIKE.fullmatch(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+_GoYamlDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML for helm, Argo CD and other Go readers (keys in the order given)."""
+    return yaml.dump(data, Dumper=_GoYamlDumper, sort_keys=False)
 
 
 # ------------------------------------------------------------------- the chart --
@@ -101,12 +127,12 @@ def prepare_chart(
     meta = _load_yaml(target / CHART_FILE, f"{chart.name}/{CHART_FILE}")
     meta["name"] = name
     meta["version"] = version
-    (target / CHART_FILE).write_text(yaml.safe_dump(meta, sort_keys=False), encoding="utf-8")
+    (target / CHART_FILE).write_text(dump_yaml(meta), encoding="utf-8")
     prefix = values_prefix(target)
     current = _load_yaml(target / "values.yaml", f"{chart.name}/values.yaml")
     for key, value in values.items():
         set_dotted(current, prefix + key, value)
-    (target / "values.yaml").write_text(yaml.safe_dump(current, sort_keys=False), encoding="utf-8")
+    (target / "values.yaml").write_text(dump_yaml(current), encoding="utf-8")
     return target
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import tarfile
 import time
 import uuid
@@ -28,7 +29,9 @@ from kubernetes_asyncio.client import ApiClient, AppsV1Api, NetworkingV1Api
 
 import handlers
 from handlers.base import StepFailed, StepRequest
+from handlers.helm import prepare_chart
 from tests.e2e.conftest import (
+    SAMPLE_APP,
     ChartRepoStandIn,
     Delivery,
     Env,
@@ -600,3 +603,21 @@ async def test_qa_sync_fails_on_degraded_and_on_timeout(
                                     inputs=synced_inputs(commit))
         assert "did not become Synced and Healthy" in failed.message
         assert "within 1s" in failed.message and "dddddddddddd" in failed.message
+
+
+@pytest.mark.parametrize("tag", ["0292003", "1234567", "1e50000", "abc1234"])
+def test_an_image_tag_that_looks_like_a_number_reaches_the_manifest_as_written(
+        helm_bin: Path, tmp_path: Path, tag: str) -> None:
+    # A short commit sha can be all digits (0292003): helm reads YAML 1.2, where unquoted
+    # that is the number 292003 and the image would be hello-app:292003.
+    chart = prepare_chart(SAMPLE_APP / "chart" / APP, tmp_path, name=APP,
+                          version=f"1.0.0-rc{tag}",
+                          values={"image.repository": "registry.example.com/hello-app",
+                                  "image.tag": tag})
+    out = subprocess.run([str(helm_bin), "template", APP, str(chart)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    images = [c["image"] for doc in yaml.safe_load_all(out.stdout) if doc
+              and doc["kind"] == "Deployment"
+              for c in doc["spec"]["template"]["spec"]["containers"]]
+    assert images == [f"registry.example.com/hello-app:{tag}"]
