@@ -17,6 +17,9 @@ ZERO_SHA = "0" * 40
 Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{7,64}$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 StepName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9-]{0,62}$")]
+# A secret's name is also the environment variable the step sees it as.
+SecretName = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]{0,63}$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 
 
 def message_uuid(raw: str) -> uuid.UUID:
@@ -65,6 +68,20 @@ class StepError(_Message):
     kind: Literal["error", "timeout", "cancelled"] = "error"
 
 
+class SecretRef(_Message):
+    """A secret a step declares: `NAME` (an environment variable) or `{name: NAME, as: file}`
+    (a file whose path is in `$NAME_FILE`). Only its name travels; the value stays on the
+    worker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: SecretName
+    as_: Literal["env", "file"] = Field(default="env", alias="as")
+
+
+Network = Literal["default", "none"]
+
+
 class StepCommand(_Message):
     """Tells a worker to run one attempt of one step (routing key `step.<name>.run`)."""
 
@@ -81,6 +98,10 @@ class StepCommand(_Message):
     ref: str
     commit: str
     inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    env: dict[EnvName, str] = Field(default_factory=dict, description="the step's `env:`")
+    secrets: list[SecretRef] = Field(
+        default_factory=list, description="the secrets the step declares (names only)")
+    network: Network = "default"
 
 
 class StepResult(_Message):

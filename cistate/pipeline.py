@@ -26,12 +26,19 @@ from pydantic import (
     model_validator,
 )
 
+from cistate.messages import EnvName, Network, SecretRef
+
 RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
 DEFAULT_PIPELINE = "nodejs"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _secret_ref(value: Any) -> Any:
+    """`NPM_TOKEN` is short for `{name: NPM_TOKEN}`."""
+    return {"name": value} if isinstance(value, str) else value
 
 
 def parse_duration(value: Any) -> Any:
@@ -87,6 +94,11 @@ class Step(_Spec):
     timeout: Seconds | None = DEFAULT_TIMEOUT_SECONDS
     when: When | None = None
     enabled: bool = True  # a disabled step is skipped by every run
+    # what the step's processes see: `env:` values, the secrets it names, and the network
+    env: dict[EnvName, str] = Field(default_factory=dict)
+    secrets: list[Annotated[SecretRef, BeforeValidator(_secret_ref)]] = Field(
+        default_factory=list)
+    network: Network = "default"
 
     @model_validator(mode="after")
     def _script_needs_run(self) -> Step:
@@ -97,6 +109,19 @@ class Step(_Spec):
         unknown = self.retry_on - {"error", "timeout"}
         if unknown:
             raise ValueError(f"retry_on takes error and timeout, not {sorted(unknown)}")
+        reserved = sorted(key for key in self.env if key.upper().startswith("CISTATE_"))
+        if reserved:
+            raise ValueError(f"env: {', '.join(reserved)}: names starting with CISTATE_ are "
+                             "cistate's own (the run's identity); choose another name")
+        seen: set[str] = set()
+        for secret in self.secrets:
+            variable = secret.name + ("_FILE" if secret.as_ == "file" else "")
+            if secret.name in seen:
+                raise ValueError(f"secrets: {secret.name} is named twice")
+            if variable in self.env:
+                raise ValueError(f"secrets: {secret.name} would set ${variable}, which env: "
+                                 "sets too; rename one of them")
+            seen.add(secret.name)
         return self
 
     @property

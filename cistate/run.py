@@ -360,6 +360,7 @@ class _Builder:
             run_id=self.s.id, step=name, attempt=attempt, uses=spec.uses,
             settings=spec.with_, script=spec.run, timeout=spec.timeout,
             repo=self.repo, ref=self.ref, commit=self.commit, inputs=outputs,
+            env=spec.env, secrets=spec.secrets, network=spec.network,
         )
         self.out(f"step.{name}.run", command, derived_id(self.s.id, "run", name, attempt))
         if spec.timeout:

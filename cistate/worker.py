@@ -28,7 +28,10 @@ from cistate.bus import Bus
 from cistate.events import derived_id, loads
 from cistate.messages import CancelStep, StepCommand, StepError, StepResult
 from handlers import NO_WORKSPACE
-from handlers.base import Handler, StepFailed, StepLog, StepRequest
+from handlers.base import Handler, StepFailed, StepLog, StepRequest, identity_env
+from handlers.masking import Masker
+from handlers.sandbox import Sandbox, SandboxSettings
+from handlers.secrets import Secret, SecretSource, load_scopes, worker_credentials
 
 log = structlog.get_logger("cistate.worker")
 
@@ -37,17 +40,26 @@ HandlerLoader = Callable[[str], Handler]
 
 class Worker:
     def __init__(self, bus: Bus, workdir: Path, load_handler: HandlerLoader,
-                 concurrency: int = 4) -> None:
+                 concurrency: int = 4, sandbox: SandboxSettings | None = None) -> None:
         self.bus = bus
         self.workdir = workdir
         self.load_handler = load_handler
         self.concurrency = concurrency
+        self.sandbox = sandbox or SandboxSettings()
+        self.secrets = SecretSource(
+            self.sandbox.secrets_dir, os.environ,
+            load_scopes(self.sandbox.secret_scopes, self.sandbox.secret_scopes_file))
+        # the worker's own credentials, masked in every result should a tool print one
+        self.own_credentials = worker_credentials(os.environ)
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[tuple[str, str, int], asyncio.Task[StepResult]] = {}
         self._cancelled: set[tuple[str, str, int]] = set()
         self.attempts: Counter[tuple[str, str]] = Counter()  # (step, status) (metrics)
 
     async def start(self, steps: Iterable[str]) -> None:
+        if not self.sandbox.enabled:
+            log.warning("CISTATE_SANDBOX=none: steps run unsandboxed, as this worker's user; "
+                        "the pushed code can read everything this user can")
         channel = await self.bus.consumer_channel(prefetch=self.concurrency)
         for step in steps:
             queue = await self.bus.declare_step(step, channel=channel)
@@ -113,30 +125,47 @@ class Worker:
         """Run the handler for one attempt; every outcome becomes a result."""
         started = datetime.now(UTC)
         run_dir = self.workdir / "runs" / str(command.run_id)
-        workspace = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
+        attempt_dir = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
         uses_workspace = command.uses not in NO_WORKSPACE
-        if uses_workspace:
-            workspace.mkdir(parents=True)
-        step_log = StepLog()  # in memory: the result carries it to the store
+        secrets: list[Secret] = []
+        failure: StepFailed | None = None
+        try:
+            secrets = self.secrets.resolve(command.secrets, step=command.step,
+                                           repo=command.repo)
+        except StepFailed as exc:
+            failure = exc  # before anything runs
+        masker = Masker([*(secret.value for secret in secrets), *self.own_credentials])
+        step_log = StepLog(masker=masker)  # in memory: the result carries it to the store
+        sandbox = Sandbox(
+            settings=self.sandbox, attempt=attempt_dir,
+            identity=identity_env(str(command.run_id), command.repo, command.ref,
+                                  command.commit, command.step, command.attempt),
+            step_env=command.env, secrets=secrets, network=command.network != "none",
+            hidden=(self.workdir,))
         request = StepRequest(
             run_id=str(command.run_id), repo=command.repo, ref=command.ref,
             commit=command.commit, step=command.step, attempt=command.attempt,
             settings=command.settings, script=command.script, inputs=command.inputs,
-            workdir=workspace, log=step_log,
+            workdir=sandbox.work, log=step_log, sandbox=sandbox,
         )
         try:
+            if failure is not None:
+                raise failure
+            if uses_workspace:
+                sandbox.prepare()
             handler = self.load_handler(command.uses)
             if command.timeout:
                 # The orchestrator times the step out too; this stops the process here.
                 outputs = await asyncio.wait_for(handler(request), command.timeout)
             else:
                 outputs = await handler(request)
-            result = _result(command, "succeeded", outputs=outputs)
+            result = _result(command, "succeeded", outputs=masker.mask_data(outputs))
         except StepFailed as exc:
             step_log.line(f"cistate: {exc.message}")
             result = _result(command, "failed", error=StepError(
-                message=exc.message, exit_code=exc.exit_code,
-                output_tail=exc.output_tail or step_log.tail(), retryable=exc.retryable))
+                message=masker.mask(exc.message), exit_code=exc.exit_code,
+                output_tail=masker.mask(exc.output_tail) or step_log.tail(),
+                retryable=exc.retryable))
         except TimeoutError:
             result = _result(command, "failed", error=StepError(
                 message=f"step {command.step!r} did not finish within {command.timeout:g}s",
@@ -146,11 +175,12 @@ class Worker:
         except Exception as exc:
             step_log.write(traceback.format_exc())
             result = _result(command, "failed", error=StepError(
-                message=f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}",
+                message=masker.mask(
+                    f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}"),
                 output_tail=step_log.tail()))
         finally:
             if uses_workspace:
-                _remove(workspace, run_dir)
+                _remove(attempt_dir, run_dir)
         return result.model_copy(update={
             "log": step_log.text() or None, "started_at": started,
             "finished_at": datetime.now(UTC)})

@@ -12,7 +12,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+from handlers.masking import Masker
+
+if TYPE_CHECKING:
+    from handlers.sandbox import Sandbox
 
 TAIL_LINES = 50
 LOG_LIMIT = 1 << 20  # characters of a step's output kept with its result
@@ -31,6 +36,8 @@ class StepRequest:
     inputs: Mapping[str, Mapping[str, Any]]  # outputs of earlier steps, by step name
     workdir: Path  # an empty directory that belongs to this attempt alone
     log: StepLog = field(repr=False)
+    # where the repo's code runs (handlers.process.run_sandboxed); its workdir is `workdir`
+    sandbox: Sandbox = field(repr=False, kw_only=True)
 
     def output_of(self, step: str, key: str) -> Any:
         """An earlier step's output, or a StepFailed that says which one is missing."""
@@ -45,23 +52,33 @@ class StepRequest:
 
     def env(self) -> dict[str, str]:
         """The run's identity as environment variables, the only way push data reaches a shell."""
-        return {
-            "CISTATE_RUN_ID": self.run_id,
-            "CISTATE_REPO": self.repo,
-            "CISTATE_REF": self.ref,
-            "CISTATE_COMMIT": self.commit,
-            "CISTATE_STEP": self.step,
-            "CISTATE_ATTEMPT": str(self.attempt),
-        }
+        return identity_env(self.run_id, self.repo, self.ref, self.commit, self.step,
+                            self.attempt)
+
+
+def identity_env(run_id: str, repo: str, ref: str, commit: str, step: str,
+                 attempt: int) -> dict[str, str]:
+    return {
+        "CISTATE_RUN_ID": run_id,
+        "CISTATE_REPO": repo,
+        "CISTATE_REF": ref,
+        "CISTATE_COMMIT": commit,
+        "CISTATE_STEP": step,
+        "CISTATE_ATTEMPT": str(attempt),
+    }
 
 
 class StepLog:
     """Collects a step's output in memory: all of it up to `limit` characters, else its head
     and its tail with a marker saying how much was cut between them. With a `path`, the
-    whole output also goes to that file (tests and debugging)."""
+    whole output also goes to that file (tests and debugging). Secret values are masked
+    before anything is kept, also when one arrives split across two writes."""
 
-    def __init__(self, path: Path | None = None, limit: int = LOG_LIMIT) -> None:
+    def __init__(self, path: Path | None = None, limit: int = LOG_LIMIT,
+                 masker: Masker | None = None) -> None:
         self.path = path
+        self.masker = masker or Masker(())
+        self._stream = self.masker.stream()
         self._file: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,6 +92,11 @@ class StepLog:
         self._lines: deque[str] = deque(maxlen=TAIL_LINES)
 
     def write(self, text: str) -> None:
+        self._keep(self._stream.feed(text))
+
+    def _keep(self, text: str) -> None:
+        if not text:
+            return
         if self._file is not None:
             self._file.write(text)
             self._file.flush()
@@ -101,16 +123,23 @@ class StepLog:
     def line(self, text: str) -> None:
         self.write(text.rstrip("\n") + "\n")
 
+    def flush(self) -> None:
+        """Keep what was held back in case it began a secret (the output has ended)."""
+        self._keep(self._stream.flush())
+
     def tail(self) -> str:
         """The last TAIL_LINES lines."""
+        self.flush()
         return "\n".join(self._lines)
 
     def text(self) -> str:
         """The output, bounded to about `limit` characters."""
+        self.flush()
         cut = f"\n... [{self._cut} characters cut] ...\n" if self._cut else ""
         return "".join(self._head) + cut + "".join(self._rest)
 
     def close(self) -> None:
+        self.flush()
         if self._file is not None:
             self._file.close()
 

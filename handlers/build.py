@@ -17,13 +17,12 @@ Outputs: `image_url` (from setup), `image_digest` (`sha256:...`, as the registry
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from handlers import git, npm
 from handlers.base import StepFailed, StepRequest
-from handlers.buildah import Buildah, private_authfile
+from handlers.buildah import Buildah, registry_auths
 from handlers.registry import ImageRef, RegistryClient
 from handlers.settings import HandlerSettings, for_request
 
@@ -54,22 +53,19 @@ async def run(request: StepRequest) -> dict[str, Any]:
         containerfile = _containerfile(settings, source)
         context = _inside(source, settings.build_context, "build_context")
         builder = Buildah(settings, request)
-        with private_authfile(settings, {image.host}) as authfile:
-            try:
-                await builder.build(
-                    context=context,
-                    containerfile=containerfile,
-                    image=image_url,
-                    labels={REVISION_LABEL: sha, SOURCE_LABEL: git.redact(request.repo)},
-                    build_args=settings.build_args,
-                    authfile=authfile,
-                )
-                with tempfile.TemporaryDirectory(prefix="cistate-push-") as tmp:
-                    pushed = await builder.push(
-                        image=image_url, authfile=authfile, digestfile=Path(tmp) / "digest"
-                    )
-            finally:
-                await builder.remove(image_url)
+        auths = registry_auths(settings, {image.host})
+        try:
+            await builder.pull_bases(containerfile, auths)
+            await builder.build(
+                context=context,
+                containerfile=containerfile,
+                image=image_url,
+                labels={REVISION_LABEL: sha, SOURCE_LABEL: git.redact(request.repo)},
+                build_args=settings.build_args,
+            )
+            pushed = await builder.push(image=image_url, auths=auths)
+        finally:
+            await builder.remove(image_url)
 
         digest = await registry.manifest_digest(image.repository, image.tag)
         if digest is None:

@@ -1,41 +1,76 @@
-"""Image builds without a daemon: buildah `bud`, `push` and `rmi` through `handlers.process`.
+"""Image builds without a daemon: buildah `pull`, `bud` and `push` in the builder sandbox.
 
-Registry credentials reach buildah in an auth file written to a private temporary directory
-(mode 0600, removed afterwards), never on its command line.
+A Dockerfile's `RUN` lines are the repo's code. buildah runs as root of a user namespace of
+its own (`handlers.sandbox`, profile BUILDER), so a `RUN` that climbs out of its chroot finds
+a read-only host it owns nothing of. Each build has its own image store in the attempt's
+folder (a store shared between builds would let one repo's build plant layers in another's).
+
+Registry credentials never meet the Dockerfile: the base images are pulled first (their
+names read from the `FROM` lines), with an auth file that exists only for that pull; the
+build then runs with no credentials at all; the push gets the auth file again. The file is
+written into the builder's private folder (mode 0600), never on a command line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import re
 import shlex
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from handlers import process
 from handlers.base import StepFailed, StepRequest
-from handlers.settings import HandlerSettings, docker_auth, private_docker_config
+from handlers.sandbox import Profile
+from handlers.settings import HandlerSettings, docker_auth
 
 
 class Buildah:
     def __init__(self, settings: HandlerSettings, request: StepRequest) -> None:
         self.settings = settings
         self.request = request
+        self.sandbox = request.sandbox
+        self.store = self.sandbox.build_dir / "storage"
 
     def _base(self) -> list[str]:
         argv = shlex.split(self.settings.builder_command)
-        if self.settings.builder_root:
-            argv += ["--root", self.settings.builder_root]
-        if self.settings.builder_runroot:
-            argv += ["--runroot", self.settings.builder_runroot]
+        if self.sandbox.settings.enabled:
+            root, runroot = str(self.store / "root"), str(self.store / "run")
+        else:  # a trusted worker may keep one store for every build
+            root = self.settings.builder_root or str(self.store / "root")
+            runroot = self.settings.builder_runroot or str(self.store / "run")
+        argv += ["--root", root, "--runroot", runroot]
         if self.settings.builder_storage_driver:
             argv += ["--storage-driver", self.settings.builder_storage_driver]
         return argv
 
     def _tls(self) -> list[str]:
         return ["--tls-verify=false"] if self.settings.registry_insecure else []
+
+    def _retries(self) -> list[str]:
+        return ["--retry", str(max(self.settings.registry_retries - 1, 0)),
+                "--retry-delay", f"{max(self.settings.registry_backoff, 0.1)}s"]
+
+    async def _run(self, args: list[str], *, cwd: Path, what: str, retryable: bool,
+                   network: bool | None = None) -> process.Completed:
+        return await process.run_sandboxed(
+            [*self._base(), *args], sandbox=self.sandbox, profile=Profile.BUILDER,
+            cwd=cwd, log=self.request.log, what=what, retryable=retryable, network=network)
+
+    async def pull_bases(self, containerfile: Path, auths: Mapping[str, Any]) -> None:
+        """Pull the base images the `FROM` lines name, with credentials, before the build."""
+        text = await asyncio.to_thread(_read_no_links, containerfile)
+        for image in base_images(text, self.settings.build_args):
+            with self._authfile(auths) as authfile:
+                await self._run(
+                    ["pull", "--quiet", *self._tls(), *self._retries(),
+                     *(["--authfile", str(authfile)] if authfile else []), image],
+                    cwd=self.sandbox.build_dir, what=f"pulling the base image {image}",
+                    retryable=True, network=True)
 
     async def build(
         self,
@@ -45,17 +80,17 @@ class Buildah:
         image: str,
         labels: Mapping[str, str],
         build_args: Mapping[str, str],
-        authfile: Path | None,
     ) -> None:
+        """`buildah bud`, with no credentials: the base images are in the store already
+        (or pulled anonymously when a `FROM` line is built from ARGs)."""
         argv = [
-            *self._base(),
             "bud",
             "--isolation",
             self.settings.builder_isolation,
             "--format",
             self.settings.image_format,
+            "--pull=false",
             *self._tls(),
-            *(["--authfile", str(authfile)] if authfile else []),
             "-f",
             str(containerfile),
             "-t",
@@ -66,42 +101,26 @@ class Buildah:
         for key, value in build_args.items():
             argv += ["--build-arg", f"{key}={value}"]
         argv.append(str(context))
-        await process.run(
-            argv,
-            cwd=context,
-            log=self.request.log,
-            what=f"the image build ({containerfile.name})",
-            retryable=False,
-        )
+        await self._run(argv, cwd=context, what=f"the image build ({containerfile.name})",
+                        retryable=False)
 
-    async def push(self, *, image: str, authfile: Path | None, digestfile: Path) -> str:
+    async def push(self, *, image: str, auths: Mapping[str, Any]) -> str:
         """Push `image` to docker://image; the digest buildah wrote."""
-        argv = [
-            *self._base(),
-            "push",
-            *self._tls(),
-            *(["--authfile", str(authfile)] if authfile else []),
-            "--retry",
-            str(max(self.settings.registry_retries - 1, 0)),
-            "--retry-delay",
-            f"{max(self.settings.registry_backoff, 0.1)}s",
-            "--digestfile",
-            str(digestfile),
-            image,
-            f"docker://{image}",
-        ]
-        await process.run(
-            argv,
-            cwd=digestfile.parent,
-            log=self.request.log,
-            what=f"pushing {image}",
-            retryable=True,
-        )
+        digestfile = self.sandbox.build_dir / "digest"
+        with self._authfile(auths) as authfile:
+            await self._run(
+                ["push", *self._tls(), *(["--authfile", str(authfile)] if authfile else []),
+                 *self._retries(), "--digestfile", str(digestfile), image, f"docker://{image}"],
+                cwd=self.sandbox.build_dir, what=f"pushing {image}", retryable=True,
+                network=True)
         text = await asyncio.to_thread(digestfile.read_text, encoding="utf-8")
         return text.strip()
 
     async def remove(self, image: str) -> None:
-        """Drop the local copy (the registry has it); a failure here is not the step's."""
+        """Drop the local copy from a shared store (a build's own store goes with its
+        attempt); a failure here is not the step's."""
+        if self.sandbox.settings.enabled or not self.settings.builder_root:
+            return
         await process.run(
             [*self._base(), "rmi", "-f", image],
             cwd=self.request.workdir,
@@ -109,14 +128,93 @@ class Buildah:
             check=False,
         )
 
+    @contextlib.contextmanager
+    def _authfile(self, auths: Mapping[str, Any]) -> Iterator[Path | None]:
+        """A docker config.json with `auths`, in the builder's private folder, for the one
+        command that needs it; None without credentials."""
+        if not auths:
+            yield None
+            return
+        folder = self.sandbox.build_dir / "auth"
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
+        path = folder / "config.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump({"auths": dict(auths)}, out)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
 
-@contextmanager
-def private_authfile(settings: HandlerSettings, hosts: Iterable[str]) -> Iterator[Path | None]:
-    """A docker config.json for buildah with the credentials of `hosts`, readable by us alone.
 
-    Entries of CISTATE_REGISTRY_AUTH_FILE for other hosts (base image registries) are kept.
-    None when there are no credentials at all.
-    """
+def base_images(containerfile: str, build_args: Mapping[str, str] | None = None) -> list[str]:
+    """The images `FROM` lines build on, in order; not `scratch`, not earlier stages. ARGs
+    declared before the first FROM are filled in (build args over their defaults); a name
+    that still holds a `$` is left to buildah."""
+    images: list[str] = []
+    stages: set[str] = set()
+    args: dict[str, str] = {}
+    seen_from = False
+    for line in _instructions(containerfile):
+        words = line.split()
+        if not words:
+            continue
+        keyword = words[0].upper()
+        if keyword == "ARG" and not seen_from and len(words) >= 2:
+            name, _, default = words[1].partition("=")
+            args[name] = (build_args or {}).get(name, default.strip("\"'"))
+            continue
+        if keyword != "FROM":
+            continue
+        seen_from = True
+        operands = [word for word in words[1:] if not word.startswith("--")]
+        if not operands:
+            continue
+        image = _ARG_REFERENCE.sub(lambda m: args.get(m.group(1) or m.group(2), m.group(0)),
+                                   operands[0])
+        if len(operands) >= 3 and operands[1].upper() == "AS":
+            stages.add(operands[2].lower())
+        if image.lower() == "scratch" or image.lower() in stages or "$" in image:
+            continue
+        if image not in images:
+            images.append(image)
+    return images
+
+
+_ARG_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _read_no_links(path: Path) -> str:
+    """The Containerfile's text; a link (the repo's code may have made one) is refused."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StepFailed(f"cannot read {path.name} ({exc.strerror}); it must be a plain file "
+                         "in the repo, not a link", retryable=False) from None
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+def _instructions(text: str) -> Iterator[str]:
+    """Dockerfile lines with continuations joined and comments dropped."""
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        yield current + line
+        current = ""
+    if current:
+        yield current
+
+
+def registry_auths(settings: HandlerSettings, hosts: Iterable[str]) -> dict[str, Any]:
+    """`auths` of a docker config.json: the entries of CISTATE_REGISTRY_AUTH_FILE (base
+    image registries) and the credentials of `hosts`."""
     auths: dict[str, Any] = {}
     if settings.registry_auth_file is not None:
         try:
@@ -132,5 +230,4 @@ def private_authfile(settings: HandlerSettings, hosts: Iterable[str]) -> Iterato
         credentials = settings.credentials_for(host)
         if credentials is not None:
             auths[host] = docker_auth(credentials.username, credentials.password)
-    with private_docker_config(auths) as path:
-        yield path
+    return auths

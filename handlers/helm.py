@@ -5,8 +5,10 @@ under the app's name and writes the values there, the way the Cloud-Native Toolk
 and helm-package tasks do with yq (`nameOverride`, `fullnameOverride`, `image.repository`,
 `image.tag`, `vcsInfo.*`; prefixed with the first dependency's alias or name for an umbrella
 chart). The helm CLI runs through `handlers.process`, with its cache, config and data homes
-in the workdir so that steps never share helm state. Registry credentials reach `helm push`
-in a private registry-config file, never on its command line.
+in the workdir so that steps never share helm state. `lint`, `template` and `package` read
+the repo's chart, so they run in the step sandbox; `pull` and `push` work on cistate's own
+files with the chart registry's credentials, which reach helm in a private registry-config
+file, never on its command line, and never in the sandbox.
 """
 
 from __future__ import annotations
@@ -154,28 +156,38 @@ class Helm:
             )
         self.executable = found
         self.request = request
-        home = request.workdir / "helm-home"
-        self.env = {
-            "HELM_CACHE_HOME": str(home / "cache"),
-            "HELM_CONFIG_HOME": str(home / "config"),
-            "HELM_DATA_HOME": str(home / "data"),
-        }
+        # Two helm homes: the sandboxed runs may write theirs (plugins, repositories), so
+        # the runs with credentials use one that no sandboxed process can reach.
+        self.chart_env = _helm_homes(request.workdir / "helm-home")
+        self.env = _helm_homes(request.sandbox.attempt / "helm-own")
 
-    async def _run(
-        self, args: Sequence[str], *, what: str, cwd: Path | None = None, retryable: bool = False
-    ) -> process.Completed:
+    async def _run_on_chart(self, args: Sequence[str], *, what: str) -> process.Completed:
+        """helm on the repo's chart (its templates and files are the repo's): sandboxed."""
+        return await process.run_sandboxed(
+            [self.executable, *args],
+            sandbox=self.request.sandbox,
+            cwd=self.request.workdir,
+            log=self.request.log,
+            env=self.chart_env,
+            what=what,
+        )
+
+    async def _run(self, args: Sequence[str], *, what: str, retryable: bool = False,
+                   check: bool = True) -> process.Completed:
+        """helm on cistate's own files (a packaged chart), with cistate's credentials."""
         return await process.run(
             [self.executable, *args],
-            cwd=cwd or self.request.workdir,
+            cwd=self.request.workdir,
             log=self.request.log,
             env=self.env,
             what=what,
+            check=check,
             retryable=retryable,
         )
 
     async def lint(self, chart: Path, shown: str) -> None:
         try:
-            await self._run(["lint", str(chart)], what=f"helm lint {shown}")
+            await self._run_on_chart(["lint", str(chart)], what=f"helm lint {shown}")
         except StepFailed as failed:
             raise failed.reworded(
                 f"the chart {shown} fails `helm lint`: {_errors(failed.output_tail)}"
@@ -198,7 +210,7 @@ class Helm:
         for key, value in set_values.items():
             args += ["--set-string", f"{key}={value}"]
         try:
-            await self._run(args, what=f"helm template {shown}")
+            await self._run_on_chart(args, what=f"helm template {shown}")
         except StepFailed as failed:
             raise failed.reworded(
                 f"`helm template` of the chart {shown} failed: {_errors(failed.output_tail)}"
@@ -207,7 +219,7 @@ class Helm:
 
     async def package(self, chart: Path, *, version: str, app_version: str, dest: Path) -> Path:
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
-        await self._run(
+        await self._run_on_chart(
             [
                 "package",
                 str(chart),
@@ -242,13 +254,7 @@ class Helm:
         with _registry_config(auths) as config:
             if config is not None:
                 args += ["--registry-config", str(config)]
-            done = await process.run(
-                [self.executable, *args],
-                cwd=self.request.workdir,
-                log=self.request.log,
-                env=self.env,
-                check=False,
-            )
+            done = await self._run(args, what=f"helm pull {ref}", check=False)
         if done.exit_code == 0:
             found = await asyncio.to_thread(lambda: sorted(dest.glob("*.tgz")))
             return found[0] if found else None
@@ -277,6 +283,14 @@ class Helm:
             if line.startswith("Digest:"):
                 return line.split(":", 1)[1].strip()
         return ""
+
+
+def _helm_homes(home: Path) -> dict[str, str]:
+    return {
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
 
 
 def _errors(tail: str) -> str:

@@ -1,4 +1,8 @@
-"""npm for the handlers: read package.json, install dependencies, run scripts."""
+"""npm for the handlers: read package.json, install dependencies, run scripts.
+
+npm runs the repo's lifecycle scripts (install hooks, `test`, `build`), so every npm command
+goes through the step sandbox.
+"""
 
 from __future__ import annotations
 
@@ -67,11 +71,12 @@ async def run(
     retryable: bool,
     env: dict[str, str] | None = None,
 ) -> process.Completed:
-    return await process.run(
+    return await process.run_sandboxed(
         [*shlex.split(npm), *args],
+        sandbox=request.sandbox,
         cwd=source,
         log=request.log,
-        env={**request.env(), **NPM_ENV, **(env or {})},
+        env={**NPM_ENV, **(env or {})},
         what=what,
         retryable=retryable,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -114,6 +115,35 @@ def make_settings(database_url: str, amqp_url: str, bus_prefix: str, tmp_path: P
         return Settings(**values)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture
+def visible_dir() -> Iterator[Path]:
+    """A folder that sandboxed steps can see (read-only, like the rest of the host): outside
+    /tmp, of which every sandbox has its own, and open to other users. Tests put files there
+    that a step should find (an operator's fix, a marker)."""
+    folder = Path("/var/lib") / f"cistate-test-{SESSION}-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def host_pids(*argv: str) -> list[int]:
+    """Host pids of the processes whose command line is exactly argv (a sandboxed step's
+    processes have other pids inside its own PID namespace)."""
+    wanted = ("\0".join(argv) + "\0").encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes() == wanted:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def free_port() -> int:

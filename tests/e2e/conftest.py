@@ -30,7 +30,8 @@ from aiohttp import web
 from kubernetes_asyncio.client import ApiClient, AppsV1Api
 from kubernetes_asyncio.config import new_client_from_config
 
-from handlers.base import StepLog, StepRequest
+from handlers.base import StepLog, StepRequest, identity_env
+from handlers.sandbox import Sandbox, SandboxSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "tests" / "infra"
@@ -427,11 +428,19 @@ class Requests:
         n = len(self.logs) + 1
         log = StepLog(self.tmp_path / "logs" / f"{n:02d}-{step}.log")
         self.logs.append(log)
-        workdir = self.tmp_path / "steps" / f"{n:02d}-{step}"
-        workdir.mkdir(parents=True)
+        run_id = str(uuid.uuid4())
+        url = repo.url if isinstance(repo, GitRepo) else repo
+        # the worker's sandbox, as the worker builds it (steps/ plays the worker's workdir)
+        sandbox = Sandbox(
+            settings=SandboxSettings(),
+            attempt=self.tmp_path / "steps" / f"{n:02d}-{step}",
+            identity=identity_env(run_id, url, ref, commit, step, attempt),
+            hidden=(self.tmp_path / "steps",),
+        )
+        sandbox.prepare()
         return StepRequest(
-            run_id=str(uuid.uuid4()),
-            repo=repo.url if isinstance(repo, GitRepo) else repo,
+            run_id=run_id,
+            repo=url,
             ref=ref,
             commit=commit,
             step=step,
@@ -439,8 +448,9 @@ class Requests:
             settings=dict(settings or {}),
             script=None,
             inputs={k: dict(v) for k, v in (inputs or {}).items()},
-            workdir=workdir,
+            workdir=sandbox.work,
             log=log,
+            sandbox=sandbox,
         )
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from cistate.config import Settings
 from cistate.store import Store
-from tests.conftest import settings_env, wait_until
+from tests.conftest import host_pids, settings_env, wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 from tests.integration.processes import ServeProcess
 
@@ -49,8 +49,8 @@ def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_retry_continues_from_the_failed_step_reusing_earlier_outputs(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    marker = tmp_path / "fixed"
+        serve: Serve, producer: Producer, store: Store, visible_dir: Path) -> None:
+    marker = visible_dir / "fixed"
     settings = await serve(flaky_pipeline(marker), api_token=TOKENS)
     run_id = await producer.push()
     failed = await wait_for_run(store, run_id)
@@ -82,8 +82,8 @@ async def test_retry_continues_from_the_failed_step_reusing_earlier_outputs(
 
 
 async def test_retry_of_running_run_is_refused_and_from_named_step(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    marker = tmp_path / "fixed"
+        serve: Serve, producer: Producer, store: Store, visible_dir: Path) -> None:
+    marker = visible_dir / "fixed"
     settings = await serve(flaky_pipeline(marker), api_token=TOKENS)
     run_id = await producer.push()
     await wait_for_run(store, run_id)
@@ -109,8 +109,8 @@ async def test_retry_of_running_run_is_refused_and_from_named_step(
 
 
 async def test_rerun_starts_a_new_linked_run_for_the_same_push(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    marker = tmp_path / "fixed"
+        serve: Serve, producer: Producer, store: Store, visible_dir: Path) -> None:
+    marker = visible_dir / "fixed"
     marker.touch()
     settings = await serve(flaky_pipeline(marker))
     run_id = await producer.push(commit="ab" * 20)
@@ -126,23 +126,22 @@ async def test_rerun_starts_a_new_linked_run_for_the_same_push(
 
 
 async def test_cancel_kills_the_step_process_and_rejects_its_late_result(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
+        serve: Serve, producer: Producer, store: Store) -> None:
+    duration = f"60.{uuid.uuid4().int % 10**6:06d}"  # names this test's sleep among all
     settings = await serve(f"""
 name: long
 steps:
   - name: long
     uses: script
     run: |
-      sleep 60 &
-      echo $! > {pidfile}
+      sleep {duration} &
       wait
 """, api_token=TOKENS)
     run_id = await producer.push()
 
     async def child_pid() -> int | None:
-        text = pidfile.read_text().strip() if pidfile.exists() else ""
-        return int(text) if text else None
+        found = host_pids("sleep", duration)
+        return found[0] if found else None
 
     pid = await wait_until(child_pid, 20, what="the step's child process")
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer alice-token"}) as http:
@@ -270,8 +269,8 @@ steps:
 
 
 async def test_audit_filters_and_paginates_newest_first(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    marker = tmp_path / "fixed"
+        serve: Serve, producer: Producer, store: Store, visible_dir: Path) -> None:
+    marker = visible_dir / "fixed"
     settings = await serve(flaky_pipeline(marker))
     start = datetime.now(UTC) - timedelta(seconds=1)
     failed = await producer.push(repo="https://git.example.com/a.git", commit="aa" * 20)
@@ -320,8 +319,8 @@ async def test_audit_filters_and_paginates_newest_first(
 
 
 async def test_show_at_seq_and_rebuild_projections(
-        serve: Serve, producer: Producer, store: Store, tmp_path: Path) -> None:
-    marker = tmp_path / "fixed"
+        serve: Serve, producer: Producer, store: Store, visible_dir: Path) -> None:
+    marker = visible_dir / "fixed"
     marker.touch()
     settings = await serve(flaky_pipeline(marker))
     run_id = await producer.push()

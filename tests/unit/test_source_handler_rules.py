@@ -19,6 +19,7 @@ from handlers.git import (
     validate_repo_url,
 )
 from handlers.registry import ImageRef, split_registry
+from handlers.sandbox import Sandbox, SandboxSettings
 from handlers.settings import Credentials, HandlerSettings, for_request
 from handlers.setup import normalise_app_name
 from handlers.tag_release import next_version
@@ -155,6 +156,7 @@ def request_with(tmp_path: Path, settings: dict[str, object]) -> StepRequest:
         inputs={},
         workdir=tmp_path,
         log=StepLog(tmp_path / "log"),
+        sandbox=Sandbox(SandboxSettings(), tmp_path, identity={}),
     )
 
 

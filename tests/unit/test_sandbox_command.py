@@ -1,0 +1,89 @@
+"""What the launcher starts: the command line and environment of a sandboxed process (the
+processes themselves run in tests/integration/test_step_secrets.py and tests/e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from handlers.sandbox import Profile, Sandbox, SandboxSettings, subordinate_ids
+from handlers.secrets import Secret
+
+pytestmark = pytest.mark.unit
+
+IDENTITY = {"CISTATE_RUN_ID": "r", "CISTATE_STEP": "s"}
+
+
+def sandbox(tmp_path: Path, **settings: object) -> Sandbox:
+    workdir = tmp_path / "worker"
+    box = Sandbox(SandboxSettings(**settings), workdir / "runs" / "r" / "s-1",  # type: ignore[arg-type]
+                  identity=IDENTITY, step_env={"MODE": "ci"},
+                  secrets=[Secret("TOKEN", "token-value-1"), Secret("KEY", "key-1234", True)],
+                  hidden=(workdir,))
+    box.prepare()
+    return box
+
+
+def test_the_environment_is_built_from_nothing(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CISTATE_DATABASE_URL", "postgresql://u:p@h/d")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "from-the-worker")
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    command = box.command(["npm", "test"], cwd=box.work)
+    assert set(command.env) == {"PATH", "HOME", "LANG", "CI", *IDENTITY, "MODE", "TOKEN",
+                                "KEY_FILE"}
+    assert command.env["HOME"] == str(box.home) and command.env["CI"] == "true"
+    assert command.env["KEY_FILE"] == str(box.secrets_dir / "KEY")
+    assert (box.secrets_dir / "KEY").read_text() == "key-1234"
+    assert (box.secrets_dir / "KEY").stat().st_mode & 0o077 == 0
+
+
+def test_steps_drop_to_the_sandbox_user_with_no_capabilities_and_no_user_namespace(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    argv = box.command(["npm", "test"], cwd=box.work).argv
+    assert argv[0] == "bwrap" and argv[-3:] == ["--", "npm", "test"]
+    assert "--unshare-user" not in argv and "--unshare-all" not in argv
+    setpriv = argv[argv.index("setpriv"):]
+    assert setpriv[:6] == ["setpriv", "--reuid=4242", "--regid=4243", "--clear-groups",
+                           "--inh-caps=-all", "--bounding-set=-all"]
+    view = " ".join(argv[:argv.index("setpriv")])
+    assert "--ro-bind / /" in view and "--tmpfs /tmp" in view and "--unshare-pid" in view
+    assert f"--bind {box.work} {box.work}" in view and f"--bind {box.home} {box.home}" in view
+    assert f"--ro-bind {box.secrets_dir} {box.secrets_dir}" in view
+    covers = [Path(argv[i + 1]) for i, word in enumerate(argv) if word == "--tmpfs"]
+    assert any((tmp_path / "worker").is_relative_to(c) and c != Path("/tmp") for c in covers), (
+        "the worker's workdir (other attempts) is covered by an empty tmpfs")
+    assert str(box.build_dir) not in view, "the builder's folder is not the step's"
+    assert "--unshare-net" not in view
+    assert box.work.stat().st_uid == 4242, "the workspace belongs to the sandbox user"
+
+
+def test_network_none_unshares_the_network(tmp_path: Path) -> None:
+    box = sandbox(tmp_path)
+    offline = Sandbox(box.settings, box.attempt, identity=IDENTITY, network=False)
+    assert "--unshare-net" in offline.command(["true"], cwd=offline.work).argv
+
+
+def test_the_builder_is_root_of_a_user_namespace_on_subordinate_ids(tmp_path: Path) -> None:
+    box = sandbox(tmp_path)
+    command = box.command(["buildah", "bud", "."], cwd=box.work, profile=Profile.BUILDER)
+    argv = command.argv
+    uid, gid, count = subordinate_ids()
+    unshare = argv[argv.index("unshare"):]
+    assert unshare[:9] == ["unshare", "--user", f"--map-users={uid},0,{count}",
+                           f"--map-groups={gid},0,{count}", "--setgroups", "allow",
+                           "--setuid", "0", "--setgid"]
+    assert "setpriv" not in argv
+    assert "TOKEN" not in command.env and "MODE" not in command.env, (
+        "the builder gets no step env and no secrets")
+    assert box.build_dir.stat().st_uid == uid
+
+
+def test_unsandboxed_mode_runs_the_command_itself_with_the_same_environment(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox="none")
+    command = box.command(["npm", "test"], cwd=box.work)
+    assert command.argv == ["npm", "test"] and not command.sandboxed
+    assert "TOKEN" in command.env and "CISTATE_DATABASE_URL" not in command.env
