@@ -43,6 +43,18 @@ def chart_files(tgz: bytes) -> dict[str, bytes]:
     return files
 
 
+def packaged_metadata(tgz: bytes) -> dict[str, Any]:
+    """The Chart.yaml inside a packaged chart: what `helm repo index` lists (the version and
+    appVersion `helm package` wrote, not those of the chart in the repo)."""
+    for path, data in chart_files(tgz).items():
+        parts = path.split("/")
+        if len(parts) == 2 and parts[1] == "Chart.yaml":
+            loaded = yaml.safe_load(data)
+            if isinstance(loaded, dict):
+                return loaded
+    raise StepFailed("the packaged chart has no <name>/Chart.yaml", retryable=False)
+
+
 def index_entry(meta: dict[str, Any], url: str, tgz: bytes) -> dict[str, Any]:
     entry = dict(meta)
     entry.update(

@@ -138,10 +138,6 @@ def prepare_chart(
     return target
 
 
-def chart_metadata(chart: Path) -> dict[str, Any]:
-    return _load_yaml(chart / CHART_FILE, f"{chart.name}/{CHART_FILE}")
-
-
 # --------------------------------------------------------------------- the CLI --
 
 

@@ -32,8 +32,8 @@ from typing import Any
 from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.cd_settings import DeliverySettings, for_request
-from handlers.chartrepo import ChartRepo, chart_files
-from handlers.helm import Helm, chart_metadata, find_chart, prepare_chart
+from handlers.chartrepo import ChartRepo, chart_files, packaged_metadata
+from handlers.helm import Helm, find_chart, prepare_chart
 from handlers.registry import ImageRef
 
 
@@ -99,7 +99,7 @@ async def run(request: StepRequest) -> dict[str, Any]:
             log=request.log,
         )
         data = await asyncio.to_thread(tgz.read_bytes)
-        url = await repo.publish(data, tgz.name, chart_metadata(prepared))
+        url = await repo.publish(data, tgz.name, packaged_metadata(data))
     else:
         raise StepFailed(
             f"chart_repo {settings.chart_repo!r} is neither oci://... nor http(s)://...",

@@ -421,6 +421,14 @@ def packaged_values(tgz: Path, chart: str) -> dict[str, Any]:
         return loaded
 
 
+def packaged_chart_yaml(tgz: Path, app: str) -> dict[str, Any]:
+    with tarfile.open(tgz) as archive:
+        member = archive.extractfile(f"{app}/Chart.yaml")
+        assert member is not None
+        loaded: dict[str, Any] = yaml.safe_load(member.read())
+        return loaded
+
+
 async def test_helm_release_publishes_to_the_http_chart_repo_once_per_content(
     make_repo: Any, make_request: Requests, chart_repo: ChartRepoStandIn
 ) -> None:
@@ -440,6 +448,8 @@ async def test_helm_release_publishes_to_the_http_chart_repo_once_per_content(
     assert values["fullnameOverride"] == APP
     [entry] = chart_repo.index()["entries"][APP]
     assert entry["version"] == "0.0.1" and entry["urls"] == [first["chart_url"]]
+    # as `helm repo index` lists it: the package's appVersion, not the source chart's 0.1.0
+    assert entry["appVersion"] == "0.0.1" == packaged_chart_yaml(tgz, APP)["appVersion"]
     published = tgz.read_bytes()
 
     again, request = await run_step(make_request, repo, repo.initial, "helm-release",
