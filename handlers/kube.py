@@ -35,6 +35,11 @@ REQUEST_TIMEOUT = 30.0
 ROLLOUT_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "StatefulSet")})
 # server errors and throttling: another attempt may succeed
 _TRANSIENT = frozenset({429, 500, 502, 503, 504})
+# An HTTP 500 whose message says the object itself is wrong: the same object fails the same
+# way every time (Kubernetes 1.20's server-side apply answers 500 for a port without
+# `protocol:`), so no retry is spent on it.
+_INVALID_OBJECT = ("failed to create typed patch object", "omits key field", "is invalid",
+                   "unknown field", "cannot be handled as a", "field not declared in schema")
 
 
 def describe(obj: dict[str, Any]) -> str:
@@ -239,11 +244,7 @@ async def _call(
     if status == 404 and missing_ok:
         raise _Missing
     if not 200 <= status < 300:
-        raise StepFailed(
-            f"the Kubernetes API at {server} refused {what}: HTTP {status} "
-            f"{api_message(body) or 'no details'}",
-            retryable=status in _TRANSIENT,
-        )
+        raise refusal(server, what, status, api_message(body) or "no details")
     decoded: dict[str, Any] = json.loads(body)
     return decoded
 
@@ -257,11 +258,8 @@ async def _guard(
     except DynamicApiError as exc:
         if missing_ok and exc.status == 404:
             raise _Missing from None
-        raise StepFailed(
-            f"the Kubernetes API at {server} refused {what}: HTTP {exc.status} "
-            f"{api_message(exc.body) or exc.reason}",
-            retryable=exc.status in _TRANSIENT,
-        ) from None
+        raise refusal(server, what, int(exc.status), api_message(exc.body) or str(exc.reason)
+                      ) from None
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise StepFailed(
             f"the Kubernetes API at {server} is unreachable ({what}): "
@@ -269,6 +267,23 @@ async def _guard(
             "points at it",
             retryable=True,
         ) from None
+
+
+def refusal(server: str, what: str, status: int, message: str) -> StepFailed:
+    """The API's refusal as a step failure: retryable only when another try can change it
+    (throttling, an unavailable server), never for a 4xx or an object the server calls
+    invalid; with what to change in the chart where that is known."""
+    invalid = status == 500 and any(phrase in message for phrase in _INVALID_OBJECT)
+    advice = ""
+    if 'omits key field "protocol"' in message:
+        advice = ("; add `protocol: TCP` (or UDP) to every port of the chart's Services and "
+                  "containers: Kubernetes 1.20's server-side apply needs it")
+    elif invalid or 400 <= status < 500:
+        advice = "; the object is refused as it is: fix the chart (no retry can change this)"
+    return StepFailed(
+        f"the Kubernetes API at {server} refused {what}: HTTP {status} {message}{advice}",
+        retryable=status in _TRANSIENT and not invalid,
+    )
 
 
 def api_message(body: Any) -> str:

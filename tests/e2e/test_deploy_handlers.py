@@ -173,6 +173,26 @@ async def test_deploy_reports_the_apiservers_message_for_a_rejected_object(
     assert failed.retryable is False
 
 
+async def test_a_port_without_protocol_fails_once_with_what_to_change_in_the_chart(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    """Kubernetes 1.20's server-side apply answers HTTP 500 for it: deterministic, so the
+    step must not spend its retries on it."""
+    repo = make_repo()
+    service = repo.work / CHART / "templates" / "service.yaml"
+    no_protocol = repo.commit(
+        {f"{CHART}/templates/service.yaml":
+         "".join(line for line in service.read_text().splitlines(keepends=True)
+                 if "protocol:" not in line)},
+        "a port without protocol")
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        failed, _ = await fail_step(make_request, repo, no_protocol, "deploy",
+                                    inputs=deploy_inputs())
+    assert "HTTP 500" in failed.message and f"Service/{APP}" in failed.message
+    assert "add `protocol: TCP`" in failed.message
+    assert failed.retryable is False
+
+
 async def test_deploy_fails_retryably_when_the_apiserver_is_unreachable(
     make_repo: Any, make_request: Requests, delivery: Delivery, kube: Kube, tmp_path: Path
 ) -> None:
