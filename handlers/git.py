@@ -169,7 +169,7 @@ async def checkout(request: StepRequest) -> Path:
 
 
 async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) -> str:
-    repo = await asyncio.to_thread(init_repo, path, url)
+    await asyncio.to_thread(init_repo, path, url)
     where = f"repo {redact(url)}"
     if len(sha) in _FULL_SHA_LENGTHS:
         done = await run_git(request, path, "fetch", "--no-tags", REMOTE, sha, check=False)
@@ -190,42 +190,44 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) ->
         )
         if done.exit_code != 0:
             raise _unreachable(where, done)
-    full = await asyncio.to_thread(_resolve_commit, repo, sha)
+    full = await asyncio.to_thread(_resolve_commit, path, sha)
     if full is None:
         raise StepFailed(
             f"commit {sha} is not in {where} (was it force-pushed away, or pushed to "
             "another repo?); nothing to build",
             retryable=False,
         )
-    await asyncio.to_thread(_detach, repo, full)
+    await asyncio.to_thread(_detach, path, full)
     return full
 
 
-def init_repo(path: Path, url: str) -> git.Repo:
+def init_repo(path: Path, url: str) -> None:
     """An empty repo at path (replacing what was there) whose remote is `url`."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    repo = git.Repo.init(path)
-    with repo.config_writer() as config:
+    # Every Repo is closed when done with: GitPython keeps `git cat-file` processes per Repo,
+    # which would otherwise live on past the step, in a workspace already deleted.
+    with git.Repo.init(path) as repo, repo.config_writer() as config:
         # written as config, not passed to a command: the URL never meets an argv parser
         config.set_value(f'remote "{REMOTE}"', "url", url)
         config.set_value(f'remote "{REMOTE}"', "fetch", "+refs/heads/*:refs/remotes/origin/*")
         config.set_value("advice", "detachedHead", "false")
-    return repo
 
 
-def _resolve_commit(repo: git.Repo, sha: str) -> str | None:
-    try:
-        obj = repo.rev_parse(f"{sha}^{{commit}}")
-    except (git.BadName, ValueError, git.GitCommandError):
-        return None
-    return str(obj.hexsha)
+def _resolve_commit(path: Path, sha: str) -> str | None:
+    with git.Repo(path) as repo:
+        try:
+            obj = repo.rev_parse(f"{sha}^{{commit}}")
+        except (git.BadName, ValueError, git.GitCommandError):
+            return None
+        return str(obj.hexsha)
 
 
-def _detach(repo: git.Repo, sha: str) -> None:
-    repo.head.reference = repo.commit(sha)
-    repo.head.reset(index=True, working_tree=True)
+def _detach(path: Path, sha: str) -> None:
+    with git.Repo(path) as repo:
+        repo.head.reference = repo.commit(sha)
+        repo.head.reset(index=True, working_tree=True)
 
 
 def _unreachable(where: str, done: process.Completed) -> StepFailed:
@@ -290,14 +292,14 @@ async def fetch_tags(request: StepRequest, path: Path) -> list[Tag]:
 
 
 def _tags(path: Path) -> list[Tag]:
-    repo = git.Repo(path)
     found = []
-    for ref in repo.tags:
-        try:
-            commit = ref.commit.hexsha
-        except ValueError:  # a tag of a tree or blob: not a release
-            continue
-        found.append(Tag(ref.name, commit))
+    with git.Repo(path) as repo:
+        for ref in repo.tags:
+            try:
+                commit = ref.commit.hexsha
+            except ValueError:  # a tag of a tree or blob: not a release
+                continue
+            found.append(Tag(ref.name, commit))
     return found
 
 
@@ -307,13 +309,13 @@ async def create_tag(
     """An annotated tag `name` at `commit`, made by `user <email>`."""
 
     def make() -> None:
-        repo = git.Repo(path)
-        with repo.config_writer() as config:
-            config.set_value("user", "name", user)
-            config.set_value("user", "email", email)
-        if name in repo.tags:
-            repo.delete_tag(repo.tags[name])
-        repo.create_tag(name, ref=commit, message=message)
+        with git.Repo(path) as repo:
+            with repo.config_writer() as config:
+                config.set_value("user", "name", user)
+                config.set_value("user", "email", email)
+            if name in repo.tags:
+                repo.delete_tag(repo.tags[name])
+            repo.create_tag(name, ref=commit, message=message)
 
     await asyncio.to_thread(make)
 
@@ -345,6 +347,7 @@ async def head_sha(path: Path) -> str:
     """The full sha of the checkout's HEAD."""
 
     def read() -> str:
-        return str(git.Repo(path).head.commit.hexsha)
+        with git.Repo(path) as repo:
+            return str(repo.head.commit.hexsha)
 
     return await asyncio.to_thread(read)

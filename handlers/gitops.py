@@ -182,8 +182,8 @@ async def _publish(
 
 
 def _staged(path: Path) -> bool:
-    repo = gitpython.Repo(path)
-    return bool(repo.index.diff("HEAD"))
+    with gitpython.Repo(path) as repo:  # closed: its git processes end with it
+        return bool(repo.index.diff("HEAD"))
 
 
 async def _fetch(request: StepRequest, path: Path, branch: str, where: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -140,6 +141,28 @@ async def test_pipeline_outputs_registry_and_tags_and_a_second_run_changes_nothi
     assert "already released" in logs[second_release]
     second_build = sorted(n for n in logs if n.endswith("build.log"))[1]
     assert "reused" in logs[second_build]
+
+
+def git_processes_in(folder: Path) -> list[str]:
+    """The git processes (GitPython's `git cat-file`, ...) working in `folder`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"git") and cwd.is_relative_to(folder):
+            found.append(" ".join(part.decode() for part in cmdline))
+    return found
+
+
+async def test_no_git_process_outlives_its_step(
+    make_repo: Any, make_request: Requests, handler_env: Env
+) -> None:
+    repo = make_repo()
+    await pipeline(make_request, handler_env, repo, repo.initial, upto="tag-release")
+    assert git_processes_in(make_request.tmp_path) == []
 
 
 async def test_setup_derives_a_valid_app_name(
