@@ -41,8 +41,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from handlers.base import StepFailed
 from handlers.secrets import Secret
 
-# The PATH a sandboxed process gets when CISTATE_SANDBOX_PATH is not set: the worker's own
-# (where npm, node, helm and buildah are found), which is no secret.
+# The PATH a sandboxed process gets when CISTATE_SANDBOX_PATH is not set: the system's. The
+# worker's own may lead into its user's home (pyenv shims and the like) that the sandbox
+# user cannot use; cistate's own tools (helm, buildah) are started by their full path.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_LANG = "C.UTF-8"
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))  # noqa: S108 - mount points, not files
@@ -64,7 +66,7 @@ class SandboxSettings(BaseSettings):
     sandbox_uid: int = Field(default=65534, ge=1, le=2**31)
     sandbox_gid: int = Field(default=65534, ge=1, le=2**31)
     sandbox_bwrap: str = "bwrap"  # the bubblewrap executable
-    sandbox_path: str = ""  # PATH inside; empty = the worker's PATH
+    sandbox_path: str = DEFAULT_PATH  # PATH inside
     # more host paths no step may see (folders get an empty tmpfs, files /dev/null)
     sandbox_hide: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     secrets_dir: Path | None = None
@@ -86,9 +88,6 @@ class SandboxSettings(BaseSettings):
     @property
     def enabled(self) -> bool:
         return self.sandbox != "none"
-
-    def inside_path(self) -> str:
-        return self.sandbox_path or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class Sandbox:
         """The whole environment of a sandboxed process, built from nothing."""
         home = self.build_dir / "home" if profile is Profile.BUILDER else self.home
         env = {
-            "PATH": self.settings.inside_path(),
+            "PATH": self.settings.sandbox_path,
             "HOME": str(home),
             "LANG": DEFAULT_LANG,
             "CI": "true",
