@@ -4,24 +4,29 @@ As in `handlers.settings`: a value comes from the step's `with:` when given ther
 the worker's environment (`CISTATE_<NAME>`), else from the default below; `with:` keys may be
 spelled with `-` or `_`. Credentials (chart repo, GitOps, Argo CD) come from the environment
 only: a `with:` block is pipeline data that ends up in events, so a credential there is
-refused.
+refused. So does `deploy_allow_cluster_kinds`: a pipeline may come from the pushed repo, and
+what a deploy may do to the whole cluster is the worker's decision, not the repo's.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from handlers.base import StepRequest
+from handlers.base import StepFailed, StepRequest
 from handlers.settings import overridden
 
 SECRET_KEYS = frozenset({"chart_repo_username", "chart_repo_password", "argocd_token"})
+# settings that widen what a step may do: the worker's environment alone sets them
+ENVIRONMENT_ONLY = frozenset({"deploy_allow_cluster_kinds"})
 # `with:` names that read better in a pipeline than the setting they stand for
 ALIASES = {"url": "health_url", "namespace": "dev_namespace", "application": "argocd_app"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_KIND = re.compile(r"[A-Z][A-Za-z0-9]*")
 
 
 class DeliverySettings(BaseSettings):
@@ -40,6 +45,9 @@ class DeliverySettings(BaseSettings):
     ingress_tls_secret: str = ""
     rollout_timeout: float = Field(default=300.0, gt=0)
     rollout_interval: float = Field(default=1.0, gt=0)
+    # cluster-scoped kinds (ClusterRole, CustomResourceDefinition, ...) a chart may apply;
+    # by default none: deploy applies only namespaced objects, into dev_namespace
+    deploy_allow_cluster_kinds: Annotated[frozenset[str], NoDecode] = frozenset()
 
     # health
     health_url: str = ""  # the app's base URL; empty = http://<the app's Ingress host>
@@ -83,6 +91,24 @@ class DeliverySettings(BaseSettings):
             raise ValueError(f"{value!r} is not a Kubernetes namespace name (an RFC 1123 label)")
         return value
 
+    @field_validator("deploy_allow_cluster_kinds", mode="before")
+    @classmethod
+    def _split_kinds(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("deploy_allow_cluster_kinds")
+    @classmethod
+    def _kinds(cls, value: frozenset[str]) -> frozenset[str]:
+        odd = sorted(kind for kind in value if not _KIND.fullmatch(kind))
+        if odd:
+            raise ValueError(
+                f"{', '.join(map(repr, odd))} are not Kubernetes kinds; list kinds as the API "
+                "spells them, comma-separated (ClusterRole,CustomResourceDefinition)"
+            )
+        return value
+
     @field_validator("chart_dir", "gitops_dir")
     @classmethod
     def _relative(cls, value: str) -> str:
@@ -99,4 +125,13 @@ class DeliverySettings(BaseSettings):
 
 def for_request(request: StepRequest) -> DeliverySettings:
     """The environment's settings overridden by the step's `with:`."""
+    widening = sorted(ENVIRONMENT_ONLY & {key.replace("-", "_") for key in request.settings})
+    if widening:
+        raise StepFailed(
+            f"step {request.step!r} sets {', '.join(widening)} in `with:`; it widens what the "
+            "step may do to the cluster, and a pipeline may come from the pushed repo, so only "
+            f"the worker's environment sets it "
+            f"({', '.join('CISTATE_' + key.upper() for key in widening)})",
+            retryable=False,
+        )
     return overridden(request, DeliverySettings, SECRET_KEYS, ALIASES)

@@ -10,6 +10,12 @@ Every object is server-side applied (field manager `cistate`) to `dev_namespace`
 missing), then each Deployment/StatefulSet is waited for (observed generation, updated and
 available replicas) up to `rollout_timeout` seconds.
 
+The chart is the pushed repo's, so before anything is applied every object is checked: a
+cluster-scoped one (by the API server's discovery) is refused unless its kind is listed in
+`deploy_allow_cluster_kinds` (CISTATE_DEPLOY_ALLOW_CLUSTER_KINDS, environment only), and a
+namespaced one whose `metadata.namespace` names another namespace is refused; the step then
+fails, naming them, without retries. The items of a `List` are checked one by one.
+
 Inputs: setup's `app_name` and `branch`; build's `image_url` (setup's when build gave none).
 Idempotent: applying the same objects again changes nothing.
 
@@ -22,6 +28,7 @@ Outputs:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from handlers import git
@@ -71,6 +78,66 @@ _ORDER = [
 ]
 
 
+# how many refused objects a failure names
+_SHOWN = 10
+
+
+def flatten(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The objects with every `List` (v1 List, ConfigMapList, ...) replaced by its items, so
+    that each item is checked and applied as itself."""
+    flat: list[dict[str, Any]] = []
+    for obj in objects:
+        items = obj.get("items")
+        if str(obj.get("kind", "")).endswith("List") and isinstance(items, list):
+            for item in items:
+                if not isinstance(item, dict) or not item.get("kind") or not item.get("apiVersion"):
+                    raise StepFailed(
+                        f"{describe(obj)} of the chart has an item without kind/apiVersion",
+                        retryable=False,
+                    )
+            flat.extend(flatten(items))
+        else:
+            flat.append(obj)
+    return flat
+
+
+def chart_scopes(objects: list[dict[str, Any]]) -> dict[tuple[str, str], bool]:
+    """(apiVersion, kind) -> namespaced, for the kinds the chart's own CustomResourceDefinitions
+    define: the API server serves them only once the definition is applied."""
+    scopes: dict[tuple[str, str], bool] = {}
+    for obj in objects:
+        if obj.get("kind") != "CustomResourceDefinition":
+            continue
+        spec = obj.get("spec") or {}
+        kind = str((spec.get("names") or {}).get("kind") or "")
+        versions = [str(v.get("name")) for v in spec.get("versions") or [] if isinstance(v, dict)]
+        if spec.get("version"):  # apiextensions.k8s.io/v1beta1
+            versions.append(str(spec["version"]))
+        for version in versions:
+            scopes[(f"{spec.get('group')}/{version}", kind)] = spec.get("scope") == "Namespaced"
+    return scopes
+
+
+def refusals(
+    objects: list[dict[str, Any]],
+    namespaced: Mapping[tuple[str, str], bool],
+    namespace: str,
+    allowed_cluster_kinds: Collection[str],
+) -> list[str]:
+    """The objects the dev environment does not allow, each as `Kind/name (why)`: cluster-scoped
+    ones of kinds not allowed, and namespaced ones placed into another namespace."""
+    refused = []
+    for obj in objects:
+        kind = str(obj.get("kind"))
+        own = (obj.get("metadata") or {}).get("namespace")
+        if not namespaced[(str(obj.get("apiVersion")), kind)]:
+            if kind not in allowed_cluster_kinds:
+                refused.append(f"{describe(obj)} (cluster-scoped)")
+        elif own not in (None, "", namespace):
+            refused.append(f"{describe(obj)} (in namespace {own}, not {namespace})")
+    return refused
+
+
 def apply_order(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rank = {kind: i for i, kind in enumerate(_ORDER)}
     return sorted(objects, key=lambda o: rank.get(str(o.get("kind")), len(_ORDER)))
@@ -105,7 +172,6 @@ async def run(request: StepRequest) -> dict[str, Any]:
     image_url = str(built or request.output_of("setup", "image_url"))
     repository, tag = image_values(image_url)
     branch = str(request.inputs.get("setup", {}).get("branch") or git.branch_of(request.ref))
-    namespace = settings.dev_namespace
 
     source = await git.checkout(request)
     chart = find_chart(source, settings.chart_dir)
@@ -134,24 +200,37 @@ async def run(request: StepRequest) -> dict[str, Any]:
     objects = await helm.template(
         app_name,
         prepared,
-        namespace=namespace,
+        namespace=settings.dev_namespace,
         out=request.workdir / "rendered",
         set_values=extra,
         shown=shown,
     )
     if not objects:
         raise StepFailed(f"the chart {shown} renders no objects", retryable=False)
-    return await _apply(request, settings, app_name, namespace, apply_order(objects))
+    return await _apply(request, settings, app_name, shown, apply_order(flatten(objects)))
 
 
 async def _apply(
     request: StepRequest,
     settings: DeliverySettings,
     app_name: str,
-    namespace: str,
+    shown: str,
     objects: list[dict[str, Any]],
 ) -> dict[str, Any]:
+    namespace = settings.dev_namespace
     async with Cluster.connect(settings, request.log) as cluster:
+        namespaced = await _scopes(cluster, objects)
+        refused = refusals(objects, namespaced, namespace, settings.deploy_allow_cluster_kinds)
+        if refused:
+            more = f" and {len(refused) - _SHOWN} more" if len(refused) > _SHOWN else ""
+            raise StepFailed(
+                f"the chart {shown} has objects a deploy to namespace {namespace} may not "
+                f"apply: {', '.join(refused[:_SHOWN])}{more}; nothing was applied. A deploy "
+                "applies only namespaced objects, into its own namespace: remove these from "
+                "the chart (or their metadata.namespace); a cluster-scoped kind the cluster's "
+                "admin trusts can be allowed in CISTATE_DEPLOY_ALLOW_CLUSTER_KINDS on the worker",
+                retryable=False,
+            )
         await cluster.ensure_namespace(namespace)
         applied = []
         for obj in objects:
@@ -174,3 +253,24 @@ async def _apply(
         "objects": [describe(obj) for obj in applied],
         "service_port": service_port(applied, app_name),
     }
+
+
+async def _scopes(cluster: Cluster, objects: list[dict[str, Any]]
+                  ) -> dict[tuple[str, str], bool]:
+    """(apiVersion, kind) -> namespaced, for every kind of `objects`; a kind neither the
+    cluster nor the chart's own CRDs define fails the step before anything is applied."""
+    defined = chart_scopes(objects)
+    scopes: dict[tuple[str, str], bool] = {}
+    for key in dict.fromkeys((str(o["apiVersion"]), str(o["kind"])) for o in objects):
+        served = await cluster.namespaced(*key)
+        if served is None:
+            if key not in defined:
+                raise StepFailed(
+                    f"the Kubernetes API at {cluster.server} does not serve kind {key[1]} of "
+                    f"apiVersion {key[0]} (a CRD not installed, or an API version removed from "
+                    "this cluster); fix the chart. Nothing was applied",
+                    retryable=False,
+                )
+            served = defined[key]
+        scopes[key] = served
+    return scopes

@@ -3,7 +3,9 @@
 kubernetes-asyncio's dynamic client finds each object's resource by discovery, so any kind
 the cluster serves can be applied (CRDs included) without a typed API per kind. Objects are
 applied with server-side apply (`PATCH` as `application/apply-patch+yaml`, field manager
-`cistate`, conflicts forced: cistate owns what it deploys), which is idempotent.
+`cistate`, conflicts forced: cistate owns what it deploys), which is idempotent. Whether a kind
+lives in namespaces is the API server's discovery answer (`Cluster.namespaced`), else, when
+discovery cannot say, the list of Kubernetes' own cluster-scoped kinds (`CLUSTER_KINDS`).
 
 Access comes from the kubeconfig named by CISTATE_KUBECONFIG (`kubeconfig:`), else from the
 pod's service account (in-cluster config). The apiserver's own message reaches every failure.
@@ -40,6 +42,20 @@ _TRANSIENT = frozenset({429, 500, 502, 503, 504})
 # `protocol:`), so no retry is spent on it.
 _INVALID_OBJECT = ("failed to create typed patch object", "omits key field", "is invalid",
                    "unknown field", "cannot be handled as a", "field not declared in schema")
+
+
+# Kubernetes' own cluster-scoped kinds (1.20 to 1.31): the answer when discovery cannot give one.
+CLUSTER_KINDS = frozenset({
+    "APIService", "CertificateSigningRequest", "ClusterRole", "ClusterRoleBinding",
+    "ComponentStatus", "CSIDriver", "CSINode", "CustomResourceDefinition", "FlowSchema",
+    "IngressClass", "MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding",
+    "MutatingWebhookConfiguration", "Namespace", "Node", "PersistentVolume", "PodSecurityPolicy",
+    "PriorityClass", "PriorityLevelConfiguration", "RuntimeClass", "SelfSubjectAccessReview",
+    "SelfSubjectReview", "SelfSubjectRulesReview", "StorageClass", "StorageVersion",
+    "StorageVersionMigration", "SubjectAccessReview", "TokenReview", "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding", "ValidatingWebhookConfiguration", "VolumeAttachment",
+    "VolumeAttributesClass",
+})
 
 
 def describe(obj: dict[str, Any]) -> str:
@@ -100,12 +116,26 @@ class Cluster:
                 lambda: self._dynamic.resources.get(api_version=api_version, kind=kind),
             )
         except (ResourceNotFoundError, ResourceNotUniqueError):
-            raise StepFailed(
+            raise _NotServed(
                 f"the Kubernetes API at {self.server} does not serve kind {kind} of "
                 f"apiVersion {api_version} (a CRD not installed, or an API version removed "
                 "from this cluster); fix the chart",
                 retryable=False,
             ) from None
+
+    async def namespaced(self, api_version: str, kind: str) -> bool | None:
+        """Whether objects of `kind` live in a namespace, by the API server's discovery; None
+        when the server does not serve the kind. When discovery fails, Kubernetes' own list
+        decides, so that a cluster-scoped object is still refused before anything is applied."""
+        try:
+            resource = await self._resource(api_version, kind)
+        except _NotServed:
+            return None
+        except StepFailed as failed:
+            self.log.line(f"API discovery of {kind} failed ({failed.message}); taking its scope "
+                          "from Kubernetes' list of cluster-scoped kinds")
+            return kind not in CLUSTER_KINDS
+        return bool(resource.namespaced)
 
     async def apply(self, obj: dict[str, Any], namespace: str) -> dict[str, Any]:
         """Server-side apply `obj` (into `namespace` when it is namespaced); the object as
@@ -225,6 +255,10 @@ class _Missing(Exception):
     pass
 
 
+class _NotServed(StepFailed):
+    """The API server does not serve a kind (its discovery does not know it)."""
+
+
 async def _call(
     server: str, what: str, call: Callable[[], Any], *, missing_ok: bool = False
 ) -> dict[str, Any]:
@@ -278,6 +312,9 @@ def refusal(server: str, what: str, status: int, message: str) -> StepFailed:
     if 'omits key field "protocol"' in message:
         advice = ("; add `protocol: TCP` (or UDP) to every port of the chart's Services and "
                   "containers: Kubernetes 1.20's server-side apply needs it")
+    elif status == 403:
+        advice = ("; cistate's cluster credentials may not do this: give them a Role that allows "
+                  "it in the namespace (see the README's deploy credentials), or fix the chart")
     elif invalid or 400 <= status < 500:
         advice = "; the object is refused as it is: fix the chart (no retry can change this)"
     return StepFailed(

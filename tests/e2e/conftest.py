@@ -27,7 +27,16 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from kubernetes_asyncio.client import ApiClient, AppsV1Api
+from kubernetes_asyncio.client import (
+    ApiClient,
+    AppsV1Api,
+    AuthenticationV1TokenRequest,
+    CoreV1Api,
+    V1Namespace,
+    V1ObjectMeta,
+    V1ServiceAccount,
+    V1TokenRequestSpec,
+)
 from kubernetes_asyncio.config import new_client_from_config
 
 from handlers.base import StepLog, StepRequest, identity_env
@@ -504,6 +513,33 @@ async def kube_api(kube: Kube) -> AsyncIterator[ApiClient]:
     api = await new_client_from_config(config_file=str(kube.kubeconfig))
     async with api:
         yield api
+
+
+async def service_account_kubeconfig(
+    kube: Kube, api: ApiClient, namespace: str, name: str, path: Path
+) -> Path:
+    """A kubeconfig at `path` holding a real token of ServiceAccount `namespace/name` (made
+    here, through the TokenRequest API): an identity with only the rights RBAC gives it."""
+    core = CoreV1Api(api)
+    await core.create_namespace(V1Namespace(metadata=V1ObjectMeta(name=namespace)))
+    await core.create_namespaced_service_account(
+        namespace, V1ServiceAccount(metadata=V1ObjectMeta(name=name)))
+    issued = await core.create_namespaced_service_account_token(
+        name, namespace, AuthenticationV1TokenRequest(
+            spec=V1TokenRequestSpec(audiences=[], expiration_seconds=3600)))
+    server = (kube.directory / "server").read_text().strip()
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cistate",
+                      "cluster": {"server": server, "insecure-skip-tls-verify": True}}],
+        "users": [{"name": name, "user": {"token": issued.status.token}}],
+        "contexts": [{"name": name, "context": {"cluster": "cistate", "user": name}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
 
 
 @dataclass

@@ -25,7 +25,16 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from kubernetes_asyncio.client import ApiClient, AppsV1Api, NetworkingV1Api
+from kubernetes_asyncio.client import (
+    ApiClient,
+    AppsV1Api,
+    CoreV1Api,
+    NetworkingV1Api,
+    RbacAuthorizationV1Api,
+    V1Namespace,
+    V1ObjectMeta,
+)
+from kubernetes_asyncio.client.exceptions import ApiException
 
 import handlers
 from handlers.base import StepFailed, StepRequest
@@ -43,6 +52,7 @@ from tests.e2e.conftest import (
     git,
     log_text,
     serve_image,
+    service_account_kubeconfig,
 )
 
 pytestmark = pytest.mark.e2e
@@ -223,6 +233,205 @@ async def test_deploy_times_out_when_the_rollout_never_becomes_ready(
     assert time.monotonic() - started < 20
     assert f"Deployment/{APP} in namespace {delivery.namespace} did not roll out" in failed.message
     assert "1.5s" in failed.message
+
+
+# ------------------------------------------------- what deploy may apply, and where --
+
+
+def hostile_chart(marker: str) -> dict[str, str]:
+    """Templates a chart has no business with in a dev namespace: a binding of the cluster's
+    admin role, and an object placed into kube-system."""
+    return {
+        f"{CHART}/templates/takeover.yaml": f"""\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata:
+  name: owns-the-cluster-{marker}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: ClusterRole
+  name: cluster-admin
+subjects:
+  - kind: ServiceAccount
+    name: default
+    namespace: {{{{ .Release.Namespace }}}}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: planted-{marker}
+  namespace: kube-system
+data:
+  a: b
+""",
+    }
+
+
+async def absent(read: Any) -> bool:
+    try:
+        await read()
+    except ApiException as exc:
+        if exc.status == 404:
+            return True
+        raise
+    return False
+
+
+async def test_deploy_refuses_cluster_scoped_and_foreign_namespace_objects_before_applying(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    marker = uuid.uuid4().hex[:8]
+    sha = repo.commit(hostile_chart(marker), "a chart that reaches beyond its namespace")
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        failed, request = await fail_step(make_request, repo, sha, "deploy",
+                                          inputs=deploy_inputs())
+
+    assert failed.retryable is False
+    assert f"ClusterRoleBinding/owns-the-cluster-{marker} (cluster-scoped)" in failed.message
+    assert f"ConfigMap/planted-{marker} (in namespace kube-system" in failed.message
+    assert "CISTATE_DEPLOY_ALLOW_CLUSTER_KINDS" in failed.message
+    assert "nothing was applied" in failed.message
+    rbac, core, apps = RbacAuthorizationV1Api(kube_api), CoreV1Api(kube_api), AppsV1Api(kube_api)
+    assert await absent(lambda: rbac.read_cluster_role_binding(f"owns-the-cluster-{marker}"))
+    assert await absent(lambda: core.read_namespaced_config_map(f"planted-{marker}",
+                                                                "kube-system"))
+    assert await absent(lambda: core.read_namespaced_config_map(f"planted-{marker}",
+                                                                delivery.namespace))
+    assert await absent(lambda: apps.read_namespaced_deployment(APP, delivery.namespace))
+    assert "applied " not in log_text(request)
+
+
+async def test_a_cluster_kind_the_worker_allows_is_applied_and_the_own_namespace_is_fine(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    marker = uuid.uuid4().hex[:8]
+    sha = repo.commit({f"{CHART}/templates/extra.yaml": f"""\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata:
+  name: reads-nodes-{marker}
+rules:
+  - apiGroups: [""]
+    resources: [nodes]
+    verbs: [get]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: settings
+  namespace: {{{{ .Release.Namespace }}}}
+data:
+  a: b
+"""}, "a cluster role and a config map in the release's namespace")
+    failed, _ = await fail_step(make_request, repo, sha, "deploy", inputs=deploy_inputs())
+    assert f"ClusterRole/reads-nodes-{marker} (cluster-scoped)" in failed.message
+    assert "ConfigMap/settings" not in failed.message
+
+    delivery.set(deploy_allow_cluster_kinds="ClusterRoleBinding, ClusterRole")
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        result, _ = await run_step(make_request, repo, sha, "deploy", inputs=deploy_inputs())
+    assert f"ClusterRole/reads-nodes-{marker}" in result["objects"]
+    assert "ConfigMap/settings" in result["objects"]
+    role = await RbacAuthorizationV1Api(kube_api).read_cluster_role(f"reads-nodes-{marker}")
+    assert role.rules[0].resources == ["nodes"]
+
+
+# The Role a cluster's admin gives cistate's deploy credentials (README: "Deploy credentials"),
+# in each namespace cistate deploys to; {namespace} and the ServiceAccount are filled in.
+DEPLOY_ROLE = """\
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata:
+  name: cistate-deploy
+  namespace: {namespace}
+rules:
+  # deploy checks that its namespace exists (it may not create or change one)
+  - apiGroups: [""]
+    resources: [namespaces]
+    resourceNames: [{namespace}]
+    verbs: [get]
+  # what the apps' charts hold: server-side apply creates and patches, deploy and health read
+  - apiGroups: [""]
+    resources: [services, configmaps, secrets, serviceaccounts, persistentvolumeclaims]
+    verbs: [get, create, patch]
+  - apiGroups: [apps]
+    resources: [deployments, statefulsets]
+    verbs: [get, create, patch]
+  - apiGroups: [networking.k8s.io]
+    resources: [ingresses]
+    verbs: [get, create, patch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata:
+  name: cistate-deploy
+  namespace: {namespace}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: Role
+  name: cistate-deploy
+subjects:
+  - kind: ServiceAccount
+    name: {account}
+    namespace: {account_namespace}
+"""
+
+
+async def test_deploy_works_with_namespaced_credentials_and_refuses_cluster_objects_itself(
+    make_repo: Any,
+    make_request: Requests,
+    delivery: Delivery,
+    kube: Kube,
+    kube_api: ApiClient,
+    tmp_path: Path,
+) -> None:
+    """cistate's deploy credentials as the README says to make them: a ServiceAccount with
+    only the Role above in the dev namespace (RBAC is on in the test apiserver)."""
+    account_namespace = f"cistate-{uuid.uuid4().hex[:8]}"
+    kubeconfig = await service_account_kubeconfig(
+        kube, kube_api, account_namespace, "cistate-worker", tmp_path / "kubeconfig-deploy")
+    await CoreV1Api(kube_api).create_namespace(
+        V1Namespace(metadata=V1ObjectMeta(name=delivery.namespace)))
+    rbac = RbacAuthorizationV1Api(kube_api)
+    role, binding = yaml.safe_load_all(DEPLOY_ROLE.format(
+        namespace=delivery.namespace, account="cistate-worker",
+        account_namespace=account_namespace))
+    await rbac.create_namespaced_role(delivery.namespace, role)
+    await rbac.create_namespaced_role_binding(delivery.namespace, binding)
+    delivery.set(kubeconfig=str(kubeconfig))
+
+    repo = make_repo()
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        result, _ = await run_step(make_request, repo, repo.initial, "deploy",
+                                   inputs=deploy_inputs())
+        assert result["objects"] == [f"Service/{APP}", f"Deployment/{APP}", f"Ingress/{APP}"]
+
+        marker = uuid.uuid4().hex[:8]
+        hostile = repo.commit(hostile_chart(marker), "a chart that reaches beyond")
+        failed, _ = await fail_step(make_request, repo, hostile, "deploy",
+                                    inputs=deploy_inputs())
+    assert f"ClusterRoleBinding/owns-the-cluster-{marker} (cluster-scoped)" in failed.message
+    assert "HTTP 403" not in failed.message and "forbidden" not in failed.message
+    assert failed.retryable is False
+
+    # a namespaced kind the Role does not list is the API server's to refuse, and it says so
+    budget = repo.commit({f"{CHART}/templates/takeover.yaml": None,
+                          f"{CHART}/templates/budget.yaml": """\
+apiVersion: policy/v1beta1
+kind: PodDisruptionBudget
+metadata:
+  name: budget
+spec:
+  minAvailable: 1
+  selector:
+    matchLabels: {app: hello}
+"""}, "a kind the deploy Role does not list")
+    failed, _ = await fail_step(make_request, repo, budget, "deploy", inputs=deploy_inputs())
+    assert "refused applying PodDisruptionBudget/budget" in failed.message
+    assert "HTTP 403" in failed.message and "give them a Role" in failed.message
+    assert failed.retryable is False
 
 
 # --------------------------------------------------------------------- health --
