@@ -19,6 +19,7 @@ from cistate.bus import Bus
 from cistate.config import Settings
 from cistate.orchestrator import Orchestrator
 from cistate.relay import Relay
+from cistate.repos import RepoSettings
 from cistate.run import Decider
 from cistate.store import Store, connect
 from cistate.worker import Worker
@@ -58,7 +59,7 @@ async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[A
             bus = Bus(settings.rabbitmq_url, settings.bus_prefix)
             await bus.connect()
             await bus.declare_all(pipeline.step_names)
-        orchestrator = Orchestrator(store, Decider(pipeline), bus)
+        orchestrator = Orchestrator(store, Decider(pipeline), bus, RepoSettings().policy)
         yield App(settings, pipeline, store, bus, orchestrator)
     finally:
         if bus is not None:

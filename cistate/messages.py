@@ -6,13 +6,20 @@ keeps them in step, so producers in other languages validate against the same co
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 ZERO_SHA = "0" * 40
+MAX_OUTPUTS_BYTES = 64 * 1024  # a step's outputs, as JSON
+MAX_LOG_CHARS = (1 << 20) + 4096  # the worker bounds a step's log to 1 MiB and a cut marker
+MAX_TEXT_CHARS = 64 * 1024  # an error message, an output tail
+MAX_ATTEMPT = 10_000
+_INT_LIMIT = 2**63  # PostgreSQL's bigint and orjson both stop there
+_MAX_DEPTH = 64
 
 Sha = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{7,64}$")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
@@ -33,6 +40,55 @@ def message_uuid(raw: str) -> uuid.UUID:
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        """Refuse, at the door, what PostgreSQL would refuse later (a NUL, a lone surrogate,
+        an integer beyond 64 bits, anywhere in the body): a message is dead-lettered with
+        this reason once, never redelivered against the database."""
+        problem = storable_problem(data)
+        if problem:
+            raise ValueError(problem)
+        return data
+
+
+def storable_problem(data: Any, where: str = "", depth: int = 0) -> str | None:
+    """Why `data` (a JSON value) cannot be stored as it is, naming where; None if it can."""
+    if depth > _MAX_DEPTH:
+        return f"{where or 'body'}: nested deeper than {_MAX_DEPTH} levels"
+    if isinstance(data, str):
+        return _text_problem(data, where or "body")
+    if isinstance(data, bool) or data is None or isinstance(data, float):
+        return None
+    if isinstance(data, int):
+        if not -_INT_LIMIT <= data < _INT_LIMIT:
+            return f"{where or 'body'}: integer {data} is out of range (64-bit at most)"
+        return None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            inner = f"{where}.{key}" if where else str(key)
+            problem = (_text_problem(key, f"{inner} (the key)") if isinstance(key, str)
+                       else None) or storable_problem(value, inner, depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(data, list | tuple):
+        for index, value in enumerate(data):
+            problem = storable_problem(value, f"{where}[{index}]", depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _text_problem(text: str, where: str) -> str | None:
+    if "\x00" in text:
+        return f"{where}: contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode"
+    return None
 
 
 class Push(_Message):
@@ -61,9 +117,9 @@ class Push(_Message):
 
 
 class StepError(_Message):
-    message: str
-    exit_code: int | None = None
-    output_tail: str = ""
+    message: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+    exit_code: int | None = Field(default=None, ge=-(2**31), lt=2**31)
+    output_tail: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] = ""
     retryable: bool = True
     kind: Literal["error", "timeout", "cancelled"] = "error"
 
@@ -89,7 +145,7 @@ class StepCommand(_Message):
 
     run_id: uuid.UUID
     step: StepName
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_ATTEMPT)
     uses: str
     settings: dict[str, Any] = Field(default_factory=dict, alias="with")
     script: str | None = Field(default=None, alias="run")
@@ -109,14 +165,28 @@ class StepResult(_Message):
 
     run_id: uuid.UUID
     step: StepName
-    attempt: int = Field(ge=1)
+    attempt: int = Field(ge=1, le=MAX_ATTEMPT)
     status: Literal["succeeded", "failed"]
-    outputs: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, Any] = Field(
+        default_factory=dict, description=f"at most {MAX_OUTPUTS_BYTES} bytes as JSON")
     error: StepError | None = None
-    log: str | None = Field(default=None, description="the step's output (bounded)")
-    worker: str | None = None
+    log: Annotated[str, StringConstraints(max_length=MAX_LOG_CHARS)] | None = Field(
+        default=None, description="the step's output (bounded)")
+    worker: Annotated[str, StringConstraints(max_length=256)] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+    @model_validator(mode="after")
+    def _bounded_outputs(self) -> StepResult:
+        size = outputs_size(self.outputs)
+        if size > MAX_OUTPUTS_BYTES:
+            raise ValueError(f"outputs are {size} bytes as JSON; at most {MAX_OUTPUTS_BYTES}")
+        return self
+
+
+def outputs_size(outputs: dict[str, Any]) -> int:
+    return len(json.dumps(outputs, separators=(",", ":"), default=str).encode())
 
 
 ControlAction = Literal["retry", "cancel", "retry_due", "timeout"]
@@ -132,7 +202,7 @@ class Control(_Message):
     run_id: uuid.UUID
     action: ControlAction
     step: StepName | None = None
-    attempt: int | None = Field(default=None, ge=1)
+    attempt: int | None = Field(default=None, ge=1, le=MAX_ATTEMPT)
     actor: Annotated[str, StringConstraints(max_length=256)] = "system"
     reason: Annotated[str, StringConstraints(max_length=2048)] | None = None
 
@@ -142,7 +212,7 @@ class CancelStep(_Message):
 
     run_id: uuid.UUID
     step: StepName
-    attempt: int
+    attempt: int = Field(ge=1, le=MAX_ATTEMPT)
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {

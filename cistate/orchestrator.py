@@ -11,12 +11,14 @@ the dead-letter queue with a reason; messages that arrive in the wrong state bec
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
@@ -24,7 +26,15 @@ from pydantic import BaseModel, ValidationError
 from cistate import run as r
 from cistate.bus import Bus
 from cistate.events import loads
-from cistate.messages import Control, ControlAction, Push, StepResult, message_uuid
+from cistate.messages import (
+    Control,
+    ControlAction,
+    Push,
+    StepResult,
+    message_uuid,
+    outputs_size,
+)
+from cistate.repos import RepoPolicy
 from cistate.store import Append, Conflict, Duplicate, OutboxRow, Store
 
 log = structlog.get_logger("cistate.orchestrator")
@@ -76,10 +86,12 @@ def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
 
 
 class Orchestrator:
-    def __init__(self, store: Store, decider: r.Decider, bus: Bus | None = None) -> None:
+    def __init__(self, store: Store, decider: r.Decider, bus: Bus | None = None,
+                 repos: RepoPolicy | None = None) -> None:
         self.store = store
         self.decider = decider
         self.bus = bus
+        self.repos = repos or RepoPolicy()
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
         self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
         self._sent: list[int] = []
@@ -95,11 +107,15 @@ class Orchestrator:
             message_id = _message_id(message)
             body = parse(routing_key, message.body)
             outcome = await self.submit(body, message_id, actor=_actor(body))
-        except Unprocessable as exc:
+        except (Unprocessable, asyncpg.DataError) as exc:
+            # A data error is the message's own (a value PostgreSQL cannot store), not the
+            # database being away: redelivering it would fail the same way every time.
+            reason = str(exc) if isinstance(exc, Unprocessable) else (
+                f"PostgreSQL cannot store this message's data: {type(exc).__name__}: {exc}")
             assert self.bus is not None
-            log.warning("dead-lettered", routing_key=routing_key, reason=str(exc),
+            log.warning("dead-lettered", routing_key=routing_key, reason=reason,
                         message_id=message.message_id)
-            await self.bus.dead_letter(message, str(exc))
+            await self.bus.dead_letter(message, reason)
             self.bus.acker.ack(message)
             self.outcomes["dead_lettered"] += 1
             return
@@ -132,6 +148,9 @@ class Orchestrator:
         API for operator requests (which report a rejection instead of recording it)."""
         run_id = r.run_id_for(message_id) if isinstance(message, Push) else message.run_id
         if isinstance(message, Push):
+            refused = self.repos.problem(message.repo)
+            if refused is not None:
+                raise Unprocessable(refused)
             reason = r.ignore_reason(message, self.decider.pipeline)
             if reason is not None:
                 return Outcome(run_id, "ignored", reason)
@@ -170,8 +189,8 @@ class Orchestrator:
                     return Outcome(run_id, "rejected", exc.reason, state)
                 status = "rejected"
                 decision = self.decider.rejection(
-                    state, message_id, _kind(message),
-                    message.model_dump(mode="json", exclude={"log"}), exc.reason, actor)
+                    state, message_id, _kind(message), _rejected_body(message), exc.reason,
+                    actor)
             if decision.ignored:
                 return Outcome(run_id, "ignored", decision.ignored, state)
             expected = state.version
@@ -295,6 +314,15 @@ class GroupCommit:
     async def _store(self, batch: list[tuple[Append, asyncio.Future[Any]]]) -> None:
         try:
             results = await self.store.append_many([item for item, _ in batch])
+        except asyncpg.DataError:
+            if len(batch) == 1:
+                raise_into(batch)
+                return
+            # One message's data refused the whole statement: store each on its own, so
+            # that only that one fails (and is dead-lettered), and the others commit.
+            for single in batch:
+                await self._store([single])
+            return
         except Exception as exc:
             for _, future in batch:
                 if not future.done():
@@ -303,6 +331,32 @@ class GroupCommit:
         for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def raise_into(batch: list[tuple[Append, asyncio.Future[Any]]]) -> None:
+    """Hand the exception being handled to every caller in `batch`."""
+    exc = sys.exc_info()[1]
+    assert exc is not None
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _rejected_body(message: Push | StepResult | Control) -> dict[str, Any]:
+    """What a `message.rejected` event keeps of the message: all of a push or a control
+    (small, bounded), but of a result only who sent it and how big it was; a result for a
+    step that is not running may be anything up to the bus's size limit."""
+    if not isinstance(message, StepResult):
+        return message.model_dump(mode="json")
+    error = message.error
+    return {
+        "run_id": str(message.run_id), "step": message.step, "attempt": message.attempt,
+        "status": message.status, "worker": message.worker,
+        "error": None if error is None else {
+            "kind": error.kind, "exit_code": error.exit_code, "retryable": error.retryable},
+        "outputs_bytes": outputs_size(message.outputs),
+        "log_chars": len(message.log or ""),
+    }
 
 
 def _message_id(message: AbstractIncomingMessage) -> uuid.UUID:

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -26,7 +27,17 @@ from pydantic import ValidationError
 
 from cistate.bus import Bus
 from cistate.events import derived_id, loads
-from cistate.messages import CancelStep, StepCommand, StepError, StepResult
+from cistate.messages import (
+    MAX_LOG_CHARS,
+    MAX_OUTPUTS_BYTES,
+    MAX_TEXT_CHARS,
+    CancelStep,
+    StepCommand,
+    StepError,
+    StepResult,
+    outputs_size,
+    storable_problem,
+)
 from handlers import NO_WORKSPACE
 from handlers.base import Handler, StepFailed, StepLog, StepRequest, identity_env
 from handlers.masking import Masker
@@ -159,31 +170,54 @@ class Worker:
                 outputs = await asyncio.wait_for(handler(request), command.timeout)
             else:
                 outputs = await handler(request)
-            result = _result(command, "succeeded", outputs=masker.mask_data(outputs))
+            result = _result(command, "succeeded", outputs=_checked_outputs(
+                command.step, masker.mask_data(outputs)))
         except StepFailed as exc:
             step_log.line(f"cistate: {exc.message}")
-            result = _result(command, "failed", error=StepError(
-                message=masker.mask(exc.message), exit_code=exc.exit_code,
+            result = _result(command, "failed", error=_error(
+                masker.mask(exc.message), exit_code=exc.exit_code,
                 output_tail=masker.mask(exc.output_tail) or step_log.tail(),
                 retryable=exc.retryable))
         except TimeoutError:
-            result = _result(command, "failed", error=StepError(
-                message=f"step {command.step!r} did not finish within {command.timeout:g}s",
+            result = _result(command, "failed", error=_error(
+                f"step {command.step!r} did not finish within {command.timeout:g}s",
                 kind="timeout", output_tail=step_log.tail()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             step_log.write(traceback.format_exc())
-            result = _result(command, "failed", error=StepError(
-                message=masker.mask(
-                    f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}"),
+            result = _result(command, "failed", error=_error(
+                masker.mask(f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}"),
                 output_tail=step_log.tail()))
         finally:
             if uses_workspace:
                 _remove(attempt_dir, run_dir)
         return result.model_copy(update={
-            "log": step_log.text() or None, "started_at": started,
+            "log": _text(step_log.text(), MAX_LOG_CHARS) or None, "started_at": started,
             "finished_at": datetime.now(UTC)})
+
+
+def _checked_outputs(step: str, outputs: dict[str, Any]) -> dict[str, Any]:
+    """A handler's outputs, or a StepFailed saying why they cannot be recorded."""
+    problem = storable_problem(outputs, "outputs")
+    size = outputs_size(outputs) if problem is None else 0
+    if problem is None and size > MAX_OUTPUTS_BYTES:
+        problem = f"outputs are {size} bytes as JSON; at most {MAX_OUTPUTS_BYTES} are kept"
+    if problem:
+        raise StepFailed(f"step {step!r} cannot record its outputs: {problem}",
+                         retryable=False)
+    return outputs
+
+
+def _error(message: str, *, output_tail: str = "", **kw: Any) -> StepError:
+    return StepError(message=_text(message, MAX_TEXT_CHARS),
+                     output_tail=_text(output_tail, MAX_TEXT_CHARS), **kw)
+
+
+def _text(text: str, limit: int) -> str:
+    """Output as it can be stored: NUL bytes shown as U+FFFD, at most `limit` characters."""
+    text = text.replace("\x00", "\ufffd")
+    return text if len(text) <= limit else text[: limit - 40] + "\n... [cut at the limit]"
 
 
 def _remove(workspace: Path, run_dir: Path) -> None:

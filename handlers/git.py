@@ -20,6 +20,7 @@ from pathlib import Path
 
 import git
 
+from cistate.repos import RepoSettings
 from handlers import process
 from handlers.base import StepFailed, StepRequest
 
@@ -113,16 +114,12 @@ def branch_of(ref: str) -> str:
 
 
 def validate_repo_url(url: str) -> str:
-    if not url or url.startswith("-") or any(c in url for c in "\x00\n\r"):
-        raise StepFailed(
-            f"repo URL {url!r} is not a usable git URL; the push event is malformed",
-            retryable=False,
-        )
-    if url.lower().startswith(("ext::", "fd::")):
-        raise StepFailed(
-            f"repo URL {url!r} uses a git transport that runs commands; refused",
-            retryable=False,
-        )
+    """The push's repo URL, if this worker may clone it (cistate.repos: remote URLs, local
+    paths only when the deployment allows them); the orchestrator checked it too."""
+    problem = RepoSettings().policy.problem(url)
+    if problem is not None:
+        raise StepFailed(f"{problem}; the push event is refused, nothing was run",
+                         retryable=False)
     return url
 
 

@@ -148,7 +148,7 @@ async def _spawn(
         # whole process group, politely first.
         await _stop_group(proc)
         raise
-    done = Completed(exit_code, tail.rstrip("\n"))
+    done = Completed(exit_code, "\n".join(tail.rstrip("\n").split("\n")[-TAIL_LINES:]))
     if check and exit_code != 0:
         raise _failed(shown, done, what, retryable)
     return done

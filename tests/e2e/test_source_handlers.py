@@ -187,9 +187,20 @@ async def test_setup_derives_a_valid_app_name(
     assert outputs["app_name"] == "app-9-lives"
 
 
+async def test_local_paths_and_file_urls_are_refused_unless_the_deployment_allows_them(
+    make_repo: Any, make_request: Requests, handler_env: Env
+) -> None:
+    repo = make_repo()
+    for url in (str(repo.bare), f"file://{repo.bare}"):
+        failed, request = await fail_step(make_request, url, repo.initial, "setup")
+        assert "a path on the worker's disk" in failed.message and not failed.retryable
+        assert not (request.workdir / "source").exists(), "nothing was cloned"
+
+
 async def test_setup_checks_out_from_a_local_path_and_a_file_url(
     make_repo: Any, make_request: Requests, handler_env: Env
 ) -> None:
+    handler_env.set(allow_local_repos="1")
     repo = make_repo()
     for url in (str(repo.bare), f"file://{repo.bare}"):
         outputs, request = await run_step(make_request, url, repo.initial, "setup")
