@@ -6,6 +6,9 @@ the image from the repo's `Dockerfile` (else `Containerfile`; `with: dockerfile`
 another) with the builder (`builder: buildah`, its executable `builder_command`), push it to
 setup's `image_url` and read its manifest digest back from the registry.
 
+The build context is the repo's: a symbolic link in it that leads out of the checkout
+(committed, or made by the build script) fails the step, naming it, before buildah runs.
+
 Idempotent: when the registry already has `image_url` built from this commit (the image's
 `org.opencontainers.image.revision` label), it is reused, not rebuilt (`with: rebuild: true`
 forces a build). The registry is checked first, so a registry that is down fails the step
@@ -16,6 +19,7 @@ Outputs: `image_url` (from setup), `image_digest` (`sha256:...`, as the registry
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from typing import Any
 from handlers import git, npm
 from handlers.base import StepFailed, StepRequest
 from handlers.buildah import Buildah, registry_auths
+from handlers.helm import refuse_links_out
 from handlers.registry import ImageRef, RegistryClient
 from handlers.settings import HandlerSettings, for_request
 
@@ -52,6 +57,9 @@ async def run(request: StepRequest) -> dict[str, Any]:
         await _build_app(request, settings, source)
         containerfile = _containerfile(settings, source)
         context = _inside(source, settings.build_context, "build_context")
+        # after the repo's build script, which may have made links of its own
+        await asyncio.to_thread(refuse_links_out, source.resolve(), context,
+                                f"the build context {settings.build_context!r}")
         builder = Buildah(settings, request)
         auths = registry_auths(settings, {image.host})
         try:

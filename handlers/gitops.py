@@ -8,6 +8,9 @@ umbrella chart there (`Chart.yaml`, `requirements.yaml`, `values.yaml`). Commit
 `Updates <app> to <version>` and push. A push rejected because the branch moved (another run
 or a person pushed first) is retried from the branch as it is then, up to `gitops_attempts`
 times. When the files already say so, nothing is committed: "no changes" is success.
+A symbolic link of the GitOps repo on the way to those files, or among them, that leads out of
+its clone fails the step (it would aim the write at the worker's files); one that stays inside
+is written through, and the file it leads to is committed.
 
 Inputs: setup's `app_name`; helm-release's `chart_name`, `chart_version`, `chart_repo`.
 The GitOps repo URL comes from the worker's environment (CISTATE_GITOPS_REPO) or `with:`;
@@ -22,6 +25,7 @@ Outputs:
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ import yaml
 from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.cd_settings import DeliverySettings, for_request
-from handlers.helm import dump_yaml
+from handlers.helm import dump_yaml, refuse_links_out
 
 CLONE_DIR = "gitops"
 
@@ -129,6 +133,8 @@ async def _publish(
         await _fetch(request, path, branch, where)
         await git.run_git(request, path, "checkout", "-q", "-B", branch, f"origin/{branch}")
         await git.run_git(request, path, "clean", "-q", "-fdx")
+        staged = await asyncio.to_thread(_write_targets, path, subdir, settings.gitops_yaml,
+                                         where)
         await asyncio.to_thread(
             update_app_dir,
             path / subdir,
@@ -138,7 +144,7 @@ async def _publish(
             repository=repository,
             yaml_name=settings.gitops_yaml,
         )
-        await git.run_git(request, path, "add", "-A", "--", str(subdir))
+        await git.run_git(request, path, "add", "-A", "--", *staged)
         if not await asyncio.to_thread(_staged, path):
             head = await git.head_sha(path)
             request.log.line(f"no changes: {where} {branch} already has {chart} {version}")
@@ -179,6 +185,19 @@ async def _publish(
         f"{settings.gitops_attempts} times in a row",
         retryable=True,
     )
+
+
+def _write_targets(clone: Path, subdir: Path, yaml_name: str, where: str) -> list[str]:
+    """What to stage after `update_app_dir` writes `<clone>/<subdir>`: the folder and the files
+    its links (if any) lead to, as paths without links (git stages no path through one). A link
+    on the way there, or in the folder, that leads out of the clone fails the step: it would
+    aim the write at the worker's own files."""
+    refuse_links_out(clone, clone / subdir, where)
+    base = clone.resolve()
+    folder = clone / subdir
+    paths = [folder, *(folder / name for name in ("Chart.yaml", yaml_name, "values.yaml"))]
+    return sorted({str(Path(os.path.realpath(p)).relative_to(base)) for p in paths
+                   if p == folder or p.is_symlink()})
 
 
 def _staged(path: Path) -> bool:

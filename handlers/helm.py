@@ -9,14 +9,21 @@ in the workdir so that steps never share helm state. `lint`, `template` and `pac
 the repo's chart, so they run in the step sandbox; `pull` and `push` work on cistate's own
 files with the chart registry's credentials, which reach helm in a private registry-config
 file, never on its command line, and never in the sandbox.
+
+Symbolic links are the repo's too: copied as links, a link to /etc/shadow would be rendered
+(and deployed, and published) as that file. `refuse_links_out` fails the step for any link that
+leads out of the checkout, and the other handlers that read or write a checkout (build, gitops)
+use it too; links that stay inside are kept, and `prepare_chart` points each one straight at
+the file it leads to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -55,11 +62,101 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_GoYamlDumper, sort_keys=False)
 
 
+# -------------------------------------------------------------- symbolic links --
+
+# how many offending links a failure names
+_LINKS_SHOWN = 10
+
+
+def links_out(root: Path, top: Path) -> list[tuple[str, str]]:
+    """The symbolic links that lead out of the checkout `root`, as (the link's path in the
+    checkout, where it says it points): on the way from `root` to `top`, and anywhere under
+    `top`. A link leads where the system takes it: relative to its own folder, through further
+    links. A link to a folder inside is followed, so what it leads to is checked too."""
+    base = root.resolve()
+    found: list[tuple[str, str]] = []
+    step = root
+    for part in top.relative_to(root).parts:
+        step = step / part
+        if step.is_symlink() and not _leads_inside(step, base):
+            found.append((str(step.relative_to(root)), os.readlink(step)))
+    if found:
+        return found
+    walked: list[Path] = []
+    pending = [top.resolve()]
+    while pending:
+        folder = pending.pop()
+        if not folder.is_dir() or any(folder.is_relative_to(done) for done in walked):
+            continue
+        walked.append(folder)
+        for link in _links_under(folder):
+            final = Path(os.path.realpath(link))
+            if not final.is_relative_to(base):
+                found.append((str(link.relative_to(base)), os.readlink(link)))
+            elif final.is_dir():
+                pending.append(final)
+    return list(dict.fromkeys(found))  # a link to a folder above may show a link twice
+
+
+def refuse_links_out(root: Path, top: Path, what: str) -> None:
+    """Fail the step, naming them, when links lead out of the checkout (`links_out`)."""
+    found = links_out(root, top)
+    if not found:
+        return
+    shown = ", ".join(f"{path} (a link to {target!r})" for path, target in found[:_LINKS_SHOWN])
+    more = f" and {len(found) - _LINKS_SHOWN} more" if len(found) > _LINKS_SHOWN else ""
+    raise StepFailed(
+        f"{what} has symbolic links that lead outside the checkout: {shown}{more}; cistate "
+        "uses no file from outside the repo: commit the file itself, or a link that stays "
+        "in the repo",
+        retryable=False,
+    )
+
+
+def _leads_inside(link: Path, base: Path) -> bool:
+    return Path(os.path.realpath(link)).is_relative_to(base)
+
+
+def _links_under(folder: Path) -> Iterator[Path]:
+    """Every symbolic link under `folder`, following none."""
+    stack = [folder]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    yield Path(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+
+
+def _repoint_links(original: Path, copy: Path) -> None:
+    """Point each link of `copy` (a copy of `original` with its links kept) straight at the
+    file its original leads to: the copy's own file when that is in the chart (a relative link
+    that climbs out of the copy would land elsewhere in the workdir), else the checkout's."""
+    chart = original.resolve()
+    for link in list(_links_under(copy)):
+        final = Path(os.path.realpath(original / link.relative_to(copy)))
+        if final.is_relative_to(chart):
+            points_to = os.path.relpath(copy / final.relative_to(chart), link.parent)
+        else:
+            points_to = str(final)
+        link.unlink()
+        link.symlink_to(points_to)
+
+
 # ------------------------------------------------------------------- the chart --
 
 
 def find_chart(source: Path, chart_dir: str) -> Path:
-    """The one chart under `<source>/<chart_dir>`: that directory itself or one child of it."""
+    """The one chart under `<source>/<chart_dir>`: that directory itself or one child of it.
+    A link that leads out of the checkout `source`, on the way to the chart or in it, fails
+    the step."""
+    found = _one_chart(source, chart_dir)
+    refuse_links_out(source, found, f"the chart {found.relative_to(source)}")
+    return found
+
+
+def _one_chart(source: Path, chart_dir: str) -> Path:
     root = source / chart_dir
     if (root / CHART_FILE).is_file():
         return root
@@ -119,23 +216,31 @@ def set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
 def prepare_chart(
     chart: Path, dest: Path, *, name: str, version: str, values: Mapping[str, Any]
 ) -> Path:
-    """Copy `chart` to `<dest>/<name>`, named `name` at `version`, with `values` set
-    (dotted keys, relative to the app's values: the dependency prefix is added here)."""
+    """Copy `chart` (from `find_chart`, which refuses links out of the checkout) to
+    `<dest>/<name>` with its links kept, named `name` at `version`, with `values` set (dotted
+    keys, relative to the app's values: the dependency prefix is added here)."""
     target = dest / name
     if target.exists():
         shutil.rmtree(target)
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(chart, target, symlinks=False)
+    shutil.copytree(chart, target, symlinks=True)
+    _repoint_links(chart, target)
     meta = _load_yaml(target / CHART_FILE, f"{chart.name}/{CHART_FILE}")
     meta["name"] = name
     meta["version"] = version
-    (target / CHART_FILE).write_text(dump_yaml(meta), encoding="utf-8")
+    _replace(target / CHART_FILE, dump_yaml(meta))
     prefix = values_prefix(target)
     current = _load_yaml(target / "values.yaml", f"{chart.name}/values.yaml")
     for key, value in values.items():
         set_dotted(current, prefix + key, value)
-    (target / "values.yaml").write_text(dump_yaml(current), encoding="utf-8")
+    _replace(target / "values.yaml", dump_yaml(current))
     return target
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` as a file of its own: when it is a link, what it points at stays as it is."""
+    path.unlink(missing_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------- the CLI --

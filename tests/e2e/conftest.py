@@ -316,8 +316,10 @@ class GitRepo:
         message: str = "change",
         branch: str = "main",
         base: str | None = None,
+        links: Mapping[str, str] | None = None,
     ) -> str:
-        """Commit `changes` (path -> content, None deletes) on `branch` and push it."""
+        """Commit `changes` (path -> content, None deletes) and `links` (path -> where the
+        symbolic link points, as written) on `branch` and push it."""
         if base is not None:
             git(self.work, "checkout", "-q", "--detach", base)
         for path, content in (changes or {}).items():
@@ -327,6 +329,11 @@ class GitRepo:
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(content)
+        for path, points_to in (links or {}).items():
+            link = self.work / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            os.symlink(points_to, link)
         git(self.work, "add", "-A")
         git(self.work, "commit", "-q", "--allow-empty", "-m", message)
         sha = git(self.work, "rev-parse", "HEAD")

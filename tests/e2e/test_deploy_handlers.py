@@ -434,6 +434,97 @@ spec:
     assert failed.retryable is False
 
 
+# ---------------------------------------------------------------- symbolic links --
+# The pushed repo's links are kept as links, and one that leads out of the checkout fails the
+# step: followed, a chart file linked to /etc/shadow would be deployed (and published) as its
+# content.
+
+LEAK_TEMPLATE = """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: leak
+data:
+  shadow: {{ .Files.Get "files/shadow" | quote }}
+  environ: {{ .Files.Get "files/environ" | quote }}
+"""
+HOST_LINKS = {f"{CHART}/files/shadow": "/etc/shadow",
+              f"{CHART}/files/environ": "/proc/self/environ"}
+
+
+def shadow_lines() -> list[str]:
+    return [line for line in Path("/etc/shadow").read_text().splitlines() if line.strip()]
+
+
+def assert_names_the_host_links(failed: StepFailed) -> None:
+    assert failed.retryable is False
+    for link, target in HOST_LINKS.items():
+        assert f"{link} (a link to {target!r})" in failed.message
+    assert "outside the checkout" in failed.message
+
+
+async def test_deploy_and_helm_release_refuse_a_chart_linking_to_host_files(
+    make_repo: Any,
+    make_request: Requests,
+    delivery: Delivery,
+    kube_api: ApiClient,
+    chart_repo: ChartRepoStandIn,
+) -> None:
+    repo = make_repo()
+    sha = repo.commit({f"{CHART}/templates/leak.yaml": LEAK_TEMPLATE}, "links to host files",
+                      links=HOST_LINKS)
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        failed, deploy = await fail_step(make_request, repo, sha, "deploy",
+                                         inputs=deploy_inputs())
+    assert_names_the_host_links(failed)
+    core, apps = CoreV1Api(kube_api), AppsV1Api(kube_api)
+    assert await absent(lambda: core.read_namespaced_config_map("leak", delivery.namespace))
+    assert await absent(lambda: apps.read_namespaced_deployment(APP, delivery.namespace))
+
+    failed, release = await fail_step(make_request, repo, sha, "helm-release",
+                                      inputs=release_inputs())
+    assert_names_the_host_links(failed)
+    assert not (chart_repo.root / f"{APP}-0.0.1.tgz").exists()
+    assert not (chart_repo.root / "index.yaml").exists() or APP not in (
+        chart_repo.index().get("entries") or {})
+    for request in (deploy, release):
+        log = log_text(request)
+        assert not [line for line in shadow_lines() if line in log]
+
+
+async def test_links_that_stay_in_the_checkout_are_followed_where_they_point(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    """A link kept as a link still reads the repo's file it names once the chart is copied:
+    one to a file beside the chart, one within it, one through another link."""
+    repo = make_repo()
+    sha = repo.commit(
+        {"greeting.txt": "hello from the repo\n",
+         f"{CHART}/templates/greeting.yaml": """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: greeting
+data:
+  beside: {{ .Files.Get "files/beside" | quote }}
+  within: {{ .Files.Get "files/within" | quote }}
+  chained: {{ .Files.Get "files/chained" | quote }}
+""",
+         f"{CHART}/notes/within.txt": "from within the chart\n"},
+        "links inside the checkout",
+        links={f"{CHART}/files/beside": "../../../greeting.txt",
+               f"{CHART}/files/within": "../notes/within.txt",
+               f"{CHART}/files/chained": "beside"},
+    )
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        result, _ = await run_step(make_request, repo, sha, "deploy", inputs=deploy_inputs())
+    assert "ConfigMap/greeting" in result["objects"]
+    stored = await CoreV1Api(kube_api).read_namespaced_config_map("greeting", delivery.namespace)
+    assert stored.data == {"beside": "hello from the repo\n",
+                           "within": "from within the chart\n",
+                           "chained": "hello from the repo\n"}
+
+
 # --------------------------------------------------------------------- health --
 
 
@@ -626,6 +717,51 @@ async def test_gitops_fails_clearly_without_the_branch(
         settings={"gitops_branch": "staging"}, inputs=released(),
     )
     assert "has no branch 'staging'" in failed.message and failed.retryable is False
+
+
+async def test_gitops_writes_through_no_link_out_of_its_checkout(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo, tmp_path: Path
+) -> None:
+    """The GitOps repo's links could aim cistate's writes at the worker's own files."""
+    app = make_repo()
+    outside = tmp_path / "worker-files"
+    outside.mkdir()
+    planted = outside / "requirements.yaml"
+    planted.write_text("dependencies: []\n")
+    before = git(gitops_repo.bare, "rev-parse", "qa")
+    cases = [
+        # (the link, where it points, gitops_dir)
+        (f"qa/{APP}/requirements.yaml", str(planted), "qa"),  # a file written through it
+        (f"qa/{APP}", str(outside), "qa"),  # a folder made through it
+        ("staging", "../../../../worker-files", "staging"),  # a parent climbing out
+    ]
+    for link, target, folder in cases:
+        git(gitops_repo.work, "reset", "-q", "--hard", before)
+        gitops_repo.commit(message=f"a link at {link}", branch="qa", base=before,
+                           links={link: target})
+        failed, _ = await fail_step(make_request, app, app.initial, "gitops",
+                                    settings={"gitops_dir": folder}, inputs=released())
+        assert failed.retryable is False
+        assert f"{link} (a link to {target!r})" in failed.message, failed.message
+        assert planted.read_text() == "dependencies: []\n"
+        assert sorted(p.name for p in outside.iterdir()) == ["requirements.yaml"]
+
+
+async def test_gitops_commits_the_file_an_inner_link_points_at(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo
+) -> None:
+    """A link that stays in the GitOps repo is written through, and what it points at is
+    what gets committed (staging the link alone would commit nothing)."""
+    app = make_repo()
+    gitops_repo.commit({"shared/requirements.yaml": "dependencies: []\n"}, "a shared file",
+                       branch="qa", links={f"qa/{APP}/requirements.yaml":
+                                           "../../shared/requirements.yaml"})
+    result, _ = await run_step(make_request, app, app.initial, "gitops", inputs=released("0.0.9"))
+    assert result["changed"] is True
+    shared = yaml.safe_load(show(gitops_repo, "qa", "shared/requirements.yaml"))
+    assert shared["dependencies"] == [
+        {"name": APP, "version": "0.0.9", "repository": "oci://127.0.0.1:5000/charts"}]
+    assert git(gitops_repo.bare, "cat-file", "-t", f"qa:qa/{APP}/requirements.yaml") == "blob"
 
 
 # --------------------------------------------------------------- helm-release --
