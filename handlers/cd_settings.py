@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from yarl import URL
 
 from handlers.base import StepFailed, StepRequest
 from handlers.settings import overridden
@@ -52,7 +53,7 @@ class DeliverySettings(BaseSettings):
     # health
     health_url: str = ""  # the app's base URL; empty = http://<the app's Ingress host>
     health_path: str = "/health"
-    health_protocol: str = "http"
+    health_protocol: Literal["http", "https"] = "http"
     health_port: int | None = Field(default=None, ge=1, le=65535)  # the ingress' port
     health_attempts: int = Field(default=10, ge=1, le=1000)
     health_backoff: float = Field(default=1.0, ge=0)
@@ -121,6 +122,20 @@ class DeliverySettings(BaseSettings):
     @classmethod
     def _strip(cls, value: str) -> str:
         return value.strip().rstrip("/")
+
+    @field_validator("health_url")
+    @classmethod
+    def _app_url(cls, value: str) -> str:
+        if value and (URL(value).scheme not in ("http", "https") or not URL(value).host):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("health_path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"{value!r} must be a path on the app's host, starting with /")
+        return value
 
 
 def for_request(request: StepRequest) -> DeliverySettings:

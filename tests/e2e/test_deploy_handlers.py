@@ -608,6 +608,158 @@ async def test_health_fails_after_bounded_retries_when_never_200(
     assert f"127.0.0.1:{dead}/health" in failed.message and failed.retryable is True
 
 
+class Recorder:
+    """An HTTP server that answers each path with a fixed (status, headers, body) and records
+    every request it gets."""
+
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+        self.routes = routes
+        self.requests: list[str] = []
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+
+    async def _answer(self, request: web.Request) -> web.Response:
+        self.requests.append(request.path_qs)
+        status, headers, body = self.routes.get(request.path, (404, {}, b"no such page"))
+        return web.Response(status=status, headers=headers, body=body)
+
+    async def __aenter__(self) -> Recorder:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._answer)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+class Banner:
+    """A raw TCP service that greets every connection with a banner, as RabbitMQ's port
+    answers a stranger; it counts the connections it gets."""
+
+    def __init__(self, banner: bytes) -> None:
+        self.banner = banner
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def _greet(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(self.banner)
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> Banner:
+        self.port = free_port()
+        self._server = await asyncio.start_server(self._greet, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_health_follows_no_redirect_away_from_the_app(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    secret = f"secret-{uuid.uuid4().hex}"
+    banner = f"AMQP\x00\x00\x09\x01 banner-{uuid.uuid4().hex}\r\n".encode()
+    delivery.set(health_attempts="3")
+    async with Recorder({"/secret": (200, {}, secret.encode())}) as target, \
+            Banner(banner) as rabbit:
+        away = {
+            "/to-port": f"http://127.0.0.1:{target.port}/secret",
+            "/to-rabbit": f"http://127.0.0.1:{rabbit.port}/",
+            "/to-name": f"http://localhost:{target.port}/secret",
+        }
+        routes = {path: (302, {"Location": where}, b"") for path, where in away.items()}
+        async with Recorder(routes) as app:
+            for path, where in away.items():
+                failed, request = await fail_step(
+                    make_request, repo, repo.initial, "health", inputs=deploy_inputs(),
+                    settings={"url": f"http://127.0.0.1:{app.port}", "health_path": path})
+                assert failed.retryable is False
+                assert f"redirects to {where}" in failed.message
+                assert f"not the app (http://127.0.0.1:{app.port})" in failed.message
+                for leaked in (secret, "banner-"):
+                    assert leaked not in failed.message and leaked not in log_text(request)
+            # a health path cannot name another host either
+            failed, request = await fail_step(
+                make_request, repo, repo.initial, "health", inputs=deploy_inputs(),
+                settings={"url": f"http://127.0.0.1:{app.port}",
+                          "health_path": f"@127.0.0.1:{target.port}/secret"})
+            assert secret not in failed.message and secret not in log_text(request)
+    assert target.requests == [] and rabbit.connections == 0
+
+
+async def test_health_follows_redirects_within_the_app_a_bounded_number_of_times(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    delivery.set(health_attempts="2")
+    async with Recorder({}) as app:
+        app.routes.update({
+            "/health": (302, {"Location": "/ready"}, b""),
+            "/ready": (307, {"Location": f"http://127.0.0.1:{app.port}/ready/"}, b""),
+            "/ready/": (200, {}, b"UP"),
+            "/loop": (302, {"Location": "/loop"}, b""),
+        })
+        result, _ = await run_step(make_request, repo, repo.initial, "health",
+                                   inputs=deploy_inputs(),
+                                   settings={"url": f"http://127.0.0.1:{app.port}"})
+        assert result["status"] == 200
+        assert result["url"] == f"http://127.0.0.1:{app.port}/ready/"
+
+        app.requests.clear()
+        failed, _ = await fail_step(make_request, repo, repo.initial, "health",
+                                    inputs=deploy_inputs(),
+                                    settings={"url": f"http://127.0.0.1:{app.port}",
+                                              "health_path": "/loop"})
+    assert "more than 5 redirects" in failed.message
+    assert len(app.requests) == 2 * 6, "each attempt: the request and 5 redirects"
+
+
+async def test_health_shows_at_most_200_printable_characters_of_a_failing_answer(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    junk = bytes(range(256)) * 40_000  # 10 MB, every byte value
+    body = b"internal \x1b[31merror\x00\n\t: " + junk
+    delivery.set(health_attempts="2")
+    async with Recorder({"/health": (500, {"Content-Type": "application/octet-stream"},
+                                     body)}) as app:
+        failed, request = await fail_step(make_request, repo, repo.initial, "health",
+                                          inputs=deploy_inputs(),
+                                          settings={"url": f"http://127.0.0.1:{app.port}"})
+    assert "(last: HTTP 500: internal ?[31merror? : " in failed.message
+    shown = failed.message.split("(last: HTTP 500: ", 1)[1].rsplit(")", 1)[0]
+    assert len(shown) <= 200 and shown.isprintable()
+    assert failed.message.isprintable()
+    log = log_text(request)
+    assert "\x00" not in log and "\x1b" not in log and len(log) < 5_000
+
+
+async def test_health_tells_no_more_of_a_service_that_is_not_http(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    repo = make_repo()
+    marker = f"banner-{uuid.uuid4().hex}"
+    delivery.set(health_attempts="2")
+    async with Banner(f"AMQP\x00\x00\x09\x01 {marker}\r\n".encode()) as rabbit:
+        failed, request = await fail_step(make_request, repo, repo.initial, "health",
+                                          inputs=deploy_inputs(),
+                                          settings={"url": f"http://127.0.0.1:{rabbit.port}"})
+    assert "not an HTTP answer" in failed.message
+    assert marker not in failed.message and marker not in log_text(request)
+    assert "AMQP" not in failed.message
+
+
 # --------------------------------------------------------------------- gitops --
 
 
