@@ -35,7 +35,7 @@ from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.cd_settings import DeliverySettings, for_request
 from handlers.helm import Helm, find_chart, prepare_chart
-from handlers.kube import ROLLOUT_KINDS, Cluster, describe
+from handlers.kube import ROLLOUT_KINDS, Cluster, NotServed, describe
 from handlers.registry import ImageRef
 
 # helm's install order: what others depend on goes first
@@ -265,12 +265,7 @@ async def _scopes(cluster: Cluster, objects: list[dict[str, Any]]
         served = await cluster.namespaced(*key)
         if served is None:
             if key not in defined:
-                raise StepFailed(
-                    f"the Kubernetes API at {cluster.server} does not serve kind {key[1]} of "
-                    f"apiVersion {key[0]} (a CRD not installed, or an API version removed from "
-                    "this cluster); fix the chart. Nothing was applied",
-                    retryable=False,
-                )
+                raise NotServed(cluster.server, *key)
             served = defined[key]
         scopes[key] = served
     return scopes

@@ -116,12 +116,7 @@ class Cluster:
                 lambda: self._dynamic.resources.get(api_version=api_version, kind=kind),
             )
         except (ResourceNotFoundError, ResourceNotUniqueError):
-            raise _NotServed(
-                f"the Kubernetes API at {self.server} does not serve kind {kind} of "
-                f"apiVersion {api_version} (a CRD not installed, or an API version removed "
-                "from this cluster); fix the chart",
-                retryable=False,
-            ) from None
+            raise NotServed(self.server, api_version, kind) from None
 
     async def namespaced(self, api_version: str, kind: str) -> bool | None:
         """Whether objects of `kind` live in a namespace, by the API server's discovery; None
@@ -129,7 +124,7 @@ class Cluster:
         decides, so that a cluster-scoped object is still refused before anything is applied."""
         try:
             resource = await self._resource(api_version, kind)
-        except _NotServed:
+        except NotServed:
             return None
         except StepFailed as failed:
             self.log.line(f"API discovery of {kind} failed ({failed.message}); taking its scope "
@@ -255,8 +250,16 @@ class _Missing(Exception):
     pass
 
 
-class _NotServed(StepFailed):
+class NotServed(StepFailed):
     """The API server does not serve a kind (its discovery does not know it)."""
+
+    def __init__(self, server: str, api_version: str, kind: str) -> None:
+        super().__init__(
+            f"the Kubernetes API at {server} does not serve kind {kind} of apiVersion "
+            f"{api_version} (a CRD not installed, or an API version removed from this "
+            "cluster); fix the chart",
+            retryable=False,
+        )
 
 
 async def _call(

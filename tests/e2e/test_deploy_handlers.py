@@ -338,6 +338,22 @@ data:
     assert role.rules[0].resources == ["nodes"]
 
 
+async def test_a_kind_the_cluster_does_not_serve_fails_before_anything_is_applied(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    sha = repo.commit({f"{CHART}/templates/widget.yaml":
+                       "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w\n"},
+                      "a custom resource without its definition")
+    async with KubeletStandIn(kube_api, delivery.namespace):
+        failed, _ = await fail_step(make_request, repo, sha, "deploy", inputs=deploy_inputs())
+    assert "does not serve kind Widget of apiVersion example.com/v1" in failed.message
+    assert failed.retryable is False
+    core, apps = CoreV1Api(kube_api), AppsV1Api(kube_api)
+    assert await absent(lambda: core.read_namespaced_service(APP, delivery.namespace))
+    assert await absent(lambda: apps.read_namespaced_deployment(APP, delivery.namespace))
+
+
 # The Role a cluster's admin gives cistate's deploy credentials (README: "Deploy credentials"),
 # in each namespace cistate deploys to; {namespace} and the ServiceAccount are filled in.
 DEPLOY_ROLE = """\
