@@ -272,7 +272,7 @@ def _check_control(run_id: uuid.UUID, action: ControlAction, actor: str, reason:
                    step: str | None) -> None:
     """400 for what the Control message would refuse (a 500 if left to the orchestrator)."""
     try:
-        Control(run_id=run_id, action=action, actor=actor, reason=reason, step=step)
+        Control(run_id=run_id, action=action, reason=reason, step=step)
     except ValidationError as exc:
         names = {"step": "from_step"}
         raise ApiError(400, "; ".join(

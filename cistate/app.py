@@ -21,6 +21,7 @@ from cistate.orchestrator import Orchestrator
 from cistate.relay import Relay
 from cistate.repos import RepoSettings
 from cistate.run import Decider
+from cistate.signing import Signer, load_key
 from cistate.store import Store, connect
 from cistate.worker import Worker
 
@@ -49,17 +50,28 @@ class App:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+def signer_for(settings: Settings, create: bool = False) -> Signer:
+    """The bus key's signer (ValueError saying what to set when there is no key)."""
+    key, source = load_key(settings.bus_key, settings.bus_key_file, settings.workdir, create)
+    if create and source.endswith("(made now)"):
+        log.info("made a bus key; give the same key to cistate's roles on other machines "
+                 "(CISTATE_BUS_KEY_FILE)", key_file=source.removesuffix(" (made now)"))
+    return Signer(key)
+
+
 @asynccontextmanager
 async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[App]:
     pipeline = load_pipeline(settings.pipeline)
+    signer = signer_for(settings, create=True)
     store = await connect(settings.database_url)
     bus: Bus | None = None
     try:
         if with_bus:
-            bus = Bus(settings.rabbitmq_url, settings.bus_prefix)
+            bus = Bus(settings.rabbitmq_url, settings.bus_prefix, signer)
             await bus.connect()
             await bus.declare_all(pipeline.step_names)
-        orchestrator = Orchestrator(store, Decider(pipeline), bus, RepoSettings().policy)
+        orchestrator = Orchestrator(store, Decider(pipeline, signer.attempt_token), bus,
+                                    RepoSettings().policy)
         yield App(settings, pipeline, store, bus, orchestrator)
     finally:
         if bus is not None:

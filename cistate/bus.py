@@ -35,6 +35,13 @@ from aio_pika.abc import (
 )
 
 from cistate.events import dumps
+from cistate.signing import (
+    SENDER_HEADER,
+    SIGNATURE_HEADER,
+    UNSIGNED_KEYS,
+    BadSignature,
+    Signer,
+)
 
 log = structlog.get_logger("cistate.bus")
 
@@ -210,9 +217,14 @@ class Acker:
 
 
 class Bus:
-    def __init__(self, url: str, prefix: str = "cistate") -> None:
+    """`signer` signs what this process publishes (all but pushes) and checks what it
+    consumes (`verified`); without one (a producer's `cistate push`) it publishes pushes."""
+
+    def __init__(self, url: str, prefix: str = "cistate", signer: Signer | None = None
+                 ) -> None:
         self.url = url
         self.prefix = prefix
+        self.signer = signer
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -286,22 +298,40 @@ class Bus:
         body: dict[str, Any] | bytes,
         message_id: uuid.UUID | str,
         headers: dict[str, Any] | None = None,
+        sender: str = "system",
     ) -> None:
-        """Publish and wait for the broker's confirm (raises if it is not confirmed)."""
+        """Publish and wait for the broker's confirm (raises if it is not confirmed). All but
+        pushes are signed as coming from `sender`."""
         if self._exchange is None:
             raise RuntimeError("bus is not connected")
         payload = body if isinstance(body, bytes) else dumps(body).encode()
+        all_headers = dict(headers or {})
+        if routing_key not in UNSIGNED_KEYS:
+            if self.signer is None:
+                raise RuntimeError(f"a {routing_key} message must be signed: no bus key")
+            all_headers[SENDER_HEADER] = sender
+            all_headers[SIGNATURE_HEADER] = self.signer.sign(
+                routing_key, str(message_id), sender, payload)
         await self._exchange.publish(
             aio_pika.Message(
                 payload,
                 message_id=str(message_id),
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=headers or {},
+                headers=all_headers,
             ),
             routing_key=routing_key,
             mandatory=False,
         )
+
+    def verified(self, message: AbstractIncomingMessage) -> str:
+        """The sender a consumed message's signature vouches for (BadSignature if none)."""
+        if self.signer is None:
+            raise BadSignature("this process has no bus key to check signatures with")
+        headers = message.headers or {}
+        return self.signer.verify(message.routing_key or "", message.message_id,
+                                  headers.get(SENDER_HEADER), headers.get(SIGNATURE_HEADER),
+                                  message.body)
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
         """Move a message we will never handle to the dead-letter queue, with the reason."""

@@ -350,7 +350,8 @@ def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any
         store = await connect(s.database_url, min_size=1, max_size=2)
         try:
             # No bus here: the outbox rows this writes are published by a running relay.
-            return await action(Orchestrator(store, Decider(pipeline), bus=None), run_id)
+            decider = Decider(pipeline, wiring.signer_for(s).attempt_token)
+            return await action(Orchestrator(store, decider, bus=None), run_id)
         finally:
             await store.close()
 

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     api_token: str | None = Field(default=None, repr=False)
     api_read_auth: bool = False  # also require a token for reads
     webhook_secret: str | None = Field(default=None, repr=False)
+    # The key cistate's roles sign their messages with (cistate.signing); without either,
+    # `cistate serve` makes <workdir>/bus.key on first start.
+    bus_key: str | None = Field(default=None, repr=False)
+    bus_key_file: Path | None = None
 
     @property
     def api_tokens(self) -> dict[str, str]:

@@ -154,6 +154,8 @@ class StepCommand(_Message):
     ref: str
     commit: str
     inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    token: Annotated[str, StringConstraints(max_length=64)] = Field(
+        default="", description="the attempt's token; its result must bring it back")
     env: dict[EnvName, str] = Field(default_factory=dict, description="the step's `env:`")
     secrets: list[SecretRef] = Field(
         default_factory=list, description="the secrets the step declares (names only)")
@@ -173,6 +175,8 @@ class StepResult(_Message):
     log: Annotated[str, StringConstraints(max_length=MAX_LOG_CHARS)] | None = Field(
         default=None, description="the step's output (bounded)")
     worker: Annotated[str, StringConstraints(max_length=256)] | None = None
+    token: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        default=None, description="the token of the command this result answers")
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -196,14 +200,14 @@ class Control(_Message):
     """Operator requests and timers for one run (routing key `control`).
 
     `retry_due` and `timeout` are timers cistate sends itself through the outbox with a due
-    time; `retry` and `cancel` come from operators.
+    time; `retry` and `cancel` come from operators. Who asked is the message's signed sender
+    (cistate.signing), never a field of the body.
     """
 
     run_id: uuid.UUID
     action: ControlAction
     step: StepName | None = None
     attempt: int | None = Field(default=None, ge=1, le=MAX_ATTEMPT)
-    actor: Annotated[str, StringConstraints(max_length=256)] = "system"
     reason: Annotated[str, StringConstraints(max_length=2048)] | None = None
 
 

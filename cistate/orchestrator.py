@@ -35,6 +35,7 @@ from cistate.messages import (
     outputs_size,
 )
 from cistate.repos import RepoPolicy
+from cistate.signing import BadSignature
 from cistate.store import Append, Conflict, Duplicate, OutboxRow, Store
 
 log = structlog.get_logger("cistate.orchestrator")
@@ -105,8 +106,11 @@ class Orchestrator:
         routing_key = message.routing_key or ""
         try:
             message_id = _message_id(message)
+            # Results and control messages come from cistate's own roles: signed, and the
+            # signature names who acted. A push comes from a producer and names no actor.
+            sender = None if routing_key == "push" else self._verified(message)
             body = parse(routing_key, message.body)
-            outcome = await self.submit(body, message_id, actor=_actor(body))
+            outcome = await self.submit(body, message_id, actor=sender or _actor(body))
         except (Unprocessable, asyncpg.DataError) as exc:
             # A data error is the message's own (a value PostgreSQL cannot store), not the
             # database being away: redelivering it would fail the same way every time.
@@ -136,6 +140,13 @@ class Orchestrator:
         assert self.bus is not None
         self.bus.acker.ack(message)  # sent with the other acks of this turn, in one frame
         self.outcomes[outcome.status] += 1
+
+    def _verified(self, message: AbstractIncomingMessage) -> str:
+        assert self.bus is not None
+        try:
+            return self.bus.verified(message)
+        except BadSignature as exc:
+            raise Unprocessable(str(exc)) from None
 
     async def submit(
         self,
@@ -246,8 +257,7 @@ class Orchestrator:
 
     async def control(self, run_id: uuid.UUID, action: ControlAction, actor: str,
                       reason: str | None = None, step: str | None = None) -> Outcome:
-        message = Control(run_id=run_id, action=action,
-                          actor=actor, reason=reason, step=step)
+        message = Control(run_id=run_id, action=action, reason=reason, step=step)
         try:
             return await self.submit(message, uuid.uuid4(), actor, record_rejection=False)
         except Unprocessable as exc:
@@ -365,12 +375,9 @@ def _message_id(message: AbstractIncomingMessage) -> uuid.UUID:
     return message_uuid(message.message_id)
 
 
-def _actor(message: Push | StepResult | Control) -> str:
-    if isinstance(message, Push):
-        return f"producer:{message.pusher}" if message.pusher else "producer"
-    if isinstance(message, StepResult):
-        return f"handler:{message.worker}" if message.worker else "handler"
-    return message.actor
+def _actor(push: Push | StepResult | Control) -> str:
+    assert isinstance(push, Push), "results and control messages name their signed sender"
+    return f"producer:{push.pusher}" if push.pusher else "producer"
 
 
 def _kind(message: Push | StepResult | Control) -> str:

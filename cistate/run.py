@@ -7,8 +7,9 @@ with `apply`, and publishes the outgoing messages through the outbox.
 from __future__ import annotations
 
 import copy
+import hmac
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -265,12 +266,25 @@ def ignore_reason(push: Push, pipeline: Pipeline) -> str | None:
     return None
 
 
-class Decider:
-    """Decisions for the runs of one pipeline."""
+AttemptTokens = Callable[[uuid.UUID, str, int], str]
 
-    def __init__(self, pipeline: Pipeline) -> None:
+
+class Decider:
+    """Decisions for the runs of one pipeline.
+
+    `tokens` gives each attempt's token (cistate.signing.Signer.attempt_token: keyed, so
+    deterministic yet unguessable): a command carries it, `step.started` records it, and a
+    result is accepted only with the token of the attempt it answers. Without `tokens`
+    (pure tests of the rules) attempts have none and results are not asked for one.
+    """
+
+    def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None) -> None:
         self.pipeline = pipeline
         self.machine = m.RunMachine(pipeline)
+        self.tokens = tokens
+
+    def token(self, run_id: uuid.UUID, step: str, attempt: int) -> str:
+        return self.tokens(run_id, step, attempt) if self.tokens else ""
 
     def decide(
         self,
@@ -355,9 +369,13 @@ class _Builder:
 
     def start_step(self, name: str, attempt: int, outputs: dict[str, dict[str, Any]]) -> None:
         spec = self.d.pipeline.step(name)
-        self.event(E.STEP_STARTED, {"step": name, "attempt": attempt}, attempt=attempt)
+        token = self.d.token(self.s.id, name, attempt)
+        started: dict[str, Any] = {"step": name, "attempt": attempt}
+        if token:
+            started["token"] = token
+        self.event(E.STEP_STARTED, started, attempt=attempt)
         command = StepCommand(
-            run_id=self.s.id, step=name, attempt=attempt, uses=spec.uses,
+            run_id=self.s.id, step=name, attempt=attempt, uses=spec.uses, token=token,
             settings=spec.with_, script=spec.run, timeout=spec.timeout,
             repo=self.repo, ref=self.ref, commit=self.commit, inputs=outputs,
             env=spec.env, secrets=spec.secrets, network=spec.network,
@@ -414,6 +432,12 @@ class _Builder:
             raise Rejected(
                 f"result for step {result.step!r} attempt {result.attempt} does not match the "
                 f"run (run {self.s.status}, {have})"
+            )
+        expected = self.d.token(self.s.id, result.step, result.attempt)
+        if expected and not hmac.compare_digest(expected, result.token or ""):
+            raise Rejected(
+                f"result for step {result.step!r} attempt {result.attempt} does not carry the "
+                "token of the command it claims to answer"
             )
         if result.status == "succeeded":
             self.event(E.STEP_SUCCEEDED, {
@@ -515,7 +539,7 @@ class _Builder:
                 "not succeed; retry from the first of them"
             )
         self.event(E.RUN_RETRIED, {
-            "from_step": target, "actor": control.actor, "reason": control.reason,
+            "from_step": target, "actor": self.actor, "reason": control.reason,
         })
         self.start_step(target, self.s.steps[target].attempts + 1, self.s.outputs_before(target))
 

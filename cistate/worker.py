@@ -38,6 +38,7 @@ from cistate.messages import (
     outputs_size,
     storable_problem,
 )
+from cistate.signing import BadSignature
 from handlers import NO_WORKSPACE
 from handlers.base import Handler, StepFailed, StepLog, StepRequest, identity_env
 from handlers.masking import Masker
@@ -83,8 +84,10 @@ class Worker:
 
     async def on_cancel(self, message: AbstractIncomingMessage) -> None:
         try:
+            self._from_orchestrator(message)
             cancel = CancelStep.model_validate_json(message.body)
-        except ValidationError:
+        except (BadSignature, ValidationError) as exc:
+            log.warning("ignored a cancel that is not cistate's", reason=str(exc))
             return
         key = (str(cancel.run_id), cancel.step, cancel.attempt)
         task = self._running.get(key)
@@ -93,7 +96,24 @@ class Worker:
             self._cancelled.add(key)
             task.cancel()
 
+    def _from_orchestrator(self, message: AbstractIncomingMessage) -> None:
+        """A command or cancel runs only as the orchestrator decided it: signed by `system`.
+        The handler, `run:` and `with:` of a step are those of the pipeline, not whatever a
+        message that anyone could publish says."""
+        sender = self.bus.verified(message)
+        if sender != "system":
+            raise BadSignature(f"{message.routing_key} messages come from the orchestrator "
+                               f"(sender system), not {sender!r}")
+
     async def on_command(self, message: AbstractIncomingMessage) -> None:
+        try:
+            self._from_orchestrator(message)
+        except BadSignature as exc:
+            log.warning("refused a step command", reason=str(exc),
+                        routing_key=message.routing_key, message_id=message.message_id)
+            await self.bus.dead_letter(message, f"{exc}; nothing was run")
+            self.bus.acker.ack(message)
+            return
         try:
             command = StepCommand.model_validate(loads(message.body))
         except (ValueError, ValidationError) as exc:
@@ -115,12 +135,13 @@ class Worker:
         finally:
             self._running.pop(key, None)
             self._cancelled.discard(key)
-        result = result.model_copy(update={"worker": self.worker_id})
+        result = result.model_copy(update={"worker": self.worker_id, "token": command.token})
         try:
             await self.bus.publish(
                 f"step.{command.step}.result",
                 result.model_dump(mode="json"),
                 derived_id(command_id, "result"),
+                sender=f"handler:{self.worker_id}",
             )
         except Exception as exc:
             # The broker is away: leave the command to be redelivered; the step runs again

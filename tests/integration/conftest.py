@@ -15,6 +15,7 @@ import pytest
 from cistate import app as wiring
 from cistate.config import ROLES, Settings
 from cistate.run import RunState, run_id_for
+from cistate.signing import SENDER_HEADER, SIGNATURE_HEADER
 from cistate.store import Store
 from tests.conftest import wait_until
 
@@ -57,13 +58,21 @@ class Producer:
         self.prefix = prefix
 
     async def publish(self, routing_key: str, body: dict[str, Any] | bytes,
-                      message_id: str | None) -> None:
+                      message_id: str | None, *, signed_by: Settings | None = None,
+                      sender: str = "handler:test-worker") -> None:
+        """Publish as an outside producer; with `signed_by`, signed with the bus key of that
+        deployment as one of its roles (`sender`) would sign it."""
         channel = await self.connection.channel(publisher_confirms=True)
         try:
             exchange = await channel.get_exchange(self.prefix)
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+            headers: dict[str, Any] = {}
+            if signed_by is not None:
+                signer = wiring.signer_for(signed_by)
+                headers = {SENDER_HEADER: sender, SIGNATURE_HEADER: signer.sign(
+                    routing_key, message_id or "", sender, payload)}
             await exchange.publish(
-                aio_pika.Message(payload, message_id=message_id,
+                aio_pika.Message(payload, message_id=message_id, headers=headers,
                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
                 routing_key=routing_key)
         finally:

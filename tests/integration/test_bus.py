@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from cistate.signing import Signer
 from cistate.bus import Bus
 from tests.conftest import wait_until as wait_for
 
@@ -24,7 +25,7 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 @pytest.fixture
 async def bus(amqp_url: str, bus_prefix: str) -> AsyncIterator[Bus]:
-    b = Bus(amqp_url, bus_prefix)
+    b = Bus(amqp_url, bus_prefix, Signer(b"bus-tests-key-0123456789"))
     await b.connect()
     yield b
     await b.close()

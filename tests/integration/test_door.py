@@ -88,13 +88,14 @@ async def test_a_nul_in_a_push_is_dead_lettered_once_and_holds_up_nothing(
 async def test_a_lone_surrogate_or_a_huge_number_is_refused_with_the_reason(
         serve: Serve, producer: Producer, store: Store, amqp_url: str, bus_prefix: str
 ) -> None:
-    await serve(ONE_STEP)
+    settings = await serve(ONE_STEP)
     surrogate = json.dumps({**GOOD, "commit": "ab" * 20}).replace(
         "app.git", "app\\ud800.git").encode()
     await producer.publish("push", surrogate, str(uuid.uuid4()))
     run_id = uuid.uuid4()
     await producer.publish("control", {"run_id": str(run_id), "action": "retry",
-                                       "attempt": 10**30}, str(uuid.uuid4()))
+                                       "attempt": 10**30}, str(uuid.uuid4()),
+                           signed_by=settings)
     letters = await dead_letters(amqp_url, bus_prefix, 2)
     reasons = sorted(reason for reason, _ in letters)
     assert len(reasons) == 2
@@ -132,13 +133,14 @@ def result_body(run_id: uuid.UUID, step: str, attempt: int, **extra: Any) -> dic
 
 async def test_a_result_for_a_step_that_is_not_running_is_recorded_by_identity_and_size(
         serve: Serve, producer: Producer, store: Store) -> None:
-    await serve(WAITING)
+    settings = await serve(WAITING)
     run_id = await producer.push(**GOOD)
     await wait_for_run(store, run_id, states=("running",))
     big_outputs = {"blob": "x" * 60_000}
     await producer.publish("step.wait.result",
                            result_body(run_id, "wait", 7, outputs=big_outputs,
-                                       log="L" * 500_000), str(uuid.uuid4()))
+                                       log="L" * 500_000), str(uuid.uuid4()),
+                           signed_by=settings)
 
     async def rejected() -> list[Any]:
         return [e for e in await store.events(run_id) if e.type == "message.rejected"]
@@ -160,15 +162,15 @@ async def test_a_result_for_a_step_that_is_not_running_is_recorded_by_identity_a
 async def test_an_oversized_result_is_dead_lettered_and_nothing_is_stored(
         serve: Serve, producer: Producer, store: Store, amqp_url: str, bus_prefix: str
 ) -> None:
-    await serve(WAITING)
+    settings = await serve(WAITING)
     run_id = await producer.push(**GOOD)
     await wait_for_run(store, run_id, states=("running",))
     await producer.publish("step.wait.result",
                            result_body(run_id, "wait", 1, outputs={"blob": "y" * 70_000}),
-                           str(uuid.uuid4()))
+                           str(uuid.uuid4()), signed_by=settings)
     await producer.publish("step.wait.result",
                            result_body(run_id, "wait", 1, log="z" * 9_000_000),
-                           str(uuid.uuid4()))
+                           str(uuid.uuid4()), signed_by=settings)
     letters = await dead_letters(amqp_url, bus_prefix, 2)
     reasons = " | ".join(reason for reason, _ in letters)
     assert len(letters) == 2

@@ -174,12 +174,12 @@ steps:
 
 async def test_result_for_a_finished_step_is_recorded_as_rejected(
         serve: Serve, producer: Producer, store: Store) -> None:
-    await serve(TWO_SCRIPTS)
+    settings = await serve(TWO_SCRIPTS)
     run_id = await producer.push()
     await wait_for_run(store, run_id)
     late = {"run_id": str(run_id), "step": "build", "attempt": 1, "status": "failed",
             "error": {"message": "late"}}
-    await producer.publish("step.build.result", late, str(uuid.uuid4()))
+    await producer.publish("step.build.result", late, str(uuid.uuid4()), signed_by=settings)
 
     async def rejected():  # type: ignore[no-untyped-def]
         return [e for e in await store.events(run_id) if e.type == "message.rejected"]
@@ -228,13 +228,15 @@ async def test_outbox_rows_written_without_a_publisher_are_relayed(
         serve: Serve, store: Store, make_settings) -> None:  # type: ignore[no-untyped-def]
     """A decision stored by a process with no bus (the CLI, an API node) still reaches the
     workers: the relay publishes its outbox rows."""
-    from cistate.app import load_pipeline
+    from cistate.app import load_pipeline, signer_for
     from cistate.messages import Push
     from cistate.orchestrator import Orchestrator
     from cistate.run import Decider
 
     settings = await serve(TWO_SCRIPTS)
-    offline = Orchestrator(store, Decider(load_pipeline(settings.pipeline)), bus=None)
+    # as the CLI does: the deployment's key gives the attempts their tokens
+    decider = Decider(load_pipeline(settings.pipeline), signer_for(settings).attempt_token)
+    offline = Orchestrator(store, decider, bus=None)
     push = Push(repo="https://git.example.com/a.git", ref="main", commit="c3" * 20)
     outcome = await offline.submit(push, uuid.uuid4())
     assert outcome.status == "recorded"

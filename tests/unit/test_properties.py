@@ -89,9 +89,9 @@ def _message(h: Harness, plan: tuple[Any, ...]) -> Push | StepResult | Control:
                           attempt=attempt or max(attempts, 1), status=status,
                           outputs=outs if status == "succeeded" else {}, error=error)
     if kind == "cancel":
-        return Control(run_id=h.run_id, action="cancel", actor="op")
+        return Control(run_id=h.run_id, action="cancel")
     if kind == "retry":
-        return Control(run_id=h.run_id, action="retry", step=plan[1], actor="op")
+        return Control(run_id=h.run_id, action="retry", step=plan[1])
     _, step, attempt = plan
     if attempt is None:
         attempt = attempts + 1 if kind == "retry_due" else max(attempts, 1)

@@ -164,7 +164,7 @@ def test_decided_events_are_plain_json(h: Harness) -> None:
     decisions.append(h.send(h.control("retry_due", "setup", 2)))
     decisions.append(h.send(h.control("timeout", "setup", 2)))
     decisions.append(h.send(h.control("cancel", reason="r")))
-    decisions.append(h.send(h.control("retry", actor="alice")))
+    decisions.append(h.send(h.control("retry"), actor="alice"))
     decisions.append(h.reject(h.ok("setup", attempt=1)))
     for decision in decisions:
         for event in decision.events:
@@ -502,7 +502,7 @@ def test_a_timer_without_step_or_attempt_is_rejected_not_a_crash(
 def test_cancel_while_running_stops_the_worker_and_ends_cancelled(h: Harness) -> None:
     h.advance_to("deploy")
     message_id = uuid.uuid4()
-    decision = h.send(h.control("cancel", reason="wrong commit", actor="alice"), message_id,
+    decision = h.send(h.control("cancel", reason="wrong commit"), message_id,
                       actor="alice")
     assert types(decision) == ["run.cancel_requested", "run.cancelled"]
     assert decision.events[0].data["reason"] == "wrong commit"
@@ -537,7 +537,7 @@ def test_cancel_of_a_terminal_run_is_rejected_and_recorded(h: Harness, ending: s
     assert h.state == before
 
     message_id = uuid.uuid4()
-    decision = h.reject(h.control("cancel", actor="bob"), message_id, actor="bob")
+    decision = h.reject(h.control("cancel"), message_id, actor="bob")
     assert types(decision) == ["message.rejected"]
     event = decision.events[0]
     assert event.data["message_type"] == "control"
@@ -572,7 +572,7 @@ def test_retry_of_a_failed_run_continues_from_the_failed_step(h: Harness) -> Non
     outputs = h.advance_to("build")
     h.send(h.fail("build", retryable=False))
     h.tick(3600)
-    decision = h.send(h.control("retry", actor="alice", reason="registry was down"),
+    decision = h.send(h.control("retry", reason="registry was down"),
                       actor="alice")
     assert types(decision) == ["run.retried", "step.started"]
     assert decision.events[0].data == {"from_step": "build", "actor": "alice",

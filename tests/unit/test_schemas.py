@@ -103,4 +103,6 @@ def test_result_and_control_validation() -> None:
                                    "status": "failed"})
     with pytest.raises(ValidationError):
         Control.model_validate({"run_id": run_id, "action": "pause"})
-    assert Control.model_validate({"run_id": run_id, "action": "cancel"}).actor == "system"
+    # who acted is the signed sender of the message, never a field anyone can set
+    with pytest.raises(ValidationError, match="actor"):
+        Control.model_validate({"run_id": run_id, "action": "cancel", "actor": "api:alice"})
