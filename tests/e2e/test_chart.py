@@ -78,8 +78,10 @@ def test_the_chart_lints_and_holds_no_secret(helm_bin: Path) -> None:
     for deployment in kinds["Deployment"]:
         env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
-        assert set(refs) == {"CISTATE_DATABASE_URL", "CISTATE_RABBITMQ_URL",
+        assert set(refs) == {"CISTATE_DATABASE_URL", "CISTATE_RABBITMQ_URL", "CISTATE_BUS_KEY",
                              "CISTATE_API_TOKEN", "CISTATE_WEBHOOK_SECRET"}
+        assert refs["CISTATE_BUS_KEY"].get("optional") is not True, (
+            "pods of different roles must share one bus key: none may make its own")
         assert refs["CISTATE_API_TOKEN"].get("optional") is True
     service = kinds["Service"][0]
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "api"
@@ -149,7 +151,9 @@ async def test_the_rendered_command_lines_serve_and_complete_a_run(
     pipeline_file.write_text(configmap["data"]["pipeline.yaml"])
     parse(pipeline_file.read_text(), str(pipeline_file), handlers.names())  # a valid pipeline
     files = {"/etc/cistate/pipeline.yaml": pipeline_file}
-    secret = {"database-url": database_url, "rabbitmq-url": amqp_url}
+    # each role's pod has a workdir of its own: the shared key comes from the Secret
+    secret = {"database-url": database_url, "rabbitmq-url": amqp_url,
+              "bus-key": uuid.uuid4().hex + uuid.uuid4().hex}
 
     # the migration hook first, as helm runs it before installing
     job = kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]

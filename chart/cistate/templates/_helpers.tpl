@@ -28,6 +28,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.databaseUrlKey }}}}
 - name: CISTATE_RABBITMQ_URL
   valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.rabbitmqUrlKey }}}}
+- name: CISTATE_BUS_KEY
+  valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.busKeyKey }}}}
 - name: CISTATE_API_TOKEN
   valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.apiTokenKey }}, optional: true}}
 - name: CISTATE_WEBHOOK_SECRET
