@@ -1,9 +1,10 @@
 """HTTP API (aiohttp): health, metrics, runs, events, logs, operator actions, live stream,
 webhooks.
 
-Mutating calls need `Authorization: Bearer <token>` (CISTATE_API_TOKEN); the token's name
-becomes the actor of the events they cause. Reads are open unless CISTATE_API_READ_AUTH=1.
-Webhooks are authenticated by their host's signature instead.
+Every call but /health and webhooks needs `Authorization: Bearer <token>`
+(CISTATE_API_TOKEN): reads a token of scope `read` or more, operator calls `operate` or more;
+the token's name becomes the actor of the events they cause. CISTATE_API_READ_AUTH=0 opens
+reads for a local setup. Webhooks are authenticated by their host's signature instead.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from cistate import webhooks
 from cistate.app import App
 from cistate.messages import Control, ControlAction, message_uuid
 from cistate.metrics import CONTENT_TYPE, Counts, exposition
-from cistate.orchestrator import Outcome
+from cistate.orchestrator import Outcome, Unprocessable
 from cistate.store import EventQuery, RunQuery
 
 APP_KEY: web.AppKey[App] = web.AppKey("cistate", App)
@@ -85,17 +86,23 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     settings = request.app[APP_KEY].settings
     public = request.path == "/health" or request.path.startswith("/api/v1/webhooks/")
-    if not public and (request.method != "GET" or settings.api_read_auth):
+    needed = "read" if request.method in ("GET", "HEAD") else "operate"
+    if not public and (needed != "read" or settings.api_read_auth):
         tokens = settings.api_tokens
         if not tokens:
-            raise ApiError(503, "this API has no tokens: set CISTATE_API_TOKEN to allow "
-                                "operator calls")
+            raise ApiError(503, "this API has no tokens: set CISTATE_API_TOKEN "
+                                "(NAME:TOKEN[:read|operate|admin]) to allow this call")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        name = next((n for t, n in tokens.items()
-                     if scheme.lower() == "bearer" and hmac.compare_digest(t, given)), None)
-        if name is None:
+        # as bytes: a token with non-ASCII text is just wrong (401), never an error
+        given_bytes = given.encode("utf-8", "replace")
+        holder = next((t for token, t in tokens.items() if scheme.lower() == "bearer"
+                       and hmac.compare_digest(token.encode(), given_bytes)), None)
+        if holder is None:
             raise ApiError(401, "missing or unknown bearer token")
-        request[ACTOR_KEY] = f"api:{name}"
+        if not holder.allows(needed):
+            raise ApiError(403, f"token {holder.name!r} has scope {holder.scope!r}; this "
+                                f"call needs {needed!r}")
+        request[ACTOR_KEY] = f"api:{holder.name}"
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -305,8 +312,11 @@ async def webhook(request: web.Request) -> web.Response:
         raise ApiError(exc.status, exc.reason) from None
     if received.push is None:
         return web.json_response({"status": "ignored", "reason": received.ignored}, status=202)
-    outcome = await app.orchestrator.submit(
-        received.push, message_uuid(received.delivery_id), actor=f"webhook:{provider}")
+    try:
+        outcome = await app.orchestrator.submit(
+            received.push, message_uuid(received.delivery_id), actor=f"webhook:{provider}")
+    except Unprocessable as exc:  # e.g. a repo URL this deployment does not clone
+        raise ApiError(422, str(exc)) from None
     if outcome.status == "ignored" and outcome.state is None:
         return web.json_response({"status": "ignored", "reason": outcome.detail}, status=202)
     return web.json_response({"status": "accepted", "run_id": str(outcome.run_id),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,10 +24,13 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=4, ge=1, le=256)
     log_format: str = Field(default="console", pattern=r"^(console|json)$")
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
-    # Bearer tokens for mutating API calls: "TOKEN" or "NAME:TOKEN,NAME:TOKEN"; the name
-    # becomes the actor of the events the call causes.
+    # Bearer tokens of the HTTP API: "TOKEN" or "NAME:TOKEN[:SCOPE],..." with SCOPE one of
+    # read, operate (the default) and admin; the name becomes the actor of what a call does.
     api_token: str | None = Field(default=None, repr=False)
-    api_read_auth: bool = False  # also require a token for reads
+    # Reads (runs, events, logs, metrics) need a `read` token too; 0 opens them for a local,
+    # single-user setup (scripts/run.sh). No exception for loopback clients: a sandboxed
+    # step shares the host's loopback.
+    api_read_auth: bool = True
     webhook_secret: str | None = Field(default=None, repr=False)
     # The key cistate's roles sign their messages with (cistate.signing); without either,
     # `cistate serve` makes <workdir>/bus.key on first start.
@@ -34,16 +38,15 @@ class Settings(BaseSettings):
     bus_key_file: Path | None = None
 
     @property
-    def api_tokens(self) -> dict[str, str]:
-        """token -> name"""
-        tokens: dict[str, str] = {}
-        for item in (self.api_token or "").split(","):
-            item = item.strip()
-            if not item:
-                continue
-            name, sep, token = item.partition(":")
-            tokens[token if sep else name] = name if sep else "api"
-        return tokens
+    def api_tokens(self) -> dict[str, ApiToken]:
+        """token -> who holds it and what it may do"""
+        return parse_api_tokens(self.api_token or "")
+
+    @field_validator("api_token")
+    @classmethod
+    def _tokens(cls, value: str | None) -> str | None:
+        parse_api_tokens(value or "")  # refuse a bad scope at start, not at the first call
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -74,6 +77,38 @@ class Settings(BaseSettings):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+SCOPES = ("read", "operate", "admin")  # each includes the ones before it
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str
+    scope: str = "operate"
+
+    def allows(self, needed: str) -> bool:
+        return SCOPES.index(self.scope) >= SCOPES.index(needed)
+
+
+def parse_api_tokens(text: str) -> dict[str, ApiToken]:
+    tokens: dict[str, ApiToken] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) == 1:
+            tokens[parts[0]] = ApiToken("api")
+            continue
+        if len(parts) > 3 or not parts[0] or not parts[1]:
+            raise ValueError(f"API token entry {parts[0]!r}... is not NAME:TOKEN[:SCOPE]")
+        scope = parts[2] if len(parts) == 3 else "operate"
+        if scope not in SCOPES:
+            raise ValueError(f"API token {parts[0]!r} has scope {scope!r}; use one of "
+                             f"{', '.join(SCOPES)}")
+        tokens[parts[1]] = ApiToken(parts[0], scope)
+    return tokens
 
 
 def redact(url: str) -> str:

@@ -110,6 +110,8 @@ def make_settings(database_url: str, amqp_url: str, bus_prefix: str, tmp_path: P
             "pipeline": pipeline,
             "workdir": tmp_path / "work",
             "listen": f"127.0.0.1:{free_port()}",
+            # reads open, as scripts/run.sh has them; tests of read auth close them
+            "api_read_auth": False,
             **overrides,
         }
         return Settings(**values)  # type: ignore[arg-type]
