@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -12,11 +13,12 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from pydantic import ValidationError
 
 import handlers
 from cistate import pipeline as p
 from cistate.bus import Bus
-from cistate.config import Settings
+from cistate.config import ConfigError, Settings
 from cistate.orchestrator import Orchestrator
 from cistate.relay import Relay
 from cistate.repos import RepoSettings
@@ -24,6 +26,9 @@ from cistate.run import Decider
 from cistate.signing import Signer, load_key
 from cistate.store import Store, connect
 from cistate.worker import Worker
+from handlers import checks
+from handlers.sandbox import SandboxSettings
+from handlers.secrets import SecretSource, load_scopes
 
 log = structlog.get_logger("cistate")
 
@@ -79,10 +84,38 @@ async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[A
         await store.close()
 
 
+def worker_problems(settings: Settings, steps: Iterable[str] | None = None) -> list[str]:
+    """What stops a worker from running the steps it would serve, one line each: their
+    settings (handlers.checks), the secrets they declare, the sandbox's own settings."""
+    pipeline = load_pipeline(settings.pipeline)
+    served = set(steps or pipeline.step_names)
+    unknown = sorted(served - set(pipeline.step_names))
+    found = [f"--step {name}: the pipeline {pipeline.name!r} has no such step"
+             for name in unknown]
+    try:
+        sandbox = SandboxSettings()
+        scopes = load_scopes(sandbox.secret_scopes, sandbox.secret_scopes_file)
+    except (ValidationError, ValueError, OSError) as exc:
+        return [*found, f"sandbox settings: {_one_line(exc)}"]
+    secrets = SecretSource(sandbox.secrets_dir, os.environ, scopes)
+    return found + checks.problems((s for s in pipeline.steps if s.name in served), secrets)
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"CISTATE_{str(e['loc'][0]).upper() if e['loc'] else '?'}: "
+                         f"{e['msg']}" for e in exc.errors())
+    return str(exc)
+
+
 async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] | None = None,
                 ready: asyncio.Event | None = None) -> None:
     """Run the given roles until cancelled."""
     roles = set(roles)
+    if "worker" in roles:
+        problems = worker_problems(settings, steps)
+        if problems:
+            raise ConfigError("\n".join(problems))
     async with open_app(settings) as app:
         assert app.bus is not None
         background: list[asyncio.Task[None]] = []

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from cistate.config import ROLES, Settings, redact
+from cistate.config import ROLES, ConfigError, Settings, redact
 from cistate.messages import MESSAGE_MODELS, Push, message_uuid
 from cistate.pipeline import PipelineError
 from cistate.run import Decider, RunState, run_id_for
@@ -57,6 +57,13 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def fail_lines(lines: list[str], code: int) -> NoReturn:
+    """Every problem on its own line, so that a person can fix them all in one go."""
+    for line in lines:
+        typer.echo(f"cistate: {line}", err=True)
+    raise typer.Exit(code)
+
+
 def settings() -> Settings:
     try:
         return Settings()
@@ -70,8 +77,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning the errors a person can fix into one clear line."""
     try:
         return asyncio.run(coro)
-    except PipelineError as exc:
-        fail(str(exc), 2)
+    except (PipelineError, ConfigError) as exc:
+        fail_lines(str(exc).splitlines(), 2)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         fail(f"{_what_failed(exc)}: {exc}")
 
@@ -168,6 +175,27 @@ def serve(
     configure_logging(s.log_format, s.log_level)
     with contextlib.suppress(KeyboardInterrupt):
         run_async(wiring.serve(s, roles, steps=step))
+
+
+@cli.command()
+def check(
+    step: Annotated[list[str] | None, typer.Option(
+        "--step", help="only these steps, as `serve --role worker --step` would serve")] = None,
+) -> None:
+    """Check the configuration without starting anything: the pipeline, the settings of every
+    enabled step and the secrets they declare (exit 2 with one line per problem)."""
+    from cistate import app as wiring
+
+    s = settings()
+    try:
+        problems = wiring.worker_problems(s, step)
+    except PipelineError as exc:
+        fail_lines(str(exc).splitlines(), 2)
+    if problems:
+        fail_lines(problems, 2)
+    pipeline = wiring.load_pipeline(s.pipeline)
+    checked = [x for x in pipeline.steps if x.enabled and (not step or x.name in step)]
+    typer.echo(f"ok: pipeline {pipeline.name!r}, {len(checked)} enabled steps checked")
 
 
 # -- push

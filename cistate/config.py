@@ -12,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
 
 
+class ConfigError(ValueError):
+    """Configuration a person must fix before cistate starts; one problem per line."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
 

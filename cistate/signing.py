@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cistate.config import ConfigError
+
 SENDER_HEADER = "x-cistate-sender"
 SIGNATURE_HEADER = "x-cistate-signature"
 UNSIGNED_KEYS = frozenset({"push"})  # what producers outside cistate publish
@@ -87,15 +89,15 @@ def load_key(key: str | None, key_file: Path | None, workdir: Path | None,
         try:
             return key_file.read_bytes().strip(), f"CISTATE_BUS_KEY_FILE ({key_file})"
         except OSError as exc:
-            raise ValueError(f"cannot read CISTATE_BUS_KEY_FILE {key_file}: "
+            raise ConfigError(f"cannot read CISTATE_BUS_KEY_FILE {key_file}: "
                              f"{exc.strerror}") from None
     if workdir is None:
-        raise ValueError("no bus key: set CISTATE_BUS_KEY or CISTATE_BUS_KEY_FILE")
+        raise ConfigError("no bus key: set CISTATE_BUS_KEY or CISTATE_BUS_KEY_FILE")
     path = workdir / KEY_FILE_NAME
     if path.is_file():
         return path.read_bytes().strip(), f"{path}"
     if not create:
-        raise ValueError(f"no bus key: set CISTATE_BUS_KEY or CISTATE_BUS_KEY_FILE (or start "
+        raise ConfigError(f"no bus key: set CISTATE_BUS_KEY or CISTATE_BUS_KEY_FILE (or start "
                          f"`cistate serve` once, which makes {path})")
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -106,7 +108,7 @@ def load_key(key: str | None, key_file: Path | None, workdir: Path | None,
             if found:
                 return found, f"{path}"
             time.sleep(0.02)
-        raise ValueError(f"{path} stays empty; remove it and start again") from None
+        raise ConfigError(f"{path} stays empty; remove it and start again") from None
     with os.fdopen(fd, "w", encoding="ascii") as out:
         out.write(secrets.token_hex(32) + "\n")
     return path.read_bytes().strip(), f"{path} (made now)"

@@ -95,7 +95,8 @@ class SecretSource:
                 retryable=False,
             )
 
-    def _value(self, name: str, *, step: str) -> str:
+    def value(self, name: str) -> str:
+        """The secret's value on this worker; LookupError saying where to put it if none."""
         if self.directory is not None:
             path = self.directory / name
             if path.is_file():
@@ -106,11 +107,16 @@ class SecretSource:
             return value
         where = f"a file {name} in CISTATE_SECRETS_DIR ({self.directory}) or " if (
             self.directory is not None) else "CISTATE_SECRETS_DIR with a file of that name or "
-        raise StepFailed(
-            f"step {step!r} declares secret {name}, which this worker does not have: provide "
-            f"{where}the variable {ENV_PREFIX}{name} on the worker; nothing was run",
-            retryable=False,
-        )
+        raise LookupError(f"secret {name} is not on this worker: provide {where}the variable "
+                          f"{ENV_PREFIX}{name}")
+
+    def _value(self, name: str, *, step: str) -> str:
+        try:
+            return self.value(name)
+        except LookupError as exc:
+            raise StepFailed(f"step {step!r} declares secret {name}, which this worker does "
+                             f"not have: {str(exc).split(': ', 1)[1]}; nothing was run",
+                             retryable=False) from None
 
 
 def load_scopes(text: str | None, file: Path | None) -> dict[str, list[str]] | None:
