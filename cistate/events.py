@@ -2,12 +2,19 @@
 
 An event is a fact about one run. It is immutable once appended; `data` holds the fact,
 `meta` says who and what caused it (causation_id, correlation_id, actor, attempt).
+
+Each stored event carries a hash chained to the run's event before it (`link`); the store
+computes it when it appends, over the canonical form PostgreSQL makes of the stored row
+(schema/migrations/004_event_hash_chain.sql), and `chain_problems` says where a run's stored
+events no longer match their chain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -88,3 +95,71 @@ def dumps(value: Any) -> str:
 def loads(text: str | bytes) -> Any:
     """Parse JSON text (raises a ValueError subclass when it is not JSON)."""
     return orjson.loads(text)
+
+
+# What a run's first event is chained to.
+GENESIS = b""
+
+
+def link(prev: bytes, canonical: bytes) -> bytes:
+    """An event's hash: SHA-256 over the previous event's hash and the event's canonical
+    form (the same as the SQL function cistate_event_hash that the store appends with)."""
+    return hashlib.sha256(prev + canonical).digest()
+
+
+@dataclass(frozen=True)
+class Chained:
+    """One stored event as the chain sees it."""
+
+    seq: int
+    canonical: bytes
+    hash: bytes | None  # None: written without one (past the store)
+
+
+@dataclass(frozen=True)
+class ChainProblem:
+    seq: int
+    problem: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "problem": self.problem}
+
+
+MISMATCH = ("hash mismatch: this event was edited, or the one before it was deleted, "
+            "inserted or moved")
+UNHASHED = "no hash: written past the store, which hashes every event it appends"
+
+
+def chain_problems(events: Sequence[Chained], version: int | None = None
+                   ) -> list[ChainProblem]:
+    """Where one run's stored events (in seq order) break their chain: seqs missing from
+    1..the last one (..`version`, the run's row, when known: that is how a deleted last
+    event shows), seqs below 1, and each event whose hash is not `link` of the stored hash
+    before it and its own canonical form.
+
+    Each link is checked against the stored hash before it, not a recomputed chain, so that
+    an edited event is named alone rather than with every event after it.
+    """
+    problems: list[ChainProblem] = []
+    expected, prev = 1, GENESIS
+    for event in events:
+        if event.seq < expected:
+            problems.append(ChainProblem(event.seq, f"seq {event.seq} is out of place: a run's "
+                                         "events are numbered from 1 (moved?)"))
+        elif event.seq > expected:
+            problems.append(ChainProblem(expected, _missing(expected, event.seq - 1)))
+        if event.hash is None:
+            problems.append(ChainProblem(event.seq, UNHASHED))
+        elif event.hash != link(prev, event.canonical):
+            problems.append(ChainProblem(event.seq, MISMATCH))
+        expected, prev = max(expected, event.seq + 1), event.hash or GENESIS
+    if version is not None and version >= expected:
+        problems.append(ChainProblem(expected, _missing(expected, version) + f"; the run's row "
+                                     f"is at version {version}"))
+    return problems
+
+
+def _missing(first: int, last: int) -> str:
+    if first == last:
+        return f"missing: there is no event {first} (deleted?)"
+    return f"missing: there are no events {first}-{last} ({last - first + 1} events; deleted?)"
