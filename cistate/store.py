@@ -1,9 +1,10 @@
 """PostgreSQL event store (asyncpg): append, load, queries, the runs projection, the outbox.
 
-One transaction per decision: its events (with the expected version), the `runs` row, the
-outbox rows and the step log. A unique violation on (run_id, seq) means another writer got
-there first (Conflict: reload and decide again); one on message_id means this message was
-already handled (Duplicate: nothing to do).
+One transaction per decision: its events (with the expected version and the hash that
+chains each to the run's event before it), the `runs` row, the outbox rows and the step
+log. A unique violation on (run_id, seq) means another writer got there first (Conflict:
+reload and decide again); one on message_id means this message was already handled
+(Duplicate: nothing to do). `verify` checks the chains.
 """
 
 from __future__ import annotations
@@ -21,7 +22,16 @@ from typing import Any
 
 import asyncpg
 
-from cistate.events import Event, NewEvent, derived_id, dumps, loads
+from cistate.events import (
+    Chained,
+    ChainProblem,
+    Event,
+    NewEvent,
+    chain_problems,
+    derived_id,
+    dumps,
+    loads,
+)
 from cistate.metrics import StoreState
 from cistate.run import Outgoing, RunState, StepState, fold
 
@@ -75,6 +85,36 @@ class RebuildReport:
     differed: list[uuid.UUID] = field(default_factory=list)
     # runs whose events do not fold (a damaged event): left as they are, with the error
     unfoldable: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """One run's stored events checked against their hash chain."""
+
+    run_id: uuid.UUID
+    events: int
+    problems: list[ChainProblem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": str(self.run_id), "ok": self.ok, "events": self.events,
+                "problems": [p.to_json() for p in self.problems]}
+
+
+@dataclass
+class VerifyReport:
+    runs: int = 0
+    events: int = 0
+    broken: list[RunCheck] = field(default_factory=list)  # in run_id order
+
+    def add(self, check: RunCheck) -> None:
+        self.runs += 1
+        self.events += check.events
+        if not check.ok:
+            self.broken.append(check)
 
 
 @dataclass(frozen=True)
@@ -379,6 +419,26 @@ class Store:
             return None
         return fold(run_id, ((r["type"], r["data"], r["recorded_at"]) for r in records))
 
+    async def verify_run(self, run_id: uuid.UUID) -> RunCheck | None:
+        """The run's events checked against their chain (None: no such run)."""
+        records = await self.pool.fetch(_CHAIN_SQL, run_id)
+        return _run_check(records) if records else None
+
+    async def verify(self, prefetch: int = 10_000) -> VerifyReport:
+        """Every run's events checked against their chain, read in one snapshot through a
+        cursor (`prefetch` events at a time)."""
+        report = VerifyReport()
+        run: list[asyncpg.Record] = []
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            async for record in conn.cursor(_CHAIN_SQL, None, prefetch=prefetch):
+                if run and record["run_id"] != run[0]["run_id"]:
+                    report.add(_run_check(run))
+                    run = []
+                run.append(record)
+        if run:
+            report.add(_run_check(run))
+        return report
+
     async def run_batches(self, conn: Conn, batch: int = 500,
                           first: uuid.UUID = _FIRST_UUID, last: uuid.UUID = _LAST_UUID,
                           ) -> AsyncGenerator[list[tuple[uuid.UUID, list[Triple]]], None]:
@@ -478,6 +538,29 @@ class Store:
 
 Triple = tuple[str, dict[str, Any], datetime]
 
+# Each event's canonical form and stored hash, with its run's version (the runs row), in
+# (run_id, seq) order; a runs row without events comes as one row with seq NULL.
+_CHAIN_SQL = """
+SELECT e.run_id, r.version, e.seq, cistate_event_canonical(
+         e.run_id, e.seq, e.type, e.data, e.meta, e.message_id, e.recorded_at) AS canonical,
+       e.hash
+FROM events e LEFT JOIN runs r ON r.id = e.run_id
+WHERE $1::uuid IS NULL OR e.run_id = $1
+UNION ALL
+SELECT r.id, r.version, NULL, NULL, NULL FROM runs r
+WHERE ($1::uuid IS NULL OR r.id = $1) AND NOT EXISTS (SELECT FROM events e WHERE e.run_id = r.id)
+ORDER BY run_id, seq
+"""
+
+
+def _run_check(records: Sequence[asyncpg.Record]) -> RunCheck:
+    """One run's _CHAIN_SQL rows, checked."""
+    events = [Chained(r["seq"], r["canonical"], r["hash"]) for r in records
+              if r["seq"] is not None]
+    return RunCheck(records[0]["run_id"], len(events),
+                    chain_problems(events, records[0]["version"]))
+
+
 _RUN_EVENTS_SQL = (
     "SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE"
     " 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')) ORDER BY seq)::text AS events"
@@ -528,11 +611,32 @@ _SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, state, step, machine_state
 # Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
 # runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
 # taken for another array dimension).
+#
+# Each event's hash links to the hash of its run's event seq - 1: stored already for the
+# first event of a decision (the one its expected version names: committed before this run
+# was loaded, so visible to this statement), or an event of this batch for the next ones,
+# hence the recursion (one level per event of the longest decision). A concurrent writer of
+# the same seq still gets the unique violation on (run_id, seq) and decides again. Should
+# event seq - 1 be gone (deleted in the database), the link starts from empty and the
+# decision is stored all the same: refusing it would fail its whole batch, and verify names
+# the gap.
 _APPEND_SQL = """
-WITH ev AS (
-  INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at)
+WITH RECURSIVE new AS (
   SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::jsonb[], $5::jsonb[],
-                       $6::uuid[], $7::timestamptz[])
+                       $6::uuid[], $7::timestamptz[]) WITH ORDINALITY
+    AS n(run_id, seq, type, data, meta, message_id, recorded_at, i)
+), chain AS (
+  SELECT n.*, cistate_event_hash(p.hash, cistate_event_canonical(
+           n.run_id, n.seq, n.type, n.data, n.meta, n.message_id, n.recorded_at)) AS hash
+  FROM new n LEFT JOIN events p ON p.run_id = n.run_id AND p.seq = n.seq - 1
+  WHERE NOT EXISTS (SELECT FROM new b WHERE b.run_id = n.run_id AND b.seq = n.seq - 1)
+  UNION ALL
+  SELECT n.*, cistate_event_hash(c.hash, cistate_event_canonical(
+           n.run_id, n.seq, n.type, n.data, n.meta, n.message_id, n.recorded_at))
+  FROM chain c JOIN new n ON n.run_id = c.run_id AND n.seq = c.seq + 1
+), ev AS (
+  INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at, hash)
+  SELECT run_id, seq, type, data, meta, message_id, recorded_at, hash FROM chain ORDER BY i
 ), run AS (
   INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
                     active, push, version, created_at, updated_at)
