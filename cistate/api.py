@@ -47,6 +47,7 @@ def make_app(app: App) -> web.Application:
         web.get("/api/v1/runs/{id}/events", run_events),
         web.get("/api/v1/runs/{id}/steps/{step}/log", step_log),
         web.get("/api/v1/runs/{id}/stream", stream),
+        web.get("/api/v1/runs/{id}/verify", verify_run),
         web.post("/api/v1/runs/{id}/retry", retry),
         web.post("/api/v1/runs/{id}/cancel", cancel),
         web.post("/api/v1/runs/{id}/rerun", rerun),
@@ -184,6 +185,17 @@ async def run_events(request: web.Request) -> web.Response:
     if not events:
         raise ApiError(404, f"no run {run_id}")
     return web.json_response({"events": [e.to_json() for e in events]})
+
+
+async def verify_run(request: web.Request) -> web.Response:
+    """The run's events checked against their hash chain: 200 whatever the verdict (`ok`,
+    and each problem by seq)."""
+    app = request.app[APP_KEY]
+    run_id = _run_id(request)
+    check = await app.store.verify_run(run_id)
+    if check is None:
+        raise ApiError(404, f"no run {run_id}")
+    return web.json_response(check.to_json())
 
 
 async def list_events(request: web.Request) -> web.Response:

@@ -25,7 +25,7 @@ from cistate.config import ROLES, ConfigError, Settings, redact
 from cistate.messages import MESSAGE_MODELS, Push, message_uuid
 from cistate.pipeline import PipelineError
 from cistate.run import Decider, RunState, run_id_for
-from cistate.store import EventQuery, RunQuery, connect
+from cistate.store import EventQuery, RunCheck, RunQuery, VerifyReport, connect
 
 if TYPE_CHECKING:
     from cistate.orchestrator import Orchestrator, Outcome
@@ -39,6 +39,8 @@ db_cli = typer.Typer(no_args_is_help=True, help="The event store's database.")
 runs_cli = typer.Typer(no_args_is_help=True, help="Look at runs.")
 schema_cli = typer.Typer(no_args_is_help=True, help="Message and API schemas.")
 projections_cli = typer.Typer(no_args_is_help=True, help="Read models built from events.")
+audit_cli = typer.Typer(help="Events across all runs, and checks of their hash chains.")
+cli.add_typer(audit_cli, name="audit")
 cli.add_typer(projections_cli, name="projections")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(runs_cli, name="runs")
@@ -456,8 +458,9 @@ def runs_watch(
     raise typer.Exit(0 if final.status == "succeeded" else 1)
 
 
-@cli.command()
+@audit_cli.callback(invoke_without_command=True)
 def audit(
+    ctx: typer.Context,
     run: Annotated[str | None, typer.Option(help="Only this run's events.")] = None,
     repo: RepoOpt = None,
     ref: RefOpt = None,
@@ -473,7 +476,9 @@ def audit(
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
     as_json: JsonFlag = False,
 ) -> None:
-    """Events across all runs, newest first, filtered."""
+    """Events across all runs, newest first, filtered (or a command below)."""
+    if ctx.invoked_subcommand is not None:
+        return
     query = EventQuery(
         run_id=parse_run_id(run) if run else None, repo=repo, ref=ref, commit=commit,
         type=type_, step=step, actor=actor, since=_utc(since), until=_utc(until),
@@ -491,6 +496,40 @@ def audit(
     out.print(table)
     if len(events) == limit:
         out.print(f"more: --before {events[-1].position}")
+
+
+@audit_cli.command("verify")
+def audit_verify(
+    run: Annotated[str | None, typer.Argument(help="Only this run (default: every run).")
+                   ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Check every run's (or one run's) events against their hash chain and name each
+    edited, deleted, inserted or moved event by run and seq. Exits 1 if there is one."""
+    if run is None:
+        report: VerifyReport = _with_store(lambda st: st.verify())
+        runs, events, broken = report.runs, report.events, report.broken
+        if as_json:
+            print_json({"runs": runs, "events": events, "ok": not broken,
+                        "broken": [check.to_json() for check in broken]})
+    else:
+        run_id = parse_run_id(run)
+        check: RunCheck | None = _with_store(lambda st: st.verify_run(run_id))
+        if check is None:
+            fail(f"no run {run_id}")
+        runs, events, broken = 1, check.events, [] if check.ok else [check]
+        if as_json:
+            print_json(check.to_json())
+    if not as_json:
+        for bad in broken:
+            for problem in bad.problems:
+                typer.echo(f"run {bad.run_id} seq {problem.seq}: {problem.problem}")
+    if broken:
+        fail(f"{len(broken)} of {runs} runs ({events} events) do not hold their hash chain: "
+             "their events were changed in the database, not by cistate; see the lines above "
+             "(or --json) for each one")
+    if not as_json:
+        typer.echo(f"{runs} runs, {events} events verified")
 
 
 @projections_cli.command("rebuild")
