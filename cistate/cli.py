@@ -535,14 +535,17 @@ def audit_verify(
 @projections_cli.command("rebuild")
 def projections_rebuild(as_json: JsonFlag = False) -> None:
     """Refold every run from its events into the runs projection; report rows that differed.
-    Exits 1 if some run's events could not be folded (those rows are left as they are)."""
+    Exits 1 if some run's events could not be folded, or break their hash chain (those rows
+    are left as they are)."""
     # two id ranges side by side, each a reader and a writer connection
     report = _with_store(lambda st: st.rebuild_projections(parts=2), connections=4)
     if as_json:
         print_json({"runs": report.runs, "events": report.events,
                     "differed": [str(r) for r in report.differed],
                     "unfoldable": [{"run_id": str(run_id), "error": error}
-                                   for run_id, error in report.unfoldable]})
+                                   for run_id, error in report.unfoldable],
+                    "broken": [{"run_id": str(run_id), "problem": problem}
+                               for run_id, problem in report.broken]})
     else:
         typer.echo(f"refolded {report.runs} runs from {report.events} events; "
                    f"{len(report.differed)} row(s) differed and were rewritten")
@@ -551,7 +554,10 @@ def projections_rebuild(as_json: JsonFlag = False) -> None:
         for run_id, error in report.unfoldable:
             typer.echo(f"cannot fold run {run_id} (its row was left as it is): {error}",
                        err=True)
-    if report.unfoldable:
+        for run_id, problem in report.broken:
+            typer.echo(f"did not fold run {run_id} (its row was left as it is): {problem}; "
+                       f"`cistate audit verify {run_id}` names each event", err=True)
+    if report.unfoldable or report.broken:
         raise typer.Exit(1)
 
 

@@ -85,6 +85,9 @@ class RebuildReport:
     differed: list[uuid.UUID] = field(default_factory=list)
     # runs whose events do not fold (a damaged event): left as they are, with the error
     unfoldable: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    # runs whose events break their hash chain (tampered with): not folded, left as they
+    # are, with what is wrong
+    broken: list[tuple[uuid.UUID, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -439,15 +442,16 @@ class Store:
             report.add(_run_check(run))
         return report
 
-    async def run_batches(self, conn: Conn, batch: int = 500,
-                          first: uuid.UUID = _FIRST_UUID, last: uuid.UUID = _LAST_UUID,
-                          ) -> AsyncGenerator[list[tuple[uuid.UUID, list[Triple]]], None]:
-        """Every run's events as (type, data, recorded_at) triples in seq order, `batch` runs
-        at a time in run_id order, read through a cursor of `conn` (inside a transaction);
-        only the runs with first <= run_id <= last.
+    async def checked_batches(self, conn: Conn, batch: int = 500,
+                              first: uuid.UUID = _FIRST_UUID, last: uuid.UUID = _LAST_UUID,
+                              ) -> AsyncGenerator[list[RunEvents], None]:
+        """Every run's events as (type, data, recorded_at) triples in seq order, and whether
+        they hold their hash chain, `batch` runs at a time in run_id order, read through a
+        cursor of `conn` (inside a transaction); only the runs with first <= run_id <= last.
 
         PostgreSQL aggregates each run's events into one JSON text: one loads() per run
-        instead of per-row decoding, which is most of what reading costs in Python.
+        instead of per-row decoding, which is most of what reading costs in Python. It checks
+        the chain in the same pass (the Python side gets a few numbers per run).
         recorded_at travels as ISO 8601 in UTC and parses back to the datetime asyncpg would
         give. The next batch is fetched while the caller works on this one.
         """
@@ -457,13 +461,23 @@ class Store:
         try:
             while records := await pending:
                 pending = asyncio.ensure_future(cursor.fetch(batch))
-                yield [(r["run_id"], [(t, d, parse(at)) for t, d, at in loads(r["events"])])
+                yield [RunEvents(r["run_id"],
+                                 [(t, d, parse(at)) for t, d, at in loads(r["events"])],
+                                 _broken_chain(r["mismatched"], r["n"], r["first"], r["last"]))
                        for r in records]
         finally:
             if not pending.done():
                 pending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, asyncpg.PostgresError):
                     await pending
+
+    async def run_batches(self, conn: Conn, batch: int = 500,
+                          first: uuid.UUID = _FIRST_UUID, last: uuid.UUID = _LAST_UUID,
+                          ) -> AsyncGenerator[list[tuple[uuid.UUID, list[Triple]]], None]:
+        """checked_batches as (run_id, triples), without the verdict on the chain."""
+        async with contextlib.aclosing(self.checked_batches(conn, batch, first, last)) as runs:
+            async for batch_runs in runs:
+                yield [(run.run_id, run.triples) for run in batch_runs]
 
     async def rebuild_projections(self, batch: int = 500, parts: int = 2) -> RebuildReport:
         """Refold every run from its events; rewrite and report the rows that differed.
@@ -476,7 +490,11 @@ class Store:
         when any column differs from what the fold writes. A stored row whose version is
         ahead of the fold (appended since this read began) is newer, not damaged: it is left
         alone. `differed` is in run_id order. A run whose events do not fold (a damaged
-        event) is left alone and listed in `unfoldable` with the error; the rest goes on.
+        event) is left alone and listed in `unfoldable` with the error; one whose events
+        break their hash chain (changed in the database) is not folded, left alone and
+        listed in `broken` with what breaks it; the rest goes on. A run's deleted last
+        events do not show here (only its row would say so, and that row is what this
+        repairs): `verify` compares the two.
         """
         # each range holds a reader connection and borrows one to write: never more ranges
         # than the pool can serve at once
@@ -496,6 +514,7 @@ class Store:
             report.events += part.events
             report.differed.extend(part.differed)
             report.unfoldable.extend(part.unfoldable)
+            report.broken.extend(part.broken)
         return report
 
     async def _rebuild_range(self, batch: int, first: uuid.UUID, last: uuid.UUID
@@ -503,18 +522,21 @@ class Store:
         report = RebuildReport()
         fixing: asyncio.Future[None] | None = None
         async with (self.pool.acquire() as reader, reader.transaction(),
-                    contextlib.aclosing(self.run_batches(reader, batch, first, last))
+                    contextlib.aclosing(self.checked_batches(reader, batch, first, last))
                     as batches):
             try:
                 async for runs in batches:
                     rows = []
-                    for run_id, triples in runs:
+                    for run in runs:
+                        if run.broken is not None:  # tampered with: do not fold it
+                            report.broken.append((run.run_id, run.broken))
+                            continue
                         try:
-                            rows.append(_run_row(fold(run_id, triples)))
+                            rows.append(_run_row(fold(run.run_id, run.triples)))
                         except Exception as exc:  # a damaged event: report it, go on
                             report.unfoldable.append(
-                                (run_id, f"{type(exc).__name__}: {exc}"))
-                    report.events += sum(len(triples) for _, triples in runs)
+                                (run.run_id, f"{type(exc).__name__}: {exc}"))
+                    report.events += sum(len(run.triples) for run in runs)
                     if fixing is not None:
                         await fixing  # one at a time: the report keeps run_id order
                     fixing = asyncio.ensure_future(self._compare_and_fix(rows, report))
@@ -561,11 +583,40 @@ def _run_check(records: Sequence[asyncpg.Record]) -> RunCheck:
                     chain_problems(events, records[0]["version"]))
 
 
-_RUN_EVENTS_SQL = (
-    "SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE"
-    " 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')) ORDER BY seq)::text AS events"
-    " FROM events WHERE run_id BETWEEN $1 AND $2 GROUP BY run_id ORDER BY run_id"
-)
+# A link holds when the event's hash is cistate_event_hash of the stored hash before it and
+# its canonical form (what cistate.events.chain_problems checks, for `audit verify`).
+_RUN_EVENTS_SQL = """
+SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE 'UTC',
+         'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')) ORDER BY seq)::text AS events,
+       array_agg(seq ORDER BY seq) FILTER (WHERE NOT linked) AS mismatched,
+       count(*)::int AS n, min(seq) AS first, max(seq) AS last
+FROM (SELECT run_id, seq, type, data, recorded_at, COALESCE(hash = cistate_event_hash(
+               lag(hash) OVER (PARTITION BY run_id ORDER BY seq), cistate_event_canonical(
+               run_id, seq, type, data, meta, message_id, recorded_at)), false) AS linked
+      FROM events WHERE run_id BETWEEN $1 AND $2) e
+GROUP BY run_id ORDER BY run_id
+"""
+
+
+@dataclass(frozen=True)
+class RunEvents:
+    run_id: uuid.UUID
+    triples: list[Triple]
+    broken: str | None  # what breaks the run's hash chain; None when it holds
+
+
+def _broken_chain(mismatched: list[int] | None, n: int, first: int, last: int) -> str | None:
+    """What breaks a run's chain, from _RUN_EVENTS_SQL's summary of it; None if nothing."""
+    what = []
+    if (first, last) != (1, n):
+        what.append(f"{n} events numbered {first}-{last}: some are missing or out of place")
+    if mismatched:
+        what.append(f"hash mismatch at seq {', '.join(map(str, mismatched))}")
+    if not what:
+        return None
+    return ("broken hash chain (its events were edited, deleted, inserted or moved): "
+            + "; ".join(what))
+
 
 # The folded rows of a batch (in _run_row's column order) are compared with the stored ones
 # in the database; the missing ones and those that differ (unless the stored row is ahead)

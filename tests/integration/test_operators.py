@@ -345,11 +345,14 @@ async def test_show_at_seq_and_rebuild_projections(
     again = json.loads(cli(settings, "projections", "rebuild", "--json").stdout)
     assert again["differed"] == []
 
-    # a damaged event: the run is named, its row left alone, and the command exits 1
+    # an event changed in the database: the run is named with what broke, its row left
+    # alone, and the command exits 1
     await store.pool.execute("UPDATE events SET data = '{}' WHERE run_id = $1 AND seq = 1",
                              run_id)
     damaged = cli(settings, "projections", "rebuild")
     assert damaged.returncode == 1
-    assert f"cannot fold run {run_id} (its row was left as it is): KeyError" in damaged.stderr
+    assert f"did not fold run {run_id} (its row was left as it is): broken hash chain" \
+        in damaged.stderr
+    assert "hash mismatch at seq 1;" in damaged.stderr
     assert "Traceback" not in damaged.stderr
     assert (await store.load(run_id)) == repaired

@@ -97,12 +97,21 @@ async def test_a_run_that_does_not_fold_is_reported_and_the_rest_is_rebuilt(
     ids = sorted(item.state.id for item in items)
     await store.pool.execute("UPDATE runs SET state = 'failed' WHERE id = ANY($1::uuid[])",
                              [ids[0], ids[-1]])
-    # a damaged first event (no fields) in the upper half: that run cannot be folded
+    # a damaged first event (no fields) in the upper half, stored with its chain (as a
+    # faulty writer would have stored it, not an edit): that run cannot be folded
     await store.pool.execute(
-        "UPDATE events SET data = '{}' WHERE run_id = $1 AND seq = 1", ids[-1])
+        "UPDATE events SET data = '{}', hash = cistate_event_hash(NULL, cistate_event_canonical("
+        " run_id, seq, type, '{}', meta, message_id, recorded_at)) WHERE run_id = $1 AND seq = 1",
+        ids[-1])
+    await store.pool.execute(
+        "UPDATE events e SET hash = cistate_event_hash(p.hash, cistate_event_canonical("
+        " e.run_id, e.seq, e.type, e.data, e.meta, e.message_id, e.recorded_at))"
+        " FROM events p WHERE e.run_id = $1 AND e.seq = 2 AND p.run_id = $1 AND p.seq = 1",
+        ids[-1])
 
     report = await store.rebuild_projections(batch=2, parts=2)
 
+    assert report.broken == []
     assert [run_id for run_id, _ in report.unfoldable] == [ids[-1]]
     assert "KeyError" in report.unfoldable[0][1]
     assert report.differed == [ids[0]] and report.runs == 11

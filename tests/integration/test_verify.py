@@ -1,7 +1,7 @@
 """Tamper evidence end to end: a real run through the service, its events then changed in
 PostgreSQL by someone holding the database URL (their own connection, plain SQL), and
-`cistate audit verify` and `GET /api/v1/runs/{id}/verify` finding each change by run and
-seq."""
+`cistate audit verify`, `GET /api/v1/runs/{id}/verify` and `cistate projections rebuild`
+finding each change by run and seq."""
 
 from __future__ import annotations
 
@@ -32,29 +32,31 @@ steps:
 EVENTS = 6
 MISMATCH, MISSING = "hash mismatch", "missing"
 
-# what the attacker runs ($1 is the run), and what verify names (seq, kind of problem)
-TAMPERING: dict[str, tuple[list[str], list[tuple[int, str]]]] = {
+# what the attacker runs ($1 is the run), what verify names (seq, kind of problem), and
+# whether the rebuild sees it (a deleted last event shows only against the runs row, which
+# the rebuild is there to repair, so it cannot take the row's word for it)
+TAMPERING: dict[str, tuple[list[str], list[tuple[int, str]], bool]] = {
     "edited data": (
         ["""UPDATE events SET data = jsonb_set(data, '{outputs}', '{"image": "evil:latest"}')
             WHERE run_id = $1 AND seq = 3"""],
-        [(3, MISMATCH)]),
+        [(3, MISMATCH)], True),
     "deleted event": (
         ["DELETE FROM events WHERE run_id = $1 AND seq = 3"],
-        [(3, MISSING), (4, MISMATCH)]),
+        [(3, MISSING), (4, MISMATCH)], True),
     "swapped seqs": (
         ["UPDATE events SET seq = -2 WHERE run_id = $1 AND seq = 2",
          "UPDATE events SET seq = 2 WHERE run_id = $1 AND seq = 4",
          "UPDATE events SET seq = 4 WHERE run_id = $1 AND seq = -2"],
-        [(2, MISMATCH), (3, MISMATCH), (4, MISMATCH), (5, MISMATCH)]),
+        [(2, MISMATCH), (3, MISMATCH), (4, MISMATCH), (5, MISMATCH)], True),
     "deleted last event": (
         [f"DELETE FROM events WHERE run_id = $1 AND seq = {EVENTS}"],
-        [(EVENTS, MISSING)]),
+        [(EVENTS, MISSING)], False),
     "inserted event": (
         [f"""INSERT INTO events (run_id, seq, type, data, meta, message_id, recorded_at, hash)
              SELECT run_id, {EVENTS + 1}, 'run.retried', '{{"from_step": "a"}}', meta,
                     gen_random_uuid(), recorded_at, sha256('forged')
              FROM events WHERE run_id = $1 AND seq = {EVENTS}"""],
-        [(EVENTS + 1, MISMATCH)]),
+        [(EVENTS + 1, MISMATCH)], True),
 }
 
 
@@ -109,8 +111,9 @@ async def test_untouched_runs_verify_clean(serve: Serve, producer: Producer,
 @pytest.mark.parametrize("tampering", list(TAMPERING))
 async def test_a_change_in_the_database_is_named_by_run_and_seq(
         serve: Serve, producer: Producer, store: Store, tampering: str) -> None:
-    statements, expected = TAMPERING[tampering]
+    statements, expected, rebuild_sees_it = TAMPERING[tampering]
     settings, victim, bystander = await two_runs(serve, producer, store)
+    row_before = await store.load(victim)
     attacker = await asyncpg.connect(settings.database_url)
     try:
         for statement in statements:
@@ -135,3 +138,12 @@ async def test_a_change_in_the_database_is_named_by_run_and_seq(
     assert answer["ok"] is False and kinds(answer["problems"]) == expected
     assert (await verify_over_http(settings, bystander))["ok"] is True
 
+    rebuilt = cistate(settings, "projections", "rebuild")
+    if rebuild_sees_it:
+        assert rebuilt.returncode == 1, rebuilt.stdout + rebuilt.stderr
+        assert f"did not fold run {victim} (its row was left as it is): broken hash chain" \
+            in rebuilt.stderr
+        assert str(bystander) not in rebuilt.stderr
+        assert await store.load(victim) == row_before
+    else:
+        assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
