@@ -6,11 +6,18 @@ spelled with `-` or `_`. Credentials (chart repo, GitOps, Argo CD) come from the
 only: a `with:` block is pipeline data that ends up in events, so a credential there is
 refused. So does `deploy_allow_cluster_kinds`: a pipeline may come from the pushed repo, and
 what a deploy may do to the whole cluster is the worker's decision, not the repo's.
+
+`dev_namespace` may be a template naming the run's `${branch}`, `${app}` and `${short_sha}`
+(`dev-${branch}`: one namespace per branch); `namespace_for` renders it (see
+`render_namespace` for how a branch becomes a valid, unique namespace name).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +25,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
+from handlers import git
 from handlers.base import StepFailed, StepRequest
 from handlers.settings import overridden
 
@@ -28,6 +36,71 @@ ENVIRONMENT_ONLY = frozenset({"deploy_allow_cluster_kinds"})
 ALIASES = {"url": "health_url", "namespace": "dev_namespace", "application": "argocd_app"}
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _KIND = re.compile(r"[A-Z][A-Za-z0-9]*")
+
+# the run's values a namespace template may name, as ${name}
+NAMESPACE_VARIABLES = ("branch", "app", "short_sha")
+MAX_NAMESPACE = 63  # an RFC 1123 label
+_VARIABLE = re.compile(r"\$\{([^}]*)\}")
+_TEMPLATE_TEXT = re.compile(r"[a-z0-9-]*")
+_PLAIN = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")  # a value used in a name as it is
+_NOT_ALNUM = re.compile(r"[^a-z0-9]+")
+_HASH = 8  # hex digits of the suffix that keeps a changed or cut name unique
+_LOOKS_HASHED = re.compile(rf"(\A|-)[0-9a-f]{{{_HASH}}}\Z")
+
+
+def namespace_template_problem(template: str) -> str | None:
+    """What is wrong with a `dev_namespace` (a name, or a template), or None."""
+    names = _VARIABLE.findall(template)
+    unknown = [name for name in names if name not in NAMESPACE_VARIABLES]
+    known = ", ".join(f"${{{name}}}" for name in NAMESPACE_VARIABLES)
+    if unknown:
+        return (f"{template!r} names ${{{unknown[0]}}}, which is not a variable of a namespace "
+                f"template ({known})")
+    if not names and "$" not in template:
+        if _DNS_LABEL.fullmatch(template):
+            return None
+        return (f"{template!r} is not a Kubernetes namespace name (an RFC 1123 label: a-z, 0-9 "
+                f"and -, starting and ending with a letter or digit, at most {MAX_NAMESPACE} "
+                f"characters) nor a template naming {known}")
+    if not _TEMPLATE_TEXT.fullmatch(_VARIABLE.sub("", template)):
+        return (f"{template!r} is not a namespace template: outside ${{...}} it may hold only "
+                f"a-z, 0-9 and - (the variables {known} are made DNS-safe when rendered)")
+    return None
+
+
+def render_namespace(template: str, values: Mapping[str, str]) -> str:
+    """The namespace `template` names for `values` (by variable name): always an RFC 1123
+    label of at most 63 characters, and a different one for different values.
+
+    A value that already is a DNS-safe name (`main`, `release-1-2`) is used as it is. Any
+    other is made safe (lower-case, each run of other characters one `-`, none at the ends:
+    `feature/Login_Page` -> `feature-login-page`) and, since that is no longer the value
+    alone (`feature-login-page` reads the same), the name gets a suffix: `-` and 8 hex digits
+    of a SHA-256 of the template and the values as given. So does a name longer than 63
+    characters, cut to make room, and one that ends like such a suffix, so that no branch
+    can be given another branch's namespace. The same values give the same name every time.
+    """
+    parts = _VARIABLE.split(template)  # text, variable, text, variable, ..., text
+    if len(parts) == 1:
+        return template
+    exact = True
+    pieces = []
+    used = {}
+    for index, part in enumerate(parts):
+        if index % 2 == 0:
+            pieces.append(part)
+            continue
+        value = values[part]
+        used[part] = value
+        exact = exact and bool(_PLAIN.fullmatch(value))
+        pieces.append(_NOT_ALNUM.sub("-", value.lower()).strip("-"))
+    name = "".join(pieces).strip("-")
+    if exact and name and len(name) <= MAX_NAMESPACE and not _LOOKS_HASHED.search(name):
+        return name
+    identity = json.dumps([template, sorted(used.items())], ensure_ascii=False)
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:_HASH]
+    head = name[: MAX_NAMESPACE - _HASH - 1].rstrip("-")
+    return f"{head}-{digest}" if head else digest
 
 
 class DeliverySettings(BaseSettings):
@@ -40,7 +113,7 @@ class DeliverySettings(BaseSettings):
     helm: str = "helm"
 
     # deploy
-    dev_namespace: str = "dev"
+    dev_namespace: str = "dev"  # a name, or a template: dev-${branch} (see namespace_for)
     chart_dir: str = "chart"  # the directory in the repo that holds the one chart
     ingress_subdomain: str = ""
     ingress_tls_secret: str = ""
@@ -88,9 +161,25 @@ class DeliverySettings(BaseSettings):
     @field_validator("dev_namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if not _DNS_LABEL.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Kubernetes namespace name (an RFC 1123 label)")
+        problem = namespace_template_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
+
+    def namespace_for(self, request: StepRequest) -> str:
+        """`dev_namespace` rendered for the run: `${branch}` is setup's branch (else the
+        pushed ref's), `${app}` setup's app name, `${short_sha}` setup's short sha (else the
+        commit's first 7 characters)."""
+        setup = request.inputs.get("setup", {})
+        names = set(_VARIABLE.findall(self.dev_namespace))
+        values = {}
+        if "branch" in names:
+            values["branch"] = str(setup.get("branch") or git.branch_of(request.ref))
+        if "app" in names:
+            values["app"] = str(request.output_of("setup", "app_name"))
+        if "short_sha" in names:
+            values["short_sha"] = str(setup.get("short_sha") or request.commit[:7])
+        return render_namespace(self.dev_namespace, values)
 
     @field_validator("deploy_allow_cluster_kinds", mode="before")
     @classmethod

@@ -6,21 +6,28 @@ copied, renamed to the app (version `1.0.0-rc<image tag>`), and its values set:
 `nameOverride`/`fullnameOverride` = app name, `image.repository` / `image.tag` from build's
 image, `vcsInfo.repoUrl` / `vcsInfo.branch`; `ingress.subdomain` / `ingress.tlsSecretName`
 when configured. `helm lint` must pass; `helm template` renders it (release = app name).
-Every object is server-side applied (field manager `cistate`) to `dev_namespace` (created if
-missing), then each Deployment/StatefulSet is waited for (observed generation, updated and
+Every object is server-side applied (field manager `cistate`) to the dev namespace (created
+if missing), then each Deployment/StatefulSet is waited for (observed generation, updated and
 available replicas) up to `rollout_timeout` seconds.
+
+The dev namespace is `dev_namespace` (`with: namespace`, CISTATE_DEV_NAMESPACE; `dev`), a name
+or a template of the run's `${branch}`, `${app}` and `${short_sha}`: `dev-${branch}` gives each
+branch a namespace of its own, so a feature branch never replaces main's deployment (see
+`handlers.cd_settings.render_namespace`: `feature/Login_Page` ->
+`dev-feature-login-page-<8 hex digits>`, a valid, unique name of at most 63 characters).
 
 The chart is the pushed repo's, so before anything is applied every object is checked: a
 cluster-scoped one (by the API server's discovery) is refused unless its kind is listed in
 `deploy_allow_cluster_kinds` (CISTATE_DEPLOY_ALLOW_CLUSTER_KINDS, environment only), and a
-namespaced one whose `metadata.namespace` names another namespace is refused; the step then
-fails, naming them, without retries. The items of a `List` are checked one by one.
+namespaced one whose `metadata.namespace` names another namespace (another branch's too) is
+refused; the step then fails, naming them, without retries. The items of a `List` are checked
+one by one.
 
 Inputs: setup's `app_name` and `branch`; build's `image_url` (setup's when build gave none).
 Idempotent: applying the same objects again changes nothing.
 
 Outputs:
-- `namespace`: where the app was deployed
+- `namespace`: where the app was deployed (the rendered dev namespace; health looks there)
 - `objects`: the applied objects as `Kind/name`, in apply order
 - `service_port`: the port named `http` of the app's Service (else its first port), or null
 """
@@ -172,6 +179,7 @@ async def run(request: StepRequest) -> dict[str, Any]:
     image_url = str(built or request.output_of("setup", "image_url"))
     repository, tag = image_values(image_url)
     branch = str(request.inputs.get("setup", {}).get("branch") or git.branch_of(request.ref))
+    namespace = settings.namespace_for(request)
 
     source = await git.checkout(request)
     chart = find_chart(source, settings.chart_dir)
@@ -200,24 +208,25 @@ async def run(request: StepRequest) -> dict[str, Any]:
     objects = await helm.template(
         app_name,
         prepared,
-        namespace=settings.dev_namespace,
+        namespace=namespace,
         out=request.workdir / "rendered",
         set_values=extra,
         shown=shown,
     )
     if not objects:
         raise StepFailed(f"the chart {shown} renders no objects", retryable=False)
-    return await _apply(request, settings, app_name, shown, apply_order(flatten(objects)))
+    return await _apply(request, settings, namespace, app_name, shown,
+                        apply_order(flatten(objects)))
 
 
 async def _apply(
     request: StepRequest,
     settings: DeliverySettings,
+    namespace: str,
     app_name: str,
     shown: str,
     objects: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    namespace = settings.dev_namespace
     async with Cluster.connect(settings, request.log) as cluster:
         namespaced = await _scopes(cluster, objects)
         refused = refusals(objects, namespaced, namespace, settings.deploy_allow_cluster_kinds)

@@ -2,7 +2,8 @@
 
 Like the Cloud-Native Toolkit's `health-check` task. The app's URL is `with: url` (the
 `health_url` setting) when given, else `<health_protocol>://<host>` where host is the first
-rule's host of the app's Ingress (named after setup's `app_name`, in deploy's `namespace`);
+rule's host of the app's Ingress (named after setup's `app_name`, in deploy's `namespace`,
+else in `dev_namespace` rendered for the run as deploy renders it);
 `health_port` adds a port for an ingress that does not listen on the protocol's default.
 Each request has `health_timeout` seconds; up to `health_attempts` requests are made, with a
 delay doubling from `health_backoff` up to `health_backoff_max` between them.
@@ -58,9 +59,16 @@ async def app_url(request: StepRequest, settings: DeliverySettings) -> URL:
     return base.with_path(base.path.rstrip("/") + settings.health_path)
 
 
+def deployed_namespace(request: StepRequest, settings: DeliverySettings) -> str:
+    """Where the app is: deploy's `namespace` output, else `dev_namespace` rendered for the
+    run as deploy renders it (a template like `dev-${branch}` names the branch's own)."""
+    deployed = request.inputs.get("deploy", {}).get("namespace")
+    return str(deployed) if deployed else settings.namespace_for(request)
+
+
 async def _ingress_host(request: StepRequest, settings: DeliverySettings) -> str:
     app_name = str(request.output_of("setup", "app_name"))
-    namespace = str(request.inputs.get("deploy", {}).get("namespace") or settings.dev_namespace)
+    namespace = deployed_namespace(request, settings)
     async with Cluster.connect(settings, request.log) as cluster:
         ingress = await cluster.get("networking.k8s.io/v1", "Ingress", app_name, namespace)
     rules = ((ingress or {}).get("spec") or {}).get("rules") or []

@@ -579,12 +579,16 @@ def delivery(handler_env: Env, kube: Kube, helm_bin: Path) -> Delivery:
 class KubeletStandIn:
     """Plays the kubelet and the deployment controller (neither runs here): every Deployment
     in the namespace whose generation is not yet observed gets a status saying all its
-    replicas are updated and available, as a real cluster reports once the pods are ready."""
+    replicas are updated and available, as a real cluster reports once the pods are ready.
+    With `prefix=True`, in every namespace whose name starts with `namespace` (one per branch,
+    named by a template)."""
 
-    def __init__(self, api: ApiClient, namespace: str) -> None:
+    def __init__(self, api: ApiClient, namespace: str, *, prefix: bool = False) -> None:
         self.apps = AppsV1Api(api)
         self.namespace = namespace
+        self.prefix = prefix
         self.patched: list[tuple[str, int]] = []
+        self.namespaces: set[str] = set()  # where it patched a Deployment
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> KubeletStandIn:
@@ -599,8 +603,14 @@ class KubeletStandIn:
 
     async def _loop(self) -> None:
         while True:
-            found = await self.apps.list_namespaced_deployment(self.namespace)
+            if self.prefix:
+                found = await self.apps.list_deployment_for_all_namespaces()
+            else:
+                found = await self.apps.list_namespaced_deployment(self.namespace)
             for deployment in found.items:
+                namespace = deployment.metadata.namespace
+                if not namespace.startswith(self.namespace):
+                    continue
                 generation = deployment.metadata.generation
                 status = deployment.status
                 if status is not None and (status.observed_generation or 0) >= generation:
@@ -608,7 +618,7 @@ class KubeletStandIn:
                 replicas = deployment.spec.replicas or 1
                 await self.apps.patch_namespaced_deployment_status(
                     deployment.metadata.name,
-                    self.namespace,
+                    namespace,
                     {
                         "status": {
                             "observedGeneration": generation,
@@ -620,6 +630,7 @@ class KubeletStandIn:
                     },
                 )
                 self.patched.append((deployment.metadata.name, generation))
+                self.namespaces.add(namespace)
             await asyncio.sleep(0.1)
 
 

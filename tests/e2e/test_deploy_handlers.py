@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import tarfile
 import time
@@ -777,6 +778,102 @@ async def test_health_tells_no_more_of_a_service_that_is_not_http(
 
 
 # --------------------------------------------------------------------- gitops --
+
+
+def with_ingress_host(repo: GitRepo, host: str) -> dict[str, str]:
+    values = yaml.safe_load((repo.work / CHART / "values.yaml").read_text())
+    values["ingress"]["host"] = host
+    return {f"{CHART}/values.yaml": yaml.safe_dump(values)}
+
+
+def branch_inputs(env: Env, sha: str, branch: str) -> dict[str, Any]:
+    image = f"{env.push_registry}/{APP}:{sha[:7]}"
+    inputs = deploy_inputs(image)
+    inputs["setup"].update(branch=branch, short_sha=sha[:7])
+    return inputs
+
+
+async def test_each_branch_deploys_into_a_namespace_of_its_own_and_health_looks_there(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    """main and feature/x with `with: namespace: <prefix>-${branch}` (and the same template in
+    CISTATE_DEV_NAMESPACE for health): two namespaces, two Deployments, neither replaced."""
+    template = f"{delivery.namespace}-${{branch}}"
+    delivery.set(dev_namespace=template)
+    repo = make_repo()
+    in_own_namespace = {f"{CHART}/templates/where.yaml": """\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: where
+  namespace: {{ .Release.Namespace }}
+data:
+  branch: {{ .Values.vcsInfo.branch | quote }}
+"""}
+    main = repo.commit({**with_ingress_host(repo, "main.invalid"), **in_own_namespace},
+                       "main's app", branch="main")
+    feature = repo.commit(with_ingress_host(repo, "localhost"), "feature x", branch="feature/x")
+    main_ns = f"{delivery.namespace}-main"
+
+    apps, core = AppsV1Api(kube_api), CoreV1Api(kube_api)
+    async with KubeletStandIn(kube_api, delivery.namespace, prefix=True) as kubelet:
+        on_main, _ = await run_step(make_request, repo, main, "deploy",
+                                    settings={"namespace": template},
+                                    inputs=branch_inputs(delivery.env, main, "main"))
+        on_feature, _ = await run_step(make_request, repo, feature, "deploy",
+                                       ref="refs/heads/feature/x",
+                                       settings={"namespace": template},
+                                       inputs=branch_inputs(delivery.env, feature, "feature/x"))
+
+    assert on_main["namespace"] == main_ns
+    feature_ns = on_feature["namespace"]
+    assert feature_ns != main_ns
+    assert re.fullmatch(rf"{delivery.namespace}-feature-x-[0-9a-f]{{8}}", feature_ns)
+    assert on_main["objects"] == on_feature["objects"] == [
+        "ConfigMap/where", f"Service/{APP}", f"Deployment/{APP}", f"Ingress/{APP}"]
+    assert kubelet.patched == [(APP, 1), (APP, 1)]
+    assert kubelet.namespaces == {main_ns, feature_ns}
+
+    # both Deployments are there, each with its own branch's image: neither replaced the other
+    for namespace, sha, branch in ((main_ns, main, "main"), (feature_ns, feature, "feature/x")):
+        deployment = await apps.read_namespaced_deployment(APP, namespace)
+        assert deployment.spec.template.spec.containers[0].image.endswith(f":{sha[:7]}")
+        assert deployment.metadata.annotations["app.openshift.io/vcs-ref"] == branch
+        assert deployment.metadata.generation == 1
+        where = await core.read_namespaced_config_map("where", namespace)
+        assert where.data == {"branch": branch}, "helm rendered the chart for this namespace"
+
+    # health finds the feature's Ingress in the feature's namespace: by deploy's output, and,
+    # without it, by rendering the same template for the run
+    delivery.set(health_attempts="2")
+    async with Recorder({"/health": (200, {}, b"ok")}) as app:
+        delivery.set(health_port=str(app.port))
+        for inputs in ({**branch_inputs(delivery.env, feature, "feature/x"),
+                        "deploy": on_feature},
+                       branch_inputs(delivery.env, feature, "feature/x")):
+            result, _ = await run_step(make_request, repo, feature, "health",
+                                       ref="refs/heads/feature/x", inputs=inputs)
+            assert result["url"] == f"http://localhost:{app.port}/health"
+        failed, _ = await fail_step(make_request, repo, main, "health",
+                                    inputs={**branch_inputs(delivery.env, main, "main"),
+                                            "deploy": on_main})
+    assert "main.invalid" in failed.message, "main's health asks main's Ingress"
+
+    # the rendered namespace is the one refusals compare with: main's is another namespace
+    planted = repo.commit({f"{CHART}/templates/planted.yaml": f"""\
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: planted
+  namespace: {main_ns}
+"""}, "reach into main's namespace", branch="feature/x")
+    failed, _ = await fail_step(make_request, repo, planted, "deploy",
+                                ref="refs/heads/feature/x", settings={"namespace": template},
+                                inputs=branch_inputs(delivery.env, planted, "feature/x"))
+    assert f"ConfigMap/planted (in namespace {main_ns}, not {feature_ns})" in failed.message
+    assert f"a deploy to namespace {feature_ns} may not apply" in failed.message
+    assert await absent(lambda: core.read_namespaced_config_map(
+        "planted", main_ns))
 
 
 def released(version: str = "0.0.1", repo: str = "oci://127.0.0.1:5000/charts") -> dict[str, Any]:
