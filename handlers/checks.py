@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings
 
 from cistate.pipeline import Step
 from handlers.cd_settings import ALIASES, DeliverySettings
+from handlers.masking import MIN_SECRET_LENGTH
 from handlers.secrets import SecretSource
 from handlers.settings import HandlerSettings
 
@@ -57,7 +58,10 @@ def problems(steps: Iterable[Step], secrets: SecretSource) -> list[str]:
         lines = _settings_problems(step, needs) if needs is not None else []
         for ref in step.secrets:
             try:
-                secrets.value(ref.name)
+                if len(secrets.value(ref.name)) < MIN_SECRET_LENGTH:
+                    lines.append(f"secret {ref.name} is shorter than {MIN_SECRET_LENGTH} "
+                                 "characters, which is refused (masking it would blot out "
+                                 "the log)")
             except LookupError as exc:
                 lines.append(str(exc))
         for line in lines:

@@ -38,7 +38,8 @@ async def serve(make_settings: Callable[..., Settings]) -> AsyncIterator[Serve]:
         done, _ = await asyncio.wait([task, asyncio.create_task(ready.wait())],
                                      timeout=30, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            task.result()  # raises what stopped it
+            tasks.remove(task)  # over already: what stopped it is raised here, once
+            task.result()
         assert ready.is_set(), "cistate serve did not get ready within 30 s"
         return s
 

@@ -150,16 +150,21 @@ steps:
 async def test_a_missing_or_too_short_secret_fails_naming_it(
         serve: Serve, producer: Producer, store: Store, monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
+    """Secrets the worker had at start (its check passed) and lost since: the step fails
+    before anything runs, naming the secret and where it must be."""
     secrets_dir = tmp_path / "secrets"
     secrets_dir.mkdir()
-    (secrets_dir / "SHORT").write_text("abc\n")
+    (secrets_dir / "SHORT").write_text("long-enough-at-start\n")
     monkeypatch.setenv("CISTATE_SECRETS_DIR", str(secrets_dir))
+    monkeypatch.setenv("CISTATE_SECRET_NOT_ON_THIS_WORKER", "there-at-start-1234")
     await serve(MISSING + """
   - name: short
     uses: script
     secrets: [SHORT]
     run: echo never
 """)
+    monkeypatch.delenv("CISTATE_SECRET_NOT_ON_THIS_WORKER")
+    (secrets_dir / "SHORT").write_text("abc\n")
     run = await wait_for_run(store, await producer.push())
     error = run.steps["publish"].error
     assert run.status == "failed" and error is not None
@@ -168,6 +173,23 @@ async def test_a_missing_or_too_short_secret_fails_naming_it(
     assert "CISTATE_SECRET_NOT_ON_THIS_WORKER" in error["message"]
     [(_, log)] = await store.step_log(run.id, "publish")
     assert "this must not run" not in log
+
+
+async def test_a_worker_missing_a_declared_secret_does_not_start(
+        serve: Serve, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from cistate.config import ConfigError
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "SHORT").write_text("abc")
+    monkeypatch.setenv("CISTATE_SECRETS_DIR", str(tmp_path / "secrets"))
+    with pytest.raises(ConfigError) as refused:
+        await serve(MISSING + """
+  - {name: short, uses: script, secrets: [SHORT], run: echo never}
+""")
+    lines = str(refused.value).splitlines()
+    assert any("step 'publish': secret NOT_ON_THIS_WORKER is not on this worker" in line
+               for line in lines), lines
+    assert any("step 'short': secret SHORT is shorter than 4" in line for line in lines), lines
 
 
 @pytest.fixture
