@@ -65,7 +65,14 @@ def signer_for(settings: Settings, create: bool = False) -> Signer:
 
 
 @asynccontextmanager
-async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[App]:
+async def open_app(settings: Settings, with_bus: bool = True,
+                   orchestrating: bool = True) -> AsyncIterator[App]:
+    """`orchestrating`: this process runs the orchestrator role, whose broker user may declare
+    cistate's exchanges and queues and publish every command: it declares them, and publishes
+    what it decides right after commit. Otherwise (api, worker) it waits for an orchestrator
+    to declare the exchanges, and leaves the commands that operator requests and webhooks
+    decide here to the orchestrator's relay (woken by NOTIFY): this process's broker user may
+    not publish them."""
     pipeline = load_pipeline(settings.pipeline)
     signer = signer_for(settings, create=True)
     store = await connect(settings.database_url)
@@ -73,10 +80,11 @@ async def open_app(settings: Settings, with_bus: bool = True) -> AsyncIterator[A
     try:
         if with_bus:
             bus = Bus(settings.rabbitmq_url, settings.bus_prefix, signer)
-            await bus.connect()
-            await bus.declare_all(pipeline.step_names)
-        orchestrator = Orchestrator(store, Decider(pipeline, signer.attempt_token), bus,
-                                    RepoSettings().policy)
+            await bus.connect(declare=orchestrating, wait=True)
+            if orchestrating:
+                await bus.declare_all(pipeline.step_names)
+        orchestrator = Orchestrator(store, Decider(pipeline, signer.attempt_token),
+                                    bus if orchestrating else None, RepoSettings().policy)
         yield App(settings, pipeline, store, bus, orchestrator)
     finally:
         if bus is not None:
@@ -116,7 +124,7 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
         problems = worker_problems(settings, steps)
         if problems:
             raise ConfigError("\n".join(problems))
-    async with open_app(settings) as app:
+    async with open_app(settings, orchestrating="orchestrator" in roles) as app:
         assert app.bus is not None
         background: list[asyncio.Task[None]] = []
         runner: web.AppRunner | None = None

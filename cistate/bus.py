@@ -9,6 +9,11 @@ Topology (names start with the configured prefix, `cistate` by default):
   queue     <p>.step.<name>     quorum; step.<name>.run
   queue     <p>.dead            quorum; everything dead-lettered
   queue     <p>.cancel.<id>     one per worker, exclusive; cancel (a broadcast)
+
+Only the orchestrator role declares the exchanges, the orchestrator and dead-letter queues
+(its broker user may configure them; scripts/rabbitmq-users.sh). Workers declare their own
+step and cancel queues; producers, the api and workers find the exchanges passively, which
+needs no permission.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from cistate.config import redact
 from cistate.events import dumps
 from cistate.signing import (
     SENDER_HEADER,
@@ -53,7 +59,20 @@ DELIVERY_LIMIT = 20
 # frame settles them all, before it is acked on its own.
 ACK_HOLD_SECONDS = 0.01
 
+# How often a process that may not declare the exchanges looks for them again, and how often
+# it says that it is still waiting.
+TOPOLOGY_POLL_SECONDS = 1.0
+TOPOLOGY_LOG_EVERY = 30
+
 Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class TopologyMissing(Exception):
+    """cistate's exchanges are not on the broker, and this process does not declare them."""
+
+
+class Unroutable(Exception):
+    """The broker returned a mandatory message: no queue is bound for its routing key."""
 
 
 @dataclass(frozen=True)
@@ -239,18 +258,64 @@ class Bus:
     def queue_name(self, role: str) -> str:
         return f"{self.prefix}.{role}"
 
-    async def connect(self) -> None:
+    @property
+    def dead_exchange_name(self) -> str:
+        return f"{self.prefix}.dead"
+
+    async def connect(self, declare: bool = True, wait: bool = False) -> None:
+        """Connect, then `declare` the exchanges and the dead-letter queue (the orchestrator
+        role's broker user may), or else find the exchanges without declaring them:
+        TopologyMissing if they are not there, or with `wait`, wait until an orchestrator
+        has declared them."""
         # Named, so that an operator can tell cistate's connections apart in RabbitMQ's
         # management UI and `rabbitmqctl list_connections client_properties`.
         self._connection = await aio_pika.connect_robust(self.url, client_properties={
             "connection_name": f"cistate {socket.gethostname()} pid {os.getpid()}"})
-        self._channel = await self._connection.channel(publisher_confirms=True)
+        # on_return_raises: a mandatory publish that no queue takes fails (Unroutable)
+        self._channel = await self._connection.channel(publisher_confirms=True,
+                                                       on_return_raises=True)
+        if not declare:
+            await self._find_exchanges(wait)
+            return
         self._exchange = await self._channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
         self._dead = await self._channel.declare_exchange(
-            f"{self.prefix}.dead", aio_pika.ExchangeType.FANOUT, durable=True)
+            self.dead_exchange_name, aio_pika.ExchangeType.FANOUT, durable=True)
         dead_queue = await self._declare_queue(self.queue_name("dead"), dead_letter=False)
         await dead_queue.bind(self._dead)
+
+    async def _find_exchanges(self, wait: bool) -> None:
+        polls = 0
+        while missing := await self._missing_exchanges():
+            problem = (f"exchange {missing!r} is not on the broker ({redact(self.url)}); "
+                       "cistate's orchestrator role declares its exchanges and queues when it "
+                       "starts: start `cistate serve --role orchestrator` with "
+                       f"CISTATE_BUS_PREFIX={self.prefix} on this broker and vhost")
+            if not wait:
+                raise TopologyMissing(problem)
+            if polls % TOPOLOGY_LOG_EVERY == 0:
+                log.warning("waiting for the orchestrator to declare the exchanges",
+                            problem=problem)
+            polls += 1
+            await asyncio.sleep(TOPOLOGY_POLL_SECONDS)
+        # Passive, also when the robust channel restores them after a reconnect.
+        self._exchange = await self._chan.get_exchange(self.exchange_name)
+        self._dead = await self._chan.get_exchange(self.dead_exchange_name)
+
+    async def _missing_exchanges(self) -> str | None:
+        """The first of cistate's exchanges that is not there (a passive declare needs no
+        permission), or None. Asked on a channel of its own: the broker closes the channel
+        of a passive declare that finds nothing."""
+        assert self._connection is not None
+        for name in (self.exchange_name, self.dead_exchange_name):
+            probe = await self._connection.channel(publisher_confirms=False)
+            try:
+                await probe.declare_exchange(name, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return name
+            finally:
+                await probe.close()
+        return None
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -262,7 +327,7 @@ class Bus:
                              channel: AbstractChannel | None = None) -> AbstractQueue:
         args: dict[str, Any] = {"x-queue-type": "quorum"}
         if dead_letter:
-            args |= {"x-dead-letter-exchange": f"{self.prefix}.dead",
+            args |= {"x-dead-letter-exchange": self.dead_exchange_name,
                      "x-delivery-limit": DELIVERY_LIMIT}
         queue = await (channel or self._chan).declare_queue(name, durable=True, arguments=args)
         self._queues.append(queue)
@@ -299,9 +364,11 @@ class Bus:
         message_id: uuid.UUID | str,
         headers: dict[str, Any] | None = None,
         sender: str = "system",
+        mandatory: bool = False,
     ) -> None:
         """Publish and wait for the broker's confirm (raises if it is not confirmed). All but
-        pushes are signed as coming from `sender`."""
+        pushes are signed as coming from `sender`. `mandatory`: Unroutable if no queue is
+        bound for the routing key (the broker would drop it)."""
         if self._exchange is None:
             raise RuntimeError("bus is not connected")
         payload = body if isinstance(body, bytes) else dumps(body).encode()
@@ -312,17 +379,24 @@ class Bus:
             all_headers[SENDER_HEADER] = sender
             all_headers[SIGNATURE_HEADER] = self.signer.sign(
                 routing_key, str(message_id), sender, payload)
-        await self._exchange.publish(
-            aio_pika.Message(
-                payload,
-                message_id=str(message_id),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                headers=all_headers,
-            ),
-            routing_key=routing_key,
-            mandatory=False,
-        )
+        try:
+            await self._exchange.publish(
+                aio_pika.Message(
+                    payload,
+                    message_id=str(message_id),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers=all_headers,
+                ),
+                routing_key=routing_key,
+                mandatory=mandatory,
+            )
+        except aiormq.exceptions.PublishError:
+            raise Unroutable(
+                f"no queue on the broker ({redact(self.url)}) takes routing key "
+                f"{routing_key!r} of exchange {self.exchange_name!r}, so the message was not "
+                "kept: start `cistate serve --role orchestrator` once, which declares its "
+                "queue") from None
 
     def verified(self, message: AbstractIncomingMessage) -> str:
         """The sender a consumed message's signature vouches for (BadSignature if none)."""

@@ -220,14 +220,23 @@ def push(
     except ValidationError as exc:
         fail("; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors()), 2)
     message_id = delivery_id or str(uuid.uuid4())
-    from cistate.bus import Bus
+    import aiormq.exceptions
+
+    from cistate.bus import Bus, TopologyMissing, Unroutable
 
     async def go() -> None:
         bus = Bus(s.rabbitmq_url, s.bus_prefix)
-        await bus.connect()
         try:
-            await bus.declare_orchestrator()
-            await bus.publish("push", body.model_dump(mode="json", exclude_none=True), message_id)
+            # A producer's broker user may publish pushes and nothing else: no declaring.
+            await bus.connect(declare=False)
+            await bus.publish("push", body.model_dump(mode="json", exclude_none=True),
+                              message_id, mandatory=True)
+        except (TopologyMissing, Unroutable) as exc:
+            fail(f"push not published: {exc}")
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            fail(f"push not published: RabbitMQ ({redact(s.rabbitmq_url)}) refused it: {exc}; "
+                 f"the URL's user needs write on exchange {s.bus_prefix!r} and topic write on "
+                 "routing key push (scripts/rabbitmq-users.sh makes cistate-producer)")
         finally:
             await bus.close()
 
