@@ -6,9 +6,7 @@ them: a green run means the real thing was exercised.
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import json
 import os
 import shutil
@@ -29,7 +27,6 @@ import yaml
 from aiohttp import web
 from kubernetes_asyncio.client import (
     ApiClient,
-    AppsV1Api,
     AuthenticationV1TokenRequest,
     CoreV1Api,
     V1Namespace,
@@ -41,6 +38,8 @@ from kubernetes_asyncio.config import new_client_from_config
 
 from handlers.base import StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
+from tests.infra.standins import KubeletStandIn as KubeletStandIn  # re-exported
+from tests.infra.standins import serve_image as serve_image  # re-exported
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "tests" / "infra"
@@ -489,7 +488,8 @@ def log_text(request: StepRequest) -> str:
 # Shared by test_deploy_handlers.py (handlers called directly) and test_pipeline.py (the
 # service). Two parts cannot run here and are played by stand-ins, named as such:
 # `KubeletStandIn` (kubelet + deployment controller) and `ChartRepoStandIn` (Artifactory);
-# `serve_image` runs an app's image as its pod would.
+# `serve_image` runs an app's image as its pod would. `KubeletStandIn` and `serve_image` live
+# in tests/infra/standins.py, which the quickstart (scripts/quickstart.py) shares.
 
 
 @dataclass(frozen=True)
@@ -574,99 +574,6 @@ def delivery(handler_env: Env, kube: Kube, helm_bin: Path) -> Delivery:
         health_timeout="2",
     )
     return Delivery(handler_env, namespace)
-
-
-class KubeletStandIn:
-    """Plays the kubelet and the deployment controller (neither runs here): every Deployment
-    in the namespace whose generation is not yet observed gets a status saying all its
-    replicas are updated and available, as a real cluster reports once the pods are ready.
-    With `prefix=True`, in every namespace whose name starts with `namespace` (one per branch,
-    named by a template)."""
-
-    def __init__(self, api: ApiClient, namespace: str, *, prefix: bool = False) -> None:
-        self.apps = AppsV1Api(api)
-        self.namespace = namespace
-        self.prefix = prefix
-        self.patched: list[tuple[str, int]] = []
-        self.namespaces: set[str] = set()  # where it patched a Deployment
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> KubeletStandIn:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            if self.prefix:
-                found = await self.apps.list_deployment_for_all_namespaces()
-            else:
-                found = await self.apps.list_namespaced_deployment(self.namespace)
-            for deployment in found.items:
-                namespace = deployment.metadata.namespace
-                if not namespace.startswith(self.namespace):
-                    continue
-                generation = deployment.metadata.generation
-                status = deployment.status
-                if status is not None and (status.observed_generation or 0) >= generation:
-                    continue
-                replicas = deployment.spec.replicas or 1
-                await self.apps.patch_namespaced_deployment_status(
-                    deployment.metadata.name,
-                    namespace,
-                    {
-                        "status": {
-                            "observedGeneration": generation,
-                            "replicas": replicas,
-                            "updatedReplicas": replicas,
-                            "readyReplicas": replicas,
-                            "availableReplicas": replicas,
-                        }
-                    },
-                )
-                self.patched.append((deployment.metadata.name, generation))
-                self.namespaces.add(namespace)
-            await asyncio.sleep(0.1)
-
-
-@contextlib.contextmanager
-def serve_image(image: str, port: int, builder_storage: Path) -> Iterator[None]:
-    """Run the app's image as its pod would (no container engine here): `buildah from` +
-    `buildah run` of busybox httpd on the host network, serving the image's /www."""
-    base = [
-        "buildah",
-        "--root",
-        str(builder_storage / "root"),
-        "--runroot",
-        str(builder_storage / "run"),
-        "--storage-driver",
-        "vfs",
-    ]
-    done = subprocess.run(
-        [*base, "from", "--tls-verify=false", image], capture_output=True, text=True, timeout=120
-    )
-    if done.returncode != 0:
-        pytest.fail(f"buildah from {image} failed: {done.stderr}", pytrace=False)
-    container = done.stdout.strip().splitlines()[-1]
-    server = subprocess.Popen(
-        [*base, "run", "--isolation", "chroot", container, "--",
-         "httpd", "-f", "-p", f"127.0.0.1:{port}", "-h", "/www"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, 15)
-        server.wait(timeout=30)
-        subprocess.run([*base, "rm", container], capture_output=True, timeout=60)
 
 
 @pytest.fixture
