@@ -60,6 +60,13 @@ MANIFEST_ACCEPT = ", ".join(
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # registered here, beside the tests that use it (pyproject's markers are the tiers)
+    config.addinivalue_line(
+        "markers", "worker_image: builds cistate's own image (Containerfile) with buildah; "
+        "minutes the first time on a machine, deselect with -m 'not worker_image'")
+
+
 def infra(script: str, *args: str, timeout: float = 600) -> str:
     """Run tests/infra/<script>; its last line of stdout. Fails the test loudly on error."""
     argv = ["bash", str(INFRA / script), *args]
