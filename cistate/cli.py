@@ -7,6 +7,7 @@ import contextlib
 import getpass
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Callable, Coroutine
@@ -198,6 +199,19 @@ def check(
     pipeline = wiring.load_pipeline(s.pipeline)
     checked = [x for x in pipeline.steps if x.enabled and (not step or x.name in step)]
     typer.echo(f"ok: pipeline {pipeline.name!r}, {len(checked)} enabled steps checked")
+
+
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def quickstart(ctx: typer.Context) -> None:
+    """The default pipeline from a `git push` to the QA GitOps commit, on this machine alone:
+    starts local stand-ins (registry, git server, chart repository, GitOps repo,
+    kube-apiserver), a sample app, and cistate; Ctrl-C stops everything it started.
+    Options go to scripts/quickstart.py (--dir DIR, --without-kube)."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "quickstart.py"
+    if not script.is_file():
+        fail(f"the quickstart runs from a checkout of cistate ({script} is missing)", 2)
+    # the quickstart replaces this process, so that Ctrl-C reaches it alone
+    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])  # noqa: S606
 
 
 # -- push

@@ -2,10 +2,18 @@
 # Set up and run cistate on this machine: virtualenv, database migrations, then
 # `cistate serve` (HTTP API on CISTATE_LISTEN, default 127.0.0.1:8080, orchestrator, workers).
 # Pass `--role ...` to run a subset. CISTATE_PIPELINE picks the pipeline file.
+# With no step settings at all (a fresh machine), it runs the quickstart instead: the
+# default pipeline from a `git push` to the QA GitOps commit, against local stand-ins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
+# A fresh machine: nothing says where images, charts and GitOps commits go, so show the
+# whole flow against local stand-ins (scripts/quickstart.py says what each one replaces).
+if [[ $# -eq 0 && -z "${CISTATE_PIPELINE:-}" && -z "${CISTATE_REGISTRY:-}" \
+      && -z "${CISTATE_CHART_REPO:-}" && -z "${CISTATE_GITOPS_REPO:-}" ]]; then
+  exec .venv/bin/python scripts/quickstart.py
+fi
 .venv/bin/cistate db upgrade
 # The steps' settings, checked before anything starts (a worker would refuse to start).
 case " $* " in
