@@ -76,13 +76,24 @@ def test_the_chart_lints_and_holds_no_secret(helm_bin: Path) -> None:
     text = json.dumps(objects)
     assert "postgresql://" not in text and "amqp://" not in text
     for deployment in kinds["Deployment"]:
+        role = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
         env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
         refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e}
-        assert set(refs) == {"CISTATE_DATABASE_URL", "CISTATE_RABBITMQ_URL", "CISTATE_BUS_KEY",
+        assert set(refs) == {"CISTATE_DATABASE_URL", "CISTATE_RABBITMQ_URL",
+                             "CISTATE_RABBITMQ_URL_OF_ROLE", "CISTATE_BUS_KEY",
                              "CISTATE_API_TOKEN", "CISTATE_WEBHOOK_SECRET"}
         assert refs["CISTATE_BUS_KEY"].get("optional") is not True, (
             "pods of different roles must share one bus key: none may make its own")
         assert refs["CISTATE_API_TOKEN"].get("optional") is True
+        # each role its own broker user, else the shared URL
+        assert refs["CISTATE_RABBITMQ_URL_OF_ROLE"] == {
+            "name": "cistate", "key": f"rabbitmq-url-{role}", "optional": True}, role
+        assert refs["CISTATE_RABBITMQ_URL"] == {
+            "name": "cistate", "key": "rabbitmq-url", "optional": True}, role
+    # the migration needs no broker
+    job_env = kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not {e["name"] for e in job_env} & {"CISTATE_RABBITMQ_URL",
+                                                "CISTATE_RABBITMQ_URL_OF_ROLE"}
     service = kinds["Service"][0]
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "api"
 
@@ -136,14 +147,37 @@ def local_command(container: dict[str, Any], secret: dict[str, str], files: dict
     env["CISTATE_WORKDIR"] = str(workdir)
     if "CISTATE_PIPELINE" in env:
         env["CISTATE_PIPELINE"] = str(files[env["CISTATE_PIPELINE"]])
-    assert container["command"] == ["cistate"]
-    cli = str(Path(sys.executable).with_name("cistate"))
-    return [cli, *map(str, container["args"])], env
+    # the image's `cistate` is this environment's
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return [*map(str, container["command"]), *map(str, container.get("args", []))], env
 
 
+# The Secret of each run: every role's URL from the shared key, or from the role's own key
+# with the shared one unusable (a pod that fell back to it could not connect).
+SECRETS = {
+    "shared-url": lambda amqp: {"rabbitmq-url": amqp},
+    "url-per-role": lambda amqp: {
+        "rabbitmq-url": "amqp://nobody:wrong@127.0.0.1:1/",
+        **{f"rabbitmq-url-{role}": amqp for role in ("api", "orchestrator", "worker")}},
+}
+
+
+def test_a_pod_without_any_broker_url_says_which_keys_are_missing(
+        helm_bin: Path, tmp_path: Path) -> None:
+    worker = next(d for d in by_kind(render(helm_bin))["Deployment"]
+                  if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    argv, env = local_command(container, {"database-url": "postgresql://x@127.0.0.1:1/x",
+                                          "bus-key": "k" * 32}, {}, free_port(), tmp_path)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "the Secret cistate has neither rabbitmq-url-worker nor rabbitmq-url" in done.stderr
+
+
+@pytest.mark.parametrize("urls", sorted(SECRETS))
 async def test_the_rendered_command_lines_serve_and_complete_a_run(
         helm_bin: Path, database_url: str, amqp_url: str, bus_prefix: str, store: Store,
-        tmp_path: Path) -> None:
+        tmp_path: Path, urls: str) -> None:
     objects = render(helm_bin, {"pipeline": PIPELINE, "busPrefix": bus_prefix}, tmp_path)
     kinds = by_kind(objects)
     configmap = kinds["ConfigMap"][0]
@@ -152,7 +186,7 @@ async def test_the_rendered_command_lines_serve_and_complete_a_run(
     parse(pipeline_file.read_text(), str(pipeline_file), handlers.names())  # a valid pipeline
     files = {"/etc/cistate/pipeline.yaml": pipeline_file}
     # each role's pod has a workdir of its own: the shared key comes from the Secret
-    secret = {"database-url": database_url, "rabbitmq-url": amqp_url,
+    secret = {"database-url": database_url, **SECRETS[urls](amqp_url),
               "bus-key": uuid.uuid4().hex + uuid.uuid4().hex}
 
     # the migration hook first, as helm runs it before installing
@@ -190,13 +224,15 @@ async def test_the_rendered_command_lines_serve_and_complete_a_run(
                     assert resp.status == 200, role
                     assert "cistate_runs" in await resp.text()
 
+        # a producer, with its own settings
+        push_env = {**local_command(kinds["Deployment"][0]["spec"]["template"]["spec"]
+                                    ["containers"][0], secret, files, free_port(), tmp_path)[1],
+                    "CISTATE_RABBITMQ_URL": amqp_url}
         pushed = subprocess.run(
             [str(Path(sys.executable).with_name("cistate")), "push", "--repo",
              "https://git.example.com/team/app.git", "--ref", "refs/heads/main",
              "--commit", "ab" * 20, "--json"],
-            env=local_command(kinds["Deployment"][0]["spec"]["template"]["spec"]
-                              ["containers"][0], secret, files, free_port(), tmp_path)[1],
-            capture_output=True, text=True, timeout=60)
+            env=push_env, capture_output=True, text=True, timeout=60)
         assert pushed.returncode == 0, pushed.stderr
         run_id = uuid.UUID(json.loads(pushed.stdout)["run_id"])
 

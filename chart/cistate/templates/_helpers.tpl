@@ -26,8 +26,6 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "cistate.env" -}}
 - name: CISTATE_DATABASE_URL
   valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.databaseUrlKey }}}}
-- name: CISTATE_RABBITMQ_URL
-  valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.rabbitmqUrlKey }}}}
 - name: CISTATE_BUS_KEY
   valueFrom: {secretKeyRef: {name: {{ .Values.secret.name }}, key: {{ .Values.secret.busKeyKey }}}}
 - name: CISTATE_API_TOKEN
@@ -50,4 +48,32 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - name: CISTATE_PIPELINE
   value: /etc/cistate/pipeline.yaml
 {{- end }}
+{{- end -}}
+
+
+{{/*
+The broker URL of a role (dict "root" $ "role" ROLE): the Secret's key for that role, else the
+shared key. Kubernetes has no fallback from one key to another: both become optional variables,
+and the container's command (cistate.rabbitmqCommand) picks the first one set.
+*/}}
+{{- define "cistate.rabbitmqRoleKey" -}}
+{{ required (printf "secret.rabbitmqUrlRoleKeys.%s must name a key of the Secret" .role) (index .root.Values.secret.rabbitmqUrlRoleKeys .role) }}
+{{- end -}}
+
+{{- define "cistate.rabbitmqEnv" -}}
+- name: CISTATE_RABBITMQ_URL
+  valueFrom: {secretKeyRef: {name: {{ .root.Values.secret.name }}, key: {{ .root.Values.secret.rabbitmqUrlKey }}, optional: true}}
+- name: CISTATE_RABBITMQ_URL_OF_ROLE
+  valueFrom: {secretKeyRef: {name: {{ .root.Values.secret.name }}, key: {{ include "cistate.rabbitmqRoleKey" . }}, optional: true}}
+{{- end -}}
+
+{{- define "cistate.rabbitmqCommand" -}}
+- sh
+- -c
+- >-
+  export CISTATE_RABBITMQ_URL="${CISTATE_RABBITMQ_URL_OF_ROLE:-${CISTATE_RABBITMQ_URL:?the Secret
+  {{ .root.Values.secret.name }} has neither {{ include "cistate.rabbitmqRoleKey" . }} nor {{ .root.Values.secret.rabbitmqUrlKey }}}}";
+  unset CISTATE_RABBITMQ_URL_OF_ROLE;
+  exec cistate "$@"
+- cistate
 {{- end -}}
