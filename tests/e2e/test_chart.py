@@ -94,6 +94,19 @@ def test_the_chart_lints_and_holds_no_secret(helm_bin: Path) -> None:
     job_env = kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]["env"]
     assert not {e["name"] for e in job_env} & {"CISTATE_RABBITMQ_URL",
                                                 "CISTATE_RABBITMQ_URL_OF_ROLE"}
+    for deployment in kinds["Deployment"]:
+        role = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+        pod = deployment["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["CISTATE_API_READ_AUTH"] == "true", "reads stay closed in the chart"
+        if role == "worker":  # the sandbox needs root and namespaces
+            assert pod["securityContext"]["runAsUser"] == 0
+            assert container["securityContext"]["privileged"] is True
+            assert env["CISTATE_SANDBOX"] == "bwrap"
+        else:
+            assert pod["securityContext"]["runAsUser"] == 10001
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
     service = kinds["Service"][0]
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "api"
 
@@ -187,7 +200,8 @@ async def test_the_rendered_command_lines_serve_and_complete_a_run(
     files = {"/etc/cistate/pipeline.yaml": pipeline_file}
     # each role's pod has a workdir of its own: the shared key comes from the Secret
     secret = {"database-url": database_url, **SECRETS[urls](amqp_url),
-              "bus-key": uuid.uuid4().hex + uuid.uuid4().hex}
+              "bus-key": uuid.uuid4().hex + uuid.uuid4().hex,
+              "api-token": "prometheus:scrape-token-1:read"}  # reads are closed
 
     # the migration hook first, as helm runs it before installing
     job = kinds["Job"][0]["spec"]["template"]["spec"]["containers"][0]
@@ -221,6 +235,9 @@ async def test_the_rendered_command_lines_serve_and_complete_a_run(
             # each pod serves its own metrics, where the prometheus.io annotations point
             for role, _, port in processes:
                 async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    assert resp.status == 401, f"{role}: /metrics is a read, closed by default"
+                async with http.get(f"http://127.0.0.1:{port}/metrics", headers={
+                        "Authorization": "Bearer scrape-token-1"}) as resp:
                     assert resp.status == 200, role
                     assert "cistate_runs" in await resp.text()
 

@@ -292,6 +292,7 @@ do_start() {
         --cert-dir="$dir/certs" \
         --token-auth-file="$dir/tokens.csv" \
         --authorization-mode=RBAC \
+        --allow-privileged=true \
         --service-account-key-file="$dir/sa.pub" \
         --service-account-signing-key-file="$dir/sa.key" \
         --service-account-issuer=https://kubernetes.default.svc \
