@@ -382,8 +382,22 @@ async def generate(conn: asyncpg.Connection, plan: Plan, long_run: int = 0) -> i
             " WHERE i = $3", plan.start, plan.days * 86400 / 2, LONG_RUN_I)
     status = await conn.execute(EVENTS_SQL, PIPELINE, _json(STEPS), _json(MAIN_ACTIVE),
                                 _json(BRANCH_ACTIVE))
+    # the events are written in bulk: chain their hashes as `cistate db upgrade` chains a
+    # store made before the chain (migration 004's statement), or every run reads as edited
+    await conn.execute(chain_statement())
     await conn.execute("DROP TABLE bench_plan, bench_tmpl")
     return int(status.split()[-1])
+
+
+def chain_statement() -> str:
+    """Migration 004's statement that chains every stored event's hash, as it stands there."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "schema" / "migrations"
+            / "004_event_hash_chain.sql").read_text(encoding="utf-8")
+    start = text.index("WITH RECURSIVE chain AS")
+    end = text.index(";", text.index("UPDATE events SET hash", start)) + 1
+    return text[start:end]
 
 
 def _json(value: object) -> str:
