@@ -104,59 +104,100 @@ def render_namespace(template: str, values: Mapping[str, str]) -> str:
 
 
 class DeliverySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid",
+                                      use_attribute_docstrings=True)
 
     # cluster access: a kubeconfig file, else the in-cluster service account
     kubeconfig: Path | None = None
+    """The kubeconfig file of the dev cluster; empty: the in-cluster service account"""
     kube_context: str = ""
+    """The kubeconfig's context; empty: its current one"""
     # the helm executable: a path, or a name on PATH
     helm: str = "helm"
+    """The helm executable: a path, or a name on PATH"""
 
     # deploy
     dev_namespace: str = "dev"  # a name, or a template: dev-${branch} (see namespace_for)
+    """The namespace deploy applies into: a name or a template such as `dev-${branch}`"""
     chart_dir: str = "chart"  # the directory in the repo that holds the one chart
+    """The folder of the repo that holds its one chart"""
     ingress_subdomain: str = ""
+    """The cluster's Ingress subdomain, given to the chart as `ingress.subdomain`"""
     ingress_tls_secret: str = ""
+    """The TLS secret of the app's Ingress; empty: plain http"""
     rollout_timeout: float = Field(default=300.0, gt=0)
+    """Seconds deploy waits for the rollout"""
     rollout_interval: float = Field(default=1.0, gt=0)
+    """Seconds between two looks at the rollout"""
     # cluster-scoped kinds (ClusterRole, CustomResourceDefinition, ...) a chart may apply;
     # by default none: deploy applies only namespaced objects, into dev_namespace
     deploy_allow_cluster_kinds: Annotated[frozenset[str], NoDecode] = frozenset()
+    """Cluster-scoped kinds a chart may apply, comma-separated (environment only); none by default
+    """
 
     # health
     health_url: str = ""  # the app's base URL; empty = http://<the app's Ingress host>
+    """The app's base URL; empty: http://<the app's Ingress host>"""
     health_path: str = "/health"
+    """The path health asks for (must start with /)"""
     health_protocol: Literal["http", "https"] = "http"
+    """http or https, with the Ingress host"""
     health_port: int | None = Field(default=None, ge=1, le=65535)  # the ingress' port
+    """The Ingress' port; empty: the protocol's"""
     health_attempts: int = Field(default=10, ge=1, le=1000)
+    """How often health asks before it fails"""
     health_backoff: float = Field(default=1.0, ge=0)
+    """Seconds before health asks again (doubling after)"""
     health_backoff_max: float = Field(default=15.0, ge=0)
+    """The longest wait between two asks of health, in seconds"""
     health_timeout: float = Field(default=5.0, gt=0)  # per request
+    """Seconds one health request may take"""
 
     # helm-release: oci://host[:port]/path or http(s)://host/path (an HTTP chart repo)
     chart_repo: str = ""
+    """Where helm-release publishes: oci://host[:port]/path or an http(s):// chart repository
+    (required by helm-release)
+    """
     chart_repo_insecure: bool = False  # plain http to an OCI registry
+    """Plain http to an OCI chart registry"""
     chart_repo_username: str = ""
+    """Chart repository user (environment only)"""
     chart_repo_password: SecretStr = SecretStr("")
+    """Chart repository password (environment only)"""
     chart_repo_attempts: int = Field(default=10, ge=1, le=100)
+    """Tries of the chart repository client (and of index.yaml updates that race)"""
     chart_repo_timeout: float = Field(default=60.0, gt=0)
+    """Seconds one chart repository request may take"""
 
     # gitops
     gitops_repo: str = ""
+    """The GitOps repo's clone URL (required by gitops)"""
     gitops_branch: str = "qa"
+    """The GitOps branch QA is synced from"""
     gitops_dir: str = "qa"  # parent directory of <app>/ in the GitOps repo
+    """The folder of the GitOps repo that holds `<app>/`"""
     gitops_yaml: str = "requirements.yaml"
+    """The file of `<app>/` that names the chart version"""
     gitops_attempts: int = Field(default=5, ge=1, le=50)
+    """Tries of gitops when the branch moves under it"""
     git_user_name: str = "cistate"
+    """Author name of the GitOps commits"""
     git_user_email: str = "cistate@localhost"
+    """Author email of the GitOps commits"""
 
     # qa-sync
     argocd_url: str = ""
+    """Argo CD's URL (required by qa-sync)"""
     argocd_token: SecretStr = SecretStr("")
+    """Argo CD's API token (environment only; required by qa-sync)"""
     argocd_app: str = ""  # empty = the app name
+    """The Argo CD Application of QA; empty: the app's name"""
     argocd_insecure: bool = False  # skip TLS verification
+    """Skip TLS verification of Argo CD"""
     argocd_timeout: float = Field(default=600.0, gt=0)
+    """Seconds qa-sync waits for Synced and Healthy"""
     argocd_interval: float = Field(default=5.0, gt=0)
+    """Seconds between two looks at the Application"""
 
     @field_validator("dev_namespace")
     @classmethod

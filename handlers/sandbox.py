@@ -60,18 +60,33 @@ class Profile(StrEnum):
 class SandboxSettings(BaseSettings):
     """Worker-wide sandbox settings (the environment only: a pipeline cannot loosen them)."""
 
-    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore",
+                                      use_attribute_docstrings=True)
 
     sandbox: Literal["bwrap", "none"] = "bwrap"
+    """bwrap: steps run in the step sandbox; none: unsandboxed (a trusted single-user setup only)"""
     sandbox_uid: int = Field(default=65534, ge=1, le=2**31)
+    """The unprivileged uid a step's processes run as"""
     sandbox_gid: int = Field(default=65534, ge=1, le=2**31)
+    """The unprivileged gid a step's processes run as"""
     sandbox_bwrap: str = "bwrap"  # the bubblewrap executable
+    """The bubblewrap executable"""
     sandbox_path: str = DEFAULT_PATH  # PATH inside
+    """PATH inside the sandbox (where npm and node are found)"""
     # more host paths no step may see (folders get an empty tmpfs, files /dev/null)
     sandbox_hide: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """More host paths (`:`-separated) no step may see; the workdir and the secrets directory
+    always are hidden
+    """
     secrets_dir: Path | None = None
+    """A folder with one file per secret (a mounted Kubernetes Secret); else CISTATE_SECRET_<NAME>
+    variables
+    """
     secret_scopes: str | None = None  # JSON; see handlers.secrets.load_scopes
+    """Which repos may use which secret, as JSON: {"NPM_TOKEN": ["https://git.example.com/acme/*"]}
+    """
     secret_scopes_file: Path | None = None
+    """The same scopes in a YAML or JSON file"""
 
     @field_validator("sandbox_hide", mode="before")
     @classmethod

@@ -32,54 +32,87 @@ AnySettings = TypeVar("AnySettings", bound=BaseSettings)
 
 
 class HandlerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="forbid",
+                                      use_attribute_docstrings=True)
 
     # `host[:port]/namespace` images are pushed to; the namespace may be empty
     registry: str = ""
+    """Where images are pushed: `host[:port]/namespace` (required by setup, build, img-release)"""
     # where released images go; empty = the same as `registry`
     release_registry: str = ""
+    """Where released images go; empty: the same as the registry"""
     # talk plain http to the registries (a local or in-cluster registry)
     registry_insecure: bool = False
+    """Talk plain http to the registries (a local or in-cluster registry)"""
     # branches whose pushes are released (tag-release, img-release); fnmatch patterns
     release_branches: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["main", "master"]
     )
+    """Branches whose pushes are released by tag-release and img-release (comma-separated fnmatch
+    patterns)
+    """
 
     # registry client: attempts for connection errors and 5xx, first delay, delay cap
     registry_retries: int = Field(default=4, ge=1, le=20)
+    """Attempts of the registry client on connection errors and 5xx answers"""
     registry_backoff: float = Field(default=0.5, ge=0)
+    """Seconds before the registry client's second attempt (doubling after)"""
     registry_backoff_max: float = Field(default=8.0, ge=0)
+    """The longest wait between two attempts of the registry client, in seconds"""
     registry_timeout: float = Field(default=60.0, gt=0)
+    """Seconds one registry request may take"""
 
     # credentials (environment only)
     registry_username: str = ""
+    """Registry user (environment only, never `with:`)"""
     registry_password: SecretStr = SecretStr("")
+    """Registry password (environment only, never `with:`)"""
     registry_auth_file: Path | None = None
+    """A docker config.json with registry credentials (environment only)"""
 
     # setup
     app_name: str = ""  # overrides the name derived from package.json / the repo
+    """The app's name; empty: derived from package.json, else the repo's name"""
     short_sha_length: int = Field(default=7, ge=4, le=40)
+    """Digits of the commit sha in the image tag"""
 
     # build
     builder: Literal["buildah"] = "buildah"
+    """The image builder (buildah)"""
     builder_command: str = "buildah"  # the executable (a path, or a name on PATH)
+    """The builder's executable: a path, or a name on PATH"""
     builder_storage_driver: str = "vfs"
+    """buildah's storage driver"""
     builder_isolation: str = "chroot"
+    """buildah's isolation for RUN lines (inside the step sandbox)"""
     builder_root: str = ""  # buildah --root; empty = buildah's default store
+    """One buildah store shared by every build (only with CISTATE_SANDBOX=none; sandboxed builds
+    each have their own)
+    """
     builder_runroot: str = ""
+    """buildah's run root for that shared store (only with CISTATE_SANDBOX=none)"""
     image_format: Literal["oci", "docker"] = "oci"
+    """The image's manifest format: oci or docker"""
     dockerfile: str = ""  # path in the repo; empty = Dockerfile, else Containerfile
+    """The Dockerfile's path in the repo; empty: Dockerfile, else Containerfile"""
     build_context: str = "."
+    """The build context's path in the repo"""
     build_args: dict[str, str] = Field(default_factory=dict)
+    """Build arguments as a JSON object (`with: build_args` in a pipeline)"""
     rebuild: bool = False  # build even when the image for this commit is in the registry
+    """Build even when the registry has the image built from this commit"""
 
     # npm
     npm_command: str = "npm"
+    """The npm executable (a name on the sandbox's PATH, or a path)"""
 
     # tag-release
     git_user_name: str = "cistate"
+    """Author name of the release tags"""
     git_user_email: str = "cistate@localhost"
+    """Author email of the release tags"""
     tag_attempts: int = Field(default=10, ge=1, le=100)
+    """Tries of tag-release when another run pushes a tag at the same time"""
 
     @field_validator("release_branches", mode="before")
     @classmethod
