@@ -597,18 +597,39 @@ def _run_table(state: RunState) -> Table:
 
 
 @cli.command()
-def graph() -> None:
-    """The pipeline's state machine as a Mermaid diagram."""
+def graph(
+    run: Annotated[str | None, typer.Argument(
+        help="A run: each step shows its state in it.")] = None,
+    machines: Annotated[bool, typer.Option(
+        "--machines", help="Draw the run's and a step's state machines instead.")] = False,
+) -> None:
+    """The pipeline's steps and their needs as a Mermaid flowchart (finally steps dotted
+    after the last steps); with RUN, each step's state in that run."""
     from cistate import app as wiring
+    from cistate import graph as step_graph
 
     s = settings()
     try:
         pipeline = wiring.load_pipeline(s.pipeline)
     except PipelineError as exc:
         fail(str(exc), 2)
-    from cistate.machine import RunMachine
+    if machines:
+        from cistate.machine import RunMachine, StepMachine
 
-    typer.echo(RunMachine(pipeline).mermaid(), nl=False)
+        typer.echo(f"%% a run\n{RunMachine(pipeline).mermaid()}\n"
+                   f"%% each step of it\n{StepMachine(pipeline).mermaid()}", nl=False)
+        return
+    states: dict[str, str] | None = None
+    if run is not None:
+        run_id = parse_run_id(run)
+        state = _with_store(lambda st: st.load(run_id))
+        if state is None:
+            fail(f"no run {run_id}")
+        if state.pipeline != pipeline.name:
+            typer.echo(f"run {run_id} ran pipeline {state.pipeline!r}; drawn on this "
+                       f"deployment's {pipeline.name!r}", err=True)
+        states = {name: step.state for name, step in state.steps.items()}
+    typer.echo(step_graph.mermaid(pipeline.graph, states), nl=False)
 
 
 @schema_cli.command("export")

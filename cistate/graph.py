@@ -2,9 +2,9 @@
 
 Pure, like tektoncd/pipeline's `dag.go` (`Build(tasks)`, `GetCandidateTasks(graph, done...)`):
 `build` turns the declared steps into a validated `Graph` once, at load; every other function
-takes the graph and each step's state and answers one scheduling question. No I/O, no clock,
-no randomness: the same pinned pipeline and the same states always give the same answer, so a
-decision can be replayed from the run's events.
+takes the graph and each step's state and answers one scheduling question (`mermaid` draws
+it). No I/O, no clock, no randomness: the same pinned pipeline and the same states always give
+the same answer, so a decision can be replayed from the run's events.
 
 Rules, as pipeline authors are to be told them:
 
@@ -329,6 +329,41 @@ def upstream(graph: Graph, step: str) -> list[str]:
         if name in reached:
             reached.update(graph.needs[name])
     return [name for name in graph.names if name in reached]
+
+
+def mermaid(graph: Graph, states: Mapping[str, str] | None = None) -> str:
+    """The graph as a Mermaid flowchart (`cistate graph`): an arrow from each need to the
+    step that waits for it, a dotted one from the last main steps to the first finally
+    steps (which wait for every main step, whatever its end); with `states`, each step
+    shows and is styled by its state."""
+    def node(name: str) -> str:
+        return "s_" + name.replace("-", "_")  # no '-', and never a Mermaid keyword (`end`)
+
+    lines = ["flowchart TD"]
+    for name in topological_order(graph):
+        state = (states or {}).get(name)
+        label = f"{name}<br/>{state}" if state else name
+        lines.append(f'    {node(name)}["{label}"]')
+    for name in topological_order(graph):
+        lines += [f"    {node(need)} --> {node(name)}" for need in graph.needs[name]]
+    needed = {need for name in graph.steps for need in graph.needs[name]}
+    last = [name for name in graph.steps if name not in needed]
+    for name in graph.finally_steps:
+        if not graph.needs[name]:
+            lines += [f"    {node(step)} -.-> {node(name)}" for step in last]
+    if states:
+        colours = {StepStatus.SUCCEEDED: "#c8e6c9", StepStatus.FAILED: "#ffcdd2",
+                   StepStatus.TIMED_OUT: "#ffcdd2", StepStatus.RUNNING: "#bbdefb",
+                   StepStatus.RETRYING: "#fff9c4", StepStatus.CANCELLED: "#ffe0b2",
+                   StepStatus.SKIPPED: "#eeeeee", StepStatus.PENDING: "#ffffff"}
+        used = {states[name] for name in graph.names if name in states}
+        for status, colour in colours.items():
+            if status in used:
+                lines.append(f"    classDef {status} fill:{colour}")
+        for name in graph.names:
+            if states.get(name) in colours:
+                lines.append(f"    class {node(name)} {states[name]}")
+    return "\n".join(lines) + "\n"
 
 
 def _check_known(graph: Graph, steps: Sequence[str]) -> None:

@@ -1,46 +1,70 @@
-"""The run state machine, built with `transitions` from a pipeline spec.
+"""The run's and the steps' state machines, built with `transitions`.
 
-States: `queued`, one state per step (the run is running that step), and the terminal
-`succeeded`, `failed`, `cancelled`. The machine decides which transitions are legal and where
-each one leads; it does no I/O and has no callbacks, so a decision is a plain synchronous
-call (no AsyncMachine: its cancellation of concurrent transitions is not wanted here).
+A run is `queued -> running -> succeeded | failed | cancelled` (and back to `running` on an
+operator's retry); each step of it is `pending -> running -> retrying -> running ... ->
+succeeded | failed | timed_out`, or `skipped` / `cancelled`, and `pending` again when a retry
+runs it once more. The machines judge what a run or a step may do next and where that leads;
+which steps are ready is cistate.graph's, and what is recorded is cistate.run's. They do no
+I/O and have no callbacks, so a decision is a plain synchronous call (no AsyncMachine: its
+cancellation of concurrent transitions is not wanted here).
 
-One machine is built per pipeline (building costs milliseconds) and a single probe model is
-reused for every decision by setting its state first: no add_model/remove_model per message.
+Both are built once per pipeline (building costs milliseconds, DESIGN.md "Known pitfalls"),
+and a single probe model of each is reused for every decision by setting its state first: no
+add_model/remove_model per message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from transitions import Machine, MachineError
 
+from cistate.graph import Outcome, StepStatus
 from cistate.pipeline import Pipeline
 
-QUEUED, SUCCEEDED, FAILED, CANCELLED = "queued", "succeeded", "failed", "cancelled"
+# the run's states
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+RUN_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# a step's states, as plain strings (cistate.graph.StepStatus spells them)
+PENDING, STEP_RUNNING, RETRYING = "pending", "running", "retrying"
+TIMED_OUT, SKIPPED = "timed_out", "skipped"
+STEP_STATES = tuple(status.value for status in StepStatus)
+assert {o.value for o in Outcome} == {SUCCEEDED, FAILED, CANCELLED}
+assert set(STEP_STATES) == {PENDING, STEP_RUNNING, RETRYING, SUCCEEDED, FAILED, TIMED_OUT,
+                            SKIPPED, CANCELLED}
 
-# triggers
-START = "start"
-STEP_SUCCEEDED = "step_succeeded"
-STEP_FAILED = "step_failed"
-CANCEL = "cancel"
-RETRY = "retry"
+# the run's triggers
+START = "start"  # the run opens: queued -> running
+FINISH = "finish"  # every step has ended: running -> the outcome
+CANCEL = "cancel"  # an operator asks: the run stays running while its finally steps run
+RETRY = "retry"  # an operator asks: failed | cancelled -> running
+
+# a step's triggers (START and CANCEL too)
+SUCCEED = "succeed"
+FAIL = "fail"
+TIME_OUT = "time_out"
+SKIP = "skip"
+RESET = "reset"  # a retry of the run runs the step again
 
 
 @dataclass(frozen=True)
 class Situation:
-    """What the machine's conditions may look at, besides the state itself."""
+    """What the machines' conditions may look at, besides the state itself."""
 
-    active: Collection[str]  # steps that run for this run (its branch passes their `when`)
     retry_left: bool = False  # the failed attempt may be tried again
-    target: str | None = None  # the step an operator asked to retry from
+    outcome: str | None = None  # how the run ends (cistate.graph.outcome), for FINISH
+
+
+Condition = Callable[[Situation], bool]
 
 
 class IllegalTransition(Exception):
-    def __init__(self, state: str, trigger: str) -> None:
-        super().__init__(f"{trigger} is not allowed while the run is {state}")
+    def __init__(self, state: str, trigger: str, what: str = "the run") -> None:
+        super().__init__(f"{trigger} is not allowed while {what} is {state}")
         self.state = state
         self.trigger = trigger
 
@@ -49,46 +73,41 @@ class _Probe:
     state: str
 
 
-class RunMachine:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        steps = list(pipeline.step_names)
-        self.states = [QUEUED, *steps, SUCCEEDED, FAILED, CANCELLED]
+class _Judge:
+    """One `transitions` Machine over a probe model; `next_state` asks it."""
+
+    kind = "the run"
+
+    def __init__(self, states: Sequence[str], initial: str) -> None:
+        self.states = list(states)
         self._probe = _Probe()
         self._machine = Machine(
             model=self._probe,
             states=self.states,
-            initial=QUEUED,
+            initial=initial,
             auto_transitions=False,
             ignore_invalid_triggers=False,
             send_event=False,
         )
-        add = self._machine.add_transition
-        # start and step_succeeded go to the first active step after the current one, or
-        # to succeeded when none is left
-        for index, origin in enumerate([QUEUED, *steps]):
-            trigger = START if origin == QUEUED else STEP_SUCCEEDED
-            later = steps[index:]
-            for position, dest in enumerate(later):
-                add(trigger, origin, dest, conditions=[_first_active(dest, later[:position])])
-            add(trigger, origin, SUCCEEDED, conditions=[_none_active(later)])
-        for step in steps:
-            add(STEP_FAILED, step, step, conditions=[_retry_left])  # another attempt
-            add(STEP_FAILED, step, FAILED, unless=[_retry_left])
-        add(CANCEL, [QUEUED, *steps], CANCELLED)
-        for dest in steps:
-            add(RETRY, [FAILED, CANCELLED], dest, conditions=[_is_target(dest)])
 
-    def next_state(self, state: str, trigger: str, situation: Situation) -> str:
-        """Where `trigger` takes a run in `state`; IllegalTransition if it may not fire."""
+    def _add(self, trigger: str, source: str | list[str], dest: str,
+             conditions: Sequence[Condition] = (), unless: Sequence[Condition] = ()) -> None:
+        sources: list[Any] = [source] if isinstance(source, str) else list(source)
+        checks: list[Any] = list(conditions)
+        vetoes: list[Any] = list(unless)
+        self._machine.add_transition(trigger, sources, dest, conditions=checks, unless=vetoes)
+
+    def next_state(self, state: str, trigger: str, situation: Situation | None = None,
+                   what: str | None = None) -> str:
+        """Where `trigger` takes a model in `state`; IllegalTransition if it may not fire."""
         probe = self._probe
         probe.state = state
         try:
-            fired = probe.trigger(trigger, situation)  # type: ignore[attr-defined]
+            fired = probe.trigger(trigger, situation or Situation())  # type: ignore[attr-defined]
         except (MachineError, AttributeError, ValueError):
-            raise IllegalTransition(state, trigger) from None
+            raise IllegalTransition(state, trigger, what or self.kind) from None
         if not fired:
-            raise IllegalTransition(state, trigger)
+            raise IllegalTransition(state, trigger, what or self.kind)
         return probe.state
 
     def transitions(self) -> list[tuple[str, str, str]]:
@@ -100,45 +119,70 @@ class RunMachine:
                     found.append((name, source, str(transition.dest)))
         return found
 
-    def mermaid(self) -> str:
-        """The machine as a Mermaid state diagram (`cistate graph`)."""
-        lines = ["stateDiagram-v2", f"    [*] --> {QUEUED}"]
+    def mermaid(self, terminal: Sequence[str]) -> str:
+        lines = ["stateDiagram-v2", f"    [*] --> {self._machine.initial}"]
         seen: set[tuple[str, str, str]] = set()
         for trigger, source, dest in self.transitions():
-            key = (trigger, _node(source), _node(dest))
-            if key in seen:
-                continue
-            seen.add(key)
-            lines.append(f"    {_node(source)} --> {_node(dest)}: {trigger}")
-        for terminal in (SUCCEEDED, FAILED, CANCELLED):
-            lines.append(f"    {terminal} --> [*]")
+            key = (trigger, source, dest)
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"    {source} --> {dest}: {trigger}")
+        lines += [f"    {state} --> [*]" for state in terminal]
         return "\n".join(lines) + "\n"
 
 
-def _node(state: str) -> str:
-    return state.replace("-", "_")  # Mermaid state ids cannot contain '-'
+class RunMachine(_Judge):
+    """queued -> running -> succeeded | failed | cancelled; retry: failed | cancelled ->
+    running. `finish` goes to the outcome cistate.graph names, and only once it names one."""
+
+    kind = "the run"
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__(RUN_STATES, QUEUED)
+        self.pipeline = pipeline
+        self._add(START, QUEUED, RUNNING)
+        for outcome in (SUCCEEDED, FAILED, CANCELLED):
+            self._add(FINISH, RUNNING, outcome, conditions=[_outcome_is(outcome)])
+        # the live steps are stopped, the finally steps run: the run ends when they have
+        self._add(CANCEL, [QUEUED, RUNNING], RUNNING)
+        self._add(RETRY, [FAILED, CANCELLED], RUNNING)
+
+    def mermaid(self, terminal: Sequence[str] = (SUCCEEDED, FAILED, CANCELLED)) -> str:
+        """The run's machine as a Mermaid state diagram (`cistate graph --machines`)."""
+        return super().mermaid(terminal)
 
 
-def _first_active(dest: str, skipped: list[str]) -> Callable[[Situation], bool]:
+class StepMachine(_Judge):
+    """A step's life within a run, the same for every step of the pipeline (a step's own
+    policy reaches it through Situation.retry_left)."""
+
+    kind = "the step"
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__(STEP_STATES, PENDING)
+        self.pipeline = pipeline
+        self._add(START, [PENDING, RETRYING], STEP_RUNNING)  # retrying: its timer is due
+        self._add(SUCCEED, STEP_RUNNING, SUCCEEDED)
+        for trigger, ended in ((FAIL, FAILED), (TIME_OUT, TIMED_OUT)):
+            self._add(trigger, STEP_RUNNING, RETRYING, conditions=[_retry_left])
+            self._add(trigger, STEP_RUNNING, ended, unless=[_retry_left])
+        self._add(CANCEL, [STEP_RUNNING, RETRYING], CANCELLED)
+        self._add(SKIP, PENDING, SKIPPED)
+        # pending too: runs recorded before the graph left the steps after a failure pending
+        self._add(RESET, [PENDING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED, CANCELLED], PENDING)
+
+    def mermaid(self, terminal: Sequence[str] = (
+            SUCCEEDED, FAILED, TIMED_OUT, SKIPPED, CANCELLED)) -> str:
+        """A step's machine as a Mermaid state diagram (`cistate graph --machines`)."""
+        return super().mermaid(terminal)
+
+
+def _outcome_is(outcome: str) -> Callable[[Situation], bool]:
     def condition(situation: Situation) -> bool:
-        return dest in situation.active and not any(s in situation.active for s in skipped)
-
-    return condition
-
-
-def _none_active(later: list[str]) -> Callable[[Situation], bool]:
-    def condition(situation: Situation) -> bool:
-        return not any(s in situation.active for s in later)
+        return situation.outcome == outcome
 
     return condition
 
 
 def _retry_left(situation: Situation) -> bool:
     return situation.retry_left
-
-
-def _is_target(dest: str) -> Callable[[Situation], bool]:
-    def condition(situation: Situation) -> bool:
-        return situation.target == dest
-
-    return condition

@@ -1,8 +1,14 @@
-"""Pipeline spec: YAML -> validated steps and their policies.
+"""Pipeline spec: YAML -> validated steps, their policies, and the graph of their needs.
 
 Parsing is pure: `parse(text, source, known_handlers)` takes the file's text and the handler
 names a worker can run, so the core never imports a handler. Every error names the file, the
 step and the field, because the person reading it has to go and fix that file.
+
+A pipeline has `steps:` (a step without `needs:` needs the one before it, so a list is a line)
+and, optionally, `finally:` steps that run once every step has ended, whatever the outcome;
+`fail_fast: true` (the default) stops the other steps when one fails. What those rules mean
+for a run is cistate.graph's; the graph is built here, once, so a pipeline that cannot run
+stops start-up with its file named.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import fnmatch
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
 
@@ -26,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from cistate import graph as step_graph
 from cistate.messages import EnvName, Network, SecretRef
 
 RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
@@ -39,6 +46,13 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def _secret_ref(value: Any) -> Any:
     """`NPM_TOKEN` is short for `{name: NPM_TOKEN}`."""
     return {"name": value} if isinstance(value, str) else value
+
+
+def _needs_list(value: Any) -> Any:
+    """`needs: build` where `needs: [build]` was meant: say so, rather than "not a list"."""
+    if isinstance(value, str):
+        raise ValueError(f"needs is a list of step names: write `needs: [{value}]`")
+    return value
 
 
 def parse_duration(value: Any) -> Any:
@@ -99,6 +113,8 @@ class Step(_Spec):
     secrets: list[Annotated[SecretRef, BeforeValidator(_secret_ref)]] = Field(
         default_factory=list)
     network: Network = "default"
+    # the steps it waits for; None: the step before it in the file (the first: none)
+    needs: Annotated[list[str], BeforeValidator(_needs_list)] | None = None
 
     @model_validator(mode="after")
     def _script_needs_run(self) -> Step:
@@ -141,14 +157,29 @@ class _PipelineSpec(_Spec):
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     branches: list[str] | None = Field(default=None, min_length=1)
     steps: list[Step] = Field(min_length=1)
+    finally_: list[Step] = Field(default_factory=list, alias="finally")
+    fail_fast: bool = True
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """A loaded pipeline. `steps` holds every step, those of `finally:` last, in file order
+    (what a worker serves, what start-up checks, how a run lists them); `finally_steps` names
+    the ones from `finally:`. `graph` is built from them (GraphError if they cannot run)."""
+
     name: str
     steps: tuple[Step, ...]
     branches: tuple[str, ...] | None = None  # which branch pushes open a run (None: all)
     source: str = "<memory>"
+    finally_steps: tuple[str, ...] = ()
+    fail_fast: bool = True
+    graph: step_graph.Graph = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        final = set(self.finally_steps)
+        graph = step_graph.build([s for s in self.steps if s.name not in final],
+                                 [s for s in self.steps if s.name in final])
+        object.__setattr__(self, "graph", graph)
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -159,6 +190,9 @@ class Pipeline:
     @property
     def step_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.steps)
+
+    def is_finally(self, name: str) -> bool:
+        return name in self.finally_steps
 
     def accepts_branch(self, branch: str) -> bool:
         return self.branches is None or any(fnmatch.fnmatchcase(branch, p) for p in self.branches)
@@ -175,13 +209,19 @@ def parse(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
         spec = _PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         raise PipelineError(_describe(exc, source, raw)) from None
-    _check_steps(spec.steps, source, frozenset(known_handlers))
-    return Pipeline(
-        name=spec.name,
-        steps=tuple(spec.steps),
-        branches=tuple(spec.branches) if spec.branches else None,
-        source=source,
-    )
+    known = frozenset(known_handlers)
+    _check_steps(spec.steps, spec.finally_, source, known)
+    try:
+        return Pipeline(
+            name=spec.name,
+            steps=(*spec.steps, *spec.finally_),
+            branches=tuple(spec.branches) if spec.branches else None,
+            source=source,
+            finally_steps=tuple(step.name for step in spec.finally_),
+            fail_fast=spec.fail_fast,
+        )
+    except step_graph.GraphError as exc:
+        raise PipelineError(f"{source}: {exc}") from None
 
 
 def load_default(known_handlers: Iterable[str]) -> Pipeline:
@@ -190,14 +230,18 @@ def load_default(known_handlers: Iterable[str]) -> Pipeline:
                  known_handlers)
 
 
-def _check_steps(steps: Sequence[Step], source: str, known: frozenset[str]) -> None:
+def _check_steps(steps: Sequence[Step], finally_steps: Sequence[Step], source: str,
+                 known: frozenset[str]) -> None:
     seen: set[str] = set()
-    for number, step in enumerate(steps, 1):
-        where = f"{source}: step {step.name!r} (#{number})"
+    numbered = [("step", number, step) for number, step in enumerate(steps, 1)]
+    numbered += [("finally step", number, step) for number, step in enumerate(finally_steps, 1)]
+    for kind, number, step in numbered:
+        where = f"{source}: {kind} {step.name!r} (#{number})"
         if step.name in RESERVED_STATES:
             raise PipelineError(f"{where}: field 'name': {step.name!r} is reserved for runs")
         if step.name in seen:
-            raise PipelineError(f"{where}: field 'name': a step of that name comes earlier")
+            raise PipelineError(f"{where}: field 'name': a step of that name comes earlier "
+                                "(steps: and finally: share one set of names)")
         seen.add(step.name)
         if step.uses not in known:
             raise PipelineError(
@@ -211,13 +255,14 @@ def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:
     for err in exc.errors():
         loc = list(err["loc"])
         where = source
-        if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        if len(loc) >= 2 and loc[0] in ("steps", "finally") and isinstance(loc[1], int):
             index = loc[1]
-            steps = raw.get("steps")
+            kind = "step" if loc[0] == "steps" else "finally step"
+            steps = raw.get(str(loc[0]))
             name = None
             if isinstance(steps, list) and index < len(steps) and isinstance(steps[index], dict):
                 name = steps[index].get("name")
-            where += f": step {name!r} (#{index + 1})" if name else f": step #{index + 1}"
+            where += f": {kind} {name!r} (#{index + 1})" if name else f": {kind} #{index + 1}"
             loc = loc[2:]
         field = ".".join(str(p) for p in loc)
         problem = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]

@@ -2,11 +2,18 @@
 
 Pure: no clock, no I/O. The caller passes `now`, stores the events, applies them to the state
 with `apply`, and publishes the outgoing messages through the outbox.
+
+A decision goes in three parts: the message's own events (a result, a timer, an operator's
+request), each step change judged by the step machine; then the graph's consequences
+(cistate.graph: stop the live steps when fail_fast, skip what can never start, start what is
+ready, the finally steps once every other step has ended), until nothing changes; then, once
+every step has ended, the run's end, judged by the run machine.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hmac
 import uuid
 from collections.abc import Callable, Iterable
@@ -16,15 +23,20 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cistate import graph as step_graph
 from cistate import machine as m
 from cistate.events import EventType as E
 from cistate.events import NewEvent, derived_id
 from cistate.messages import CancelStep, Control, Push, StepCommand, StepResult
 from cistate.pipeline import Pipeline
 
-# A step's own states (the run's state is the machine's).
+# A step's own states (cistate.graph.StepStatus; the run's are cistate.machine's).
 PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
 RETRYING, TIMED_OUT, SKIPPED, CANCELLED = "retrying", "timed_out", "skipped", "cancelled"
+LIVE = frozenset({RUNNING, RETRYING})
+
+# what a finally step's processes are told about the run so far
+OUTCOME_VARIABLE = "CISTATE_RUN_OUTCOME"
 
 
 @dataclass
@@ -68,8 +80,10 @@ class RunState:
     ref: str = ""
     commit: str = ""
     pipeline: str = ""
-    machine_state: str = m.QUEUED  # queued | <step name> | succeeded | failed | cancelled
-    step: str | None = None  # the step running, or the one the run ended in
+    # queued | running | succeeded | failed | cancelled (before step graphs: a step's name
+    # for running, in rows stored then)
+    machine_state: str = m.QUEUED
+    step: str | None = None  # the step that started last, or the one the run ended in
     steps: dict[str, StepState] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     push: dict[str, Any] = field(default_factory=dict)
@@ -88,13 +102,14 @@ class RunState:
     def exists(self) -> bool:
         return self.version > 0
 
-    def outputs_before(self, step: str) -> dict[str, dict[str, Any]]:
+    def outputs_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The outputs of those of `names` that succeeded: a step's inputs, given the steps
+        upstream of it."""
         found: dict[str, dict[str, Any]] = {}
-        for name, state in self.steps.items():
-            if name == step:
-                break
-            if state.state == SUCCEEDED:
-                found[name] = state.outputs
+        for name in names:
+            step = self.steps.get(name)
+            if step is not None and step.state == SUCCEEDED:
+                found[name] = step.outputs
         return found
 
     def to_json(self, with_steps: bool = True) -> dict[str, Any]:
@@ -117,6 +132,13 @@ class RunState:
 
     def clone(self) -> RunState:
         return copy.deepcopy(self)
+
+    def working_copy(self) -> RunState:
+        """A copy that events may be applied to without touching this state: its steps are
+        copied, their outputs and errors shared (apply replaces those, never changes them)."""
+        return dataclasses.replace(
+            self, steps={name: dataclasses.replace(step) for name, step in self.steps.items()},
+            active=list(self.active))
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,7 +175,7 @@ def _started(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
     step.state, step.attempts, step.error = RUNNING, d["attempt"], None
     step.started_at, step.finished_at = at, None
-    s.machine_state = s.step = d["step"]
+    s.machine_state, s.step = m.RUNNING, d["step"]
 
 
 def _succeeded(s: RunState, d: dict[str, Any], at: datetime) -> None:
@@ -162,8 +184,12 @@ def _succeeded(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 
 def _failed(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    # A stopped attempt (fail_fast, an operator's cancel) is recorded as the worker reports
+    # one: a failure of kind `cancelled`; the step is then cancelled, not failed.
     step = s.steps[d["step"]]
-    step.state, step.error, step.finished_at = FAILED, d.get("error"), at
+    error = d.get("error")
+    stopped = isinstance(error, dict) and error.get("kind") == "cancelled"
+    step.state, step.error, step.finished_at = CANCELLED if stopped else FAILED, error, at
 
 
 def _timed_out(s: RunState, d: dict[str, Any], at: datetime) -> None:
@@ -188,21 +214,26 @@ def _run_failed(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 
 def _cancelled(s: RunState, d: dict[str, Any], at: datetime) -> None:
-    running = s.steps.get(s.step or "")
-    if running is not None and running.state in (RUNNING, RETRYING):
-        running.state, running.finished_at = CANCELLED, at
-    s.machine_state = m.CANCELLED
+    # Runs recorded before step graphs stopped their running step with this event alone.
+    for step in s.steps.values():
+        if step.state in LIVE:
+            step.state, step.finished_at = CANCELLED, at
+    s.machine_state, s.step = m.CANCELLED, d.get("step") or s.step
 
 
 def _retried(s: RunState, d: dict[str, Any], at: datetime) -> None:
-    # Steps from the retried one on start over; those before keep their outputs.
-    reached = False
-    for name, step in s.steps.items():
-        reached = reached or name == d["from_step"]
-        if reached and step.state != SKIPPED:
-            step.state, step.outputs, step.error = PENDING, {}, None
-            step.started_at = step.finished_at = None
-    s.machine_state, s.step = m.QUEUED, None
+    # The steps it names start over; the others keep their states and outputs. (Before step
+    # graphs, it named none: the steps from the retried one on, but for skipped ones.)
+    names = d.get("steps")
+    if names is None:
+        listed = list(s.steps)
+        start = listed.index(d["from_step"]) if d["from_step"] in listed else len(listed)
+        names = [name for name in listed[start:] if s.steps[name].state != SKIPPED]
+    for name in names:
+        step = s.steps[name]
+        step.state, step.outputs, step.error = PENDING, {}, None
+        step.started_at = step.finished_at = None
+    s.machine_state, s.step = m.RUNNING, None
 
 
 _APPLY: dict[str, Any] = {
@@ -276,12 +307,18 @@ class Decider:
     deterministic yet unguessable): a command carries it, `step.started` records it, and a
     result is accepted only with the token of the attempt it answers. Without `tokens`
     (pure tests of the rules) attempts have none and results are not asked for one.
+
+    The machines and each step's upstream steps are worked out here, once per pipeline.
     """
 
     def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None) -> None:
         self.pipeline = pipeline
+        self.graph = pipeline.graph
         self.machine = m.RunMachine(pipeline)
+        self.step_machine = m.StepMachine(pipeline)
         self.tokens = tokens
+        self.upstream = {name: tuple(step_graph.upstream(self.graph, name))
+                         for name in self.graph.names}
 
     def token(self, run_id: uuid.UUID, step: str, attempt: int) -> str:
         return self.tokens(run_id, step, attempt) if self.tokens else ""
@@ -329,85 +366,207 @@ def _meta(message_id: uuid.UUID, run_id: uuid.UUID, actor: str, **extra: Any) ->
 
 
 class _Builder:
-    """Builds one decision; tracks the machine state the new events lead to."""
+    """Builds one decision. Each event is applied at once to a working copy of the run
+    (`run`), so that the graph's questions see what the decision has done so far; the state
+    the decision was asked about is left as it was."""
 
     def __init__(
         self, decider: Decider, state: RunState, message_id: uuid.UUID, now: datetime, actor: str
     ) -> None:
-        self.d = decider
-        self.s = state
+        self.decider = decider
+        self.pipeline = decider.pipeline
+        self.graph = decider.graph
+        self.given = state
+        self.run = state.working_copy()
         self.message_id = message_id
         self.now = now
         self.actor = actor
         self.decision = Decision()
-        self.machine_state = state.machine_state
-        self.repo, self.ref, self.commit = state.repo, state.ref, state.commit
+        self.run_state = state.status  # the run machine's state as this decision leads it
+        self.cancel_reason: str | None = None
 
     # -- helpers
 
     def event(self, type_: E, data: dict[str, Any], **meta: Any) -> None:
         self.decision.events.append(
-            NewEvent(type_, data, _meta(self.message_id, self.s.id, self.actor, **meta))
-        )
+            NewEvent(type_, data, _meta(self.message_id, self.run.id, self.actor, **meta)))
+        apply(self.run, type_, data, self.now)
 
-    def fire(self, trigger: str, situation: m.Situation) -> str:
+    def fire(self, trigger: str, situation: m.Situation | None = None) -> str:
+        """The run machine's answer to `trigger`; Rejected when it may not fire."""
         try:
-            self.machine_state = self.d.machine.next_state(self.machine_state, trigger, situation)
+            self.run_state = self.decider.machine.next_state(self.run_state, trigger, situation)
         except m.IllegalTransition as exc:
             raise Rejected(str(exc)) from None
-        return self.machine_state
+        return self.run_state
 
-    def situation(self, **kw: Any) -> m.Situation:
-        return m.Situation(active=self.s.active, **kw)
+    def step_to(self, name: str, trigger: str, situation: m.Situation | None = None) -> str:
+        """The step machine's answer to `trigger` for step `name`; Rejected when it may not."""
+        try:
+            return self.decider.step_machine.next_state(
+                self.run.steps[name].state, trigger, situation, what=f"step {name!r}")
+        except m.IllegalTransition as exc:
+            raise Rejected(str(exc)) from None
 
-    def enter(self, dest: str, outputs: dict[str, dict[str, Any]]) -> None:
-        """After a transition: start the step it leads to, or end the run."""
-        if dest == m.SUCCEEDED:
-            self.event(E.RUN_SUCCEEDED, {})
-            return
-        self.start_step(dest, self.s.steps[dest].attempts + 1 if self.s.steps else 1, outputs)
-
-    def start_step(self, name: str, attempt: int, outputs: dict[str, dict[str, Any]]) -> None:
-        spec = self.d.pipeline.step(name)
-        token = self.d.token(self.s.id, name, attempt)
-        started: dict[str, Any] = {"step": name, "attempt": attempt}
-        if token:
-            started["token"] = token
-        self.event(E.STEP_STARTED, started, attempt=attempt)
-        command = StepCommand(
-            run_id=self.s.id, step=name, attempt=attempt, uses=spec.uses, token=token,
-            settings=spec.with_, script=spec.run, timeout=spec.timeout,
-            repo=self.repo, ref=self.ref, commit=self.commit, inputs=outputs,
-            env=spec.env, secrets=spec.secrets, network=spec.network,
-        )
-        self.out(f"step.{name}.run", command, derived_id(self.s.id, "run", name, attempt))
-        if spec.timeout:
-            timer = Control(run_id=self.s.id, action="timeout", step=name, attempt=attempt)
-            self.out("control", timer, derived_id(self.s.id, "timeout", name, attempt),
-                     delay=spec.timeout)
+    def states(self) -> dict[str, str]:
+        """Every step of the graph's state; a step the run does not list (the pipeline
+        changed since it started) stands for its own needs, as a skipped one does."""
+        return {name: self.run.steps[name].state if name in self.run.steps else SKIPPED
+                for name in self.graph.names}
 
     def out(self, key: str, body: BaseModel, message_id: uuid.UUID, delay: float = 0) -> None:
         not_before = self.now + timedelta(seconds=delay) if delay else None
         self.decision.outgoing.append(Outgoing(key, body, message_id, not_before))
 
     def running_attempt(self, step: str, attempt: int) -> bool:
-        current = self.s.steps.get(step)
-        return (
-            self.s.machine_state == step
-            and current is not None
-            and current.state == RUNNING
-            and current.attempts == attempt
+        current = self.run.steps.get(step)
+        return (self.run_state == m.RUNNING and current is not None
+                and current.state == RUNNING and current.attempts == attempt)
+
+    # -- what a step does
+
+    def start(self, name: str, attempt: int) -> None:
+        """Start an attempt: step.started, its command, and its timeout timer."""
+        spec = self.pipeline.step(name)
+        self.step_to(name, m.START)
+        token = self.decider.token(self.run.id, name, attempt)
+        started: dict[str, Any] = {"step": name, "attempt": attempt}
+        if token:
+            started["token"] = token
+        env = dict(spec.env)
+        if self.pipeline.is_finally(name):
+            env[OUTCOME_VARIABLE] = self.outcome_so_far()
+        self.event(E.STEP_STARTED, started, attempt=attempt)
+        command = StepCommand(
+            run_id=self.run.id, step=name, attempt=attempt, uses=spec.uses, token=token,
+            settings=spec.with_, script=spec.run, timeout=spec.timeout,
+            repo=self.run.repo, ref=self.run.ref, commit=self.run.commit,
+            inputs=self.run.outputs_of(self.decider.upstream.get(name, ())),
+            env=env, secrets=spec.secrets, network=spec.network,
         )
+        self.out(f"step.{name}.run", command, derived_id(self.run.id, "run", name, attempt))
+        if spec.timeout:
+            timer = Control(run_id=self.run.id, action="timeout", step=name, attempt=attempt)
+            self.out("control", timer, derived_id(self.run.id, "timeout", name, attempt),
+                     delay=spec.timeout)
+
+    def stop(self, name: str, message: str, reason: str | None = None) -> None:
+        """Stop a live step: the worker running it is told, and its end is recorded as the
+        worker would report it (a failure of kind `cancelled`), now, without waiting."""
+        step = self.run.steps[name]
+        was = step.state
+        self.step_to(name, m.CANCEL)
+        if was == RUNNING:  # a step waiting for its retry has no worker to tell
+            self.cancel_worker(name, step.attempts)
+        error: dict[str, Any] = {"message": message, "kind": "cancelled", "retryable": False}
+        if reason:
+            error["reason"] = reason
+        self.event(E.STEP_FAILED, {"step": name, "attempt": step.attempts, "error": error},
+                   attempt=step.attempts)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.step_to(name, m.SKIP)
+        self.event(E.STEP_SKIPPED, {"step": name, "attempt": self.run.steps[name].attempts,
+                                    "reason": reason})
+
+    def cancel_worker(self, step: str, attempt: int) -> None:
+        body = CancelStep(run_id=self.run.id, step=step, attempt=attempt)
+        self.out("cancel", body, derived_id(self.run.id, "cancel", step, attempt,
+                                            self.message_id))
+
+    def outcome_so_far(self) -> str:
+        """How the run goes, from the steps that have ended (a finally step's view)."""
+        ended = [state for state in self.states().values() if state in step_graph.ENDED]
+        if any(state in step_graph.FAILURES for state in ended):
+            return m.FAILED
+        return m.CANCELLED if CANCELLED in ended else m.SUCCEEDED
+
+    # -- what follows from the graph
+
+    def advance(self) -> None:
+        """Stop, skip and start what the graph says, until it says nothing more; then end
+        the run if every step has ended."""
+        graph, fail_fast = self.graph, self.pipeline.fail_fast
+        while True:
+            states = self.states()
+            stopping = step_graph.to_cancel(graph, states, fail_fast)
+            if stopping:
+                failed = next(n for n in graph.steps if states[n] in step_graph.FAILURES)
+                for name in stopping:
+                    self.stop(name, f"cancelled: step {failed!r} failed and the pipeline "
+                                    "fails fast (fail_fast: true)")
+                continue
+            blocked = step_graph.unreachable(graph, states, fail_fast)
+            if blocked:
+                for name, cause in blocked.items():
+                    self.skip(name, self.blocked_reason(name, cause, states[cause]))
+                continue
+            starting = (step_graph.ready(graph, states, fail_fast)
+                        + step_graph.finally_ready(graph, states))
+            if not starting:
+                break
+            for name in starting:
+                self.start(name, self.run.steps[name].attempts + 1)
+        ended = step_graph.outcome(graph, self.states())
+        if ended is not None:
+            self.finish(ended)
+
+    def blocked_reason(self, name: str, cause: str, state: str) -> str:
+        how = {FAILED: "failed", TIMED_OUT: "timed out", CANCELLED: "was cancelled"}.get(
+            state, state)
+        if cause in self.decider.upstream.get(name, ()):
+            return f"it needs {cause!r}, which {how}"
+        return f"step {cause!r} {how} and the pipeline fails fast (fail_fast: true)"
+
+    def finish(self, outcome: step_graph.Outcome) -> None:
+        self.fire(m.FINISH, m.Situation(outcome=outcome.value))
+        if outcome is step_graph.Outcome.SUCCEEDED:
+            self.event(E.RUN_SUCCEEDED, {})
+        elif outcome is step_graph.Outcome.FAILED:
+            name = self.first_ended(step_graph.FAILURES)
+            step = self.run.steps[name]
+            self.event(E.RUN_FAILED, {"step": name, "attempt": step.attempts,
+                                      "reason": self.failure_reason(name)})
+        else:
+            name = self.first_ended(frozenset({step_graph.StepStatus.CANCELLED}))
+            error = self.run.steps[name].error or {}
+            reason = self.cancel_reason or error.get("reason")
+            self.event(E.RUN_CANCELLED, {"step": name, "reason": reason})
+
+    def first_ended(self, states: frozenset[step_graph.StepStatus]) -> str:
+        """The step the run ended in: of the main steps (else the finally steps) in one of
+        `states`, the one that ended first (file order between equal times)."""
+        for names in (self.graph.steps, self.graph.finally_steps):
+            found = [(index, self.run.steps[name]) for index, name in enumerate(names)
+                     if name in self.run.steps and self.run.steps[name].state in states]
+            if found:
+                earliest = min(found, key=lambda item: (
+                    item[1].finished_at or self.now, item[0]))
+                return earliest[1].name
+        raise AssertionError(f"no step is {sorted(states)}")  # outcome() said one is
+
+    def failure_reason(self, name: str) -> str:
+        spec = self.pipeline.step(name)
+        step = self.run.steps[name]
+        error = step.error or {}
+        kind = str(error.get("kind", "error"))
+        if not error.get("retryable", True):
+            why = "not retryable"
+        elif kind not in spec.retry_on:
+            why = f"retry_on does not include {kind}"
+        else:
+            why = f"attempt {step.attempts} of {spec.max_attempts}"
+        return f"step {name!r} {kind}: {error.get('message', '')} ({why})"
 
     # -- messages
 
     def push(self, push: Push) -> None:
-        if self.s.exists:
+        if self.given.exists:
             self.decision.ignored = "duplicate push: this delivery already opened its run"
             return
-        pipeline = self.d.pipeline
+        pipeline = self.pipeline
         active = [s.name for s in pipeline.steps if s.runs_on(push.branch)]
-        self.repo, self.ref, self.commit = push.repo, push.ref, push.commit
+        self.fire(m.START)
         self.event(E.RUN_REQUESTED, {
             "repo": push.repo, "ref": push.ref, "commit": push.commit,
             "pipeline": pipeline.name, "steps": list(pipeline.step_names), "active": active,
@@ -415,44 +574,34 @@ class _Builder:
         })
         for step in pipeline.steps:
             if step.name not in active:
-                self.event(E.STEP_SKIPPED, {
-                    "step": step.name, "attempt": 0, "reason": step.skip_reason(push.branch),
-                })
-        dest = self.d.machine.next_state(m.QUEUED, m.START, m.Situation(active=active))
-        self.machine_state = dest
-        if dest == m.SUCCEEDED:
-            self.event(E.RUN_SUCCEEDED, {})
-        else:
-            self.start_step(dest, 1, {})
+                self.skip(step.name, step.skip_reason(push.branch))
+        self.advance()
 
     def result(self, result: StepResult) -> None:
         if not self.running_attempt(result.step, result.attempt):
-            step = self.s.steps.get(result.step)
+            step = self.run.steps.get(result.step)
             have = f"step {step.state}, attempt {step.attempts}" if step else "no such step"
             raise Rejected(
                 f"result for step {result.step!r} attempt {result.attempt} does not match the "
-                f"run (run {self.s.status}, {have})"
+                f"run (run {self.given.status}, {have})"
             )
-        expected = self.d.token(self.s.id, result.step, result.attempt)
+        expected = self.decider.token(self.run.id, result.step, result.attempt)
         if expected and not hmac.compare_digest(expected, result.token or ""):
             raise Rejected(
                 f"result for step {result.step!r} attempt {result.attempt} does not carry the "
                 "token of the command it claims to answer"
             )
         if result.status == "succeeded":
+            self.step_to(result.step, m.SUCCEED)
             self.event(E.STEP_SUCCEEDED, {
                 "step": result.step, "attempt": result.attempt, "outputs": result.outputs,
             }, attempt=result.attempt)
-            dest = self.fire(m.STEP_SUCCEEDED, self.situation())
-            outputs = {**self.s.outputs_before(result.step), result.step: result.outputs}
-            self.enter(dest, outputs)
+            self.advance()
             return
         error = (result.error.model_dump() if result.error
                  else {"message": "the handler reported failure without an error"})
-        self.event(E.STEP_FAILED, {
-            "step": result.step, "attempt": result.attempt, "error": error,
-        }, attempt=result.attempt)
-        self.after_failure(result.step, result.attempt, error, kind=str(error.get("kind", "error")))
+        self.after_failure(result.step, result.attempt, E.STEP_FAILED, error,
+                           kind=str(error.get("kind", "error")))
 
     def timeout(self, timer: Control) -> None:
         if timer.step is None or timer.attempt is None:
@@ -460,88 +609,123 @@ class _Builder:
         if not self.running_attempt(timer.step, timer.attempt):
             self.decision.ignored = "stale timeout: that attempt already ended"
             return
-        spec = self.d.pipeline.step(timer.step)
+        spec = self.pipeline.step(timer.step)
         error = {"message": f"step {timer.step!r} did not finish within {spec.timeout:g}s",
                  "kind": "timeout", "retryable": True}
-        self.event(E.STEP_TIMED_OUT, {
-            "step": timer.step, "attempt": timer.attempt, "error": error,
-        }, attempt=timer.attempt)
         self.cancel_worker(timer.step, timer.attempt)
-        self.after_failure(timer.step, timer.attempt, error, kind="timeout")
+        self.after_failure(timer.step, timer.attempt, E.STEP_TIMED_OUT, error, "timeout")
 
-    def after_failure(self, step: str, attempt: int, error: dict[str, Any], kind: str) -> None:
-        spec = self.d.pipeline.step(step)
+    def after_failure(self, step: str, attempt: int, type_: E, error: dict[str, Any],
+                      kind: str) -> None:
+        """Record a failed attempt; schedule the next one if the step's policy allows."""
+        spec = self.pipeline.step(step)
         retry_left = (
             attempt < spec.max_attempts
             and bool(error.get("retryable", True))
             and kind in spec.retry_on
         )
-        dest = self.fire(m.STEP_FAILED, self.situation(retry_left=retry_left))
-        if dest == step:
+        if type_ is E.STEP_TIMED_OUT:
+            trigger = m.TIME_OUT
+        elif kind == "cancelled":  # the worker stopped it without being asked here
+            trigger = m.CANCEL
+        else:
+            trigger = m.FAIL
+        dest = self.step_to(step, trigger, m.Situation(retry_left=retry_left))
+        self.event(type_, {"step": step, "attempt": attempt, "error": error}, attempt=attempt)
+        if dest == RETRYING:
             delay = spec.backoff.delay(attempt)
             due = self.now + timedelta(seconds=delay)
             self.event(E.STEP_RETRY_SCHEDULED, {
                 "step": step, "attempt": attempt + 1, "delay": round(delay, 3),
                 "due_at": due.isoformat(),
             }, attempt=attempt + 1)
-            timer = Control(run_id=self.s.id, action="retry_due", step=step, attempt=attempt + 1)
-            self.out("control", timer, derived_id(self.s.id, "retry_due", step, attempt + 1),
+            timer = Control(run_id=self.run.id, action="retry_due", step=step,
+                            attempt=attempt + 1)
+            self.out("control", timer, derived_id(self.run.id, "retry_due", step, attempt + 1),
                      delay=delay)
-            return
-        if not error.get("retryable", True):
-            why = "not retryable"
-        elif kind not in spec.retry_on:
-            why = f"retry_on does not include {kind}"
-        else:
-            why = f"attempt {attempt} of {spec.max_attempts}"
-        self.event(E.RUN_FAILED, {
-            "step": step, "attempt": attempt, "reason": f"step {step!r} {kind}: "
-            f"{error.get('message', '')} ({why})",
-        })
+        self.advance()
 
     def retry_due(self, timer: Control) -> None:
         if timer.step is None or timer.attempt is None:
             raise Rejected(f"a {timer.action} timer must name its step and attempt")
-        step = self.s.steps.get(timer.step)
-        if (self.s.machine_state != timer.step or step is None or step.state != RETRYING
+        step = self.run.steps.get(timer.step)
+        if (self.run_state != m.RUNNING or step is None or step.state != RETRYING
                 or step.attempts + 1 != timer.attempt):
             self.decision.ignored = "stale retry timer: the run moved on"
             return
-        self.start_step(timer.step, timer.attempt, self.s.outputs_before(timer.step))
+        self.start(timer.step, timer.attempt)
 
     def cancel(self, control: Control) -> None:
-        running = self.s.machine_state
-        self.fire(m.CANCEL, self.situation())
+        """Stop every live step; skip the main steps that have not started (and, when the
+        finally steps are already running, those of them that have not); the finally steps
+        then run, and the run ends when they have."""
+        self.fire(m.CANCEL)
         self.event(E.RUN_CANCEL_REQUESTED, {"reason": control.reason})
-        step = self.s.steps.get(running)
-        if step is not None and step.state == RUNNING:
-            self.cancel_worker(running, step.attempts)
-        self.event(E.RUN_CANCELLED, {"step": self.s.step, "reason": control.reason})
-
-    def cancel_worker(self, step: str, attempt: int) -> None:
-        body = CancelStep(run_id=self.s.id, step=step, attempt=attempt)
-        self.out("cancel", body, derived_id(self.s.id, "cancel", step, attempt, self.message_id))
+        self.cancel_reason = control.reason
+        states = self.states()
+        cleaning_up = all(states[name] in step_graph.ENDED for name in self.graph.steps)
+        message = f"cancelled by {self.actor}" + (f": {control.reason}" if control.reason
+                                                    else "")
+        for name in self.graph.names:
+            if states[name] in LIVE:
+                self.stop(name, message, control.reason)
+        for name in self.graph.names:
+            if states[name] == PENDING and name in self.graph.steps:
+                self.skip(name, "the run was cancelled")
+            elif states[name] == PENDING and cleaning_up:
+                self.skip(name, "the run was cancelled while its finally steps ran")
+        self.advance()
 
     def retry(self, control: Control) -> None:
-        target = control.step or self.s.step
-        if target is None or target not in self.s.steps:
+        target = control.step
+        if target is not None and (target not in self.run.steps
+                                   or target not in self.graph.needs):
             raise Rejected(f"cannot retry from step {target!r}: the pipeline has no such step")
-        if target not in self.s.active:
+        if target is not None and target not in self.run.active:
             raise Rejected(f"cannot retry from step {target!r}: it is skipped for this run")
-        self.fire(m.RETRY, self.situation(target=target))
-        missing = [
-            name for name in self.s.active[: self.s.active.index(target)]
-            if self.s.steps[name].state != SUCCEEDED
-        ]
-        if missing:
-            raise Rejected(
-                f"cannot retry from step {target!r}: earlier step(s) {', '.join(missing)} did "
-                "not succeed; retry from the first of them"
-            )
+        self.fire(m.RETRY)
+        targets = [target] if target is not None else self.retry_targets()
+        rerun = [name for name in step_graph.downstream(self.graph, *targets)
+                 if name in self.run.active and name in self.run.steps]
+        states = self.states()
+        for target in targets:
+            missing = [
+                name for name in self.decider.upstream[target]
+                if name not in rerun and not (
+                    states[name] == SUCCEEDED
+                    or (states[name] == SKIPPED and name not in self.run.active))
+            ]
+            if missing:
+                raise Rejected(
+                    f"cannot retry from step {target!r}: step(s) it needs, "
+                    f"{', '.join(missing)}, did not succeed; retry from the first of them")
+        if self.pipeline.fail_fast:
+            left = [name for name in self.graph.steps
+                    if states[name] in step_graph.FAILURES and name not in rerun]
+            if left:
+                raise Rejected(
+                    f"cannot retry from step {targets[0]!r}: step(s) {', '.join(left)} failed "
+                    "and do not follow from it, and the pipeline fails fast, so nothing would "
+                    "start; retry without --from to run every failed step again")
+        for name in rerun:
+            self.step_to(name, m.RESET)
         self.event(E.RUN_RETRIED, {
-            "from_step": target, "actor": self.actor, "reason": control.reason,
+            "from_step": targets[0], "actor": self.actor, "reason": control.reason,
+            "steps": rerun,
         })
-        self.start_step(target, self.s.steps[target].attempts + 1, self.s.outputs_before(target))
+        self.advance()
+
+    def retry_targets(self) -> list[str]:
+        """What a retry without --from runs again: the main steps that failed, timed out or
+        were cancelled, else such finally steps, else the step the run ended in."""
+        states = self.states()
+        for names in (self.graph.steps, self.graph.finally_steps):
+            found = [name for name in names if states[name] in step_graph.BLOCKING]
+            if found:
+                return found
+        if self.run.step is None or self.run.step not in self.graph.needs:
+            raise Rejected("nothing to retry: no step failed or was cancelled; name one")
+        return [self.run.step]
 
 
 def _iso(value: datetime | None) -> str | None:

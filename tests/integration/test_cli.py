@@ -151,20 +151,26 @@ def test_db_upgrade_creates_the_database_and_is_safe_twice(
                        capture_output=True, check=False)
 
 
-def test_graph_prints_the_state_machine_as_mermaid(
+def test_graph_draws_the_steps_and_their_needs_as_mermaid(
         make_settings: Callable[..., Settings]) -> None:
     settings = make_settings("""
 name: g
 steps:
   - {name: unit-tests, uses: script, run: "true"}
-  - {name: publish, uses: noop, when: {branches: [main]}}
+  - {name: lint, uses: noop, needs: []}
+  - {name: publish, uses: noop, needs: [unit-tests, lint], when: {branches: [main]}}
+finally:
+  - {name: report, uses: noop}
 """)
-    text = cistate(settings, "graph").stdout
-    assert text.startswith("stateDiagram-v2")
-    assert "queued --> unit_tests: start" in text
-    assert "unit_tests --> publish: step_succeeded" in text
-    assert "unit_tests --> succeeded: step_succeeded" in text  # publish skipped on branches
-    assert "failed --> unit_tests: retry" in text
+    lines = cistate(settings, "graph").stdout.splitlines()
+    assert lines[0] == "flowchart TD"
+    assert '    s_unit_tests["unit-tests"]' in lines
+    assert "    s_unit_tests --> s_publish" in lines and "    s_lint --> s_publish" in lines
+    assert "    s_publish -.-> s_report" in lines
+    machines = cistate(settings, "graph", "--machines").stdout
+    assert "stateDiagram-v2" in machines
+    assert "    running --> cancelled: finish" in machines  # the run's
+    assert "    running --> retrying: fail" in machines  # a step's
 
 
 def test_push_with_a_bad_commit_is_refused_before_publishing(

@@ -68,7 +68,7 @@ async def test_retry_continues_from_the_failed_step_reusing_earlier_outputs(
     retried = [e for e in await store.events(run_id) if e.type == "run.retried"]
     assert len(retried) == 1
     assert retried[0].data == {"from_step": "flaky", "actor": retried[0].meta["actor"],
-                               "reason": "flaky runner fixed"}
+                               "reason": "flaky runner fixed", "steps": ["flaky", "finish"]}
     assert retried[0].meta["actor"].startswith("cli:")
 
     # --from a named step reruns it and the steps after it
@@ -169,9 +169,11 @@ steps:
     run = await store.load(run_id)
     assert run is not None and run.status == "cancelled"
     assert run.steps["long"].state == "cancelled"
-    types = [e.type for e in await store.events(run_id)]
-    assert types[:4] == ["run.requested", "step.started", "run.cancel_requested",
-                         "run.cancelled"]
+    events = await store.events(run_id)
+    assert [e.type for e in events][:5] == ["run.requested", "step.started",
+                                            "run.cancel_requested", "step.failed",
+                                            "run.cancelled"]
+    assert events[3].data["error"]["kind"] == "cancelled"  # the stopped attempt's end
     # cancelling again is refused
     async with aiohttp.ClientSession(headers={"Authorization": "Bearer alice-token"}) as http, \
             http.post(f"http://{settings.listen}/api/v1/runs/{run_id}/cancel") as resp:

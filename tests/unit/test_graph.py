@@ -23,6 +23,7 @@ from cistate.graph import (
     build,
     downstream,
     finally_ready,
+    mermaid,
     outcome,
     ready,
     to_cancel,
@@ -371,6 +372,32 @@ def test_a_finally_step_cannot_need_a_main_step() -> None:
 def test_a_name_used_by_a_step_and_a_finally_step_is_refused() -> None:
     message = _error(Decl("build"), final=[Decl("build")])
     assert message.startswith("finally step 'build': a step of that name comes earlier")
+
+
+# ---------------------------------------------------------------------------------------
+# drawing
+
+
+def test_mermaid_draws_needs_and_finally_steps_after_the_last_steps() -> None:
+    graph = _graph("a", Decl("b", ["a"]), Decl("end", ["a"]), Decl("tag-release", []),
+                   final=["report", "clean"])
+    lines = mermaid(graph).splitlines()
+    assert lines[0] == "flowchart TD"
+    assert '    s_tag_release["tag-release"]' in lines
+    assert '    s_end["end"]' in lines  # `end` is a Mermaid keyword: never an id
+    assert {"    s_a --> s_b", "    s_a --> s_end", "    s_report --> s_clean"} <= set(lines)
+    assert [line for line in lines if "-.->" in line] == [
+        "    s_b -.-> s_report", "    s_end -.-> s_report", "    s_tag_release -.-> s_report"]
+    assert not any("class" in line for line in lines)
+
+
+def test_mermaid_with_states_labels_and_styles_each_step() -> None:
+    states = _states(DIAMOND, a=S.SUCCEEDED, b=S.FAILED, c=S.CANCELLED, d=S.SKIPPED)
+    lines = mermaid(DIAMOND, states).splitlines()
+    assert '    s_b["b<br/>failed"]' in lines
+    assert "    class s_b failed" in lines and "    class s_d skipped" in lines
+    assert "    classDef failed fill:#ffcdd2" in lines
+    assert not any(line.startswith("    classDef running") for line in lines)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
-"""The run state machine built from a pipeline: legal moves, illegal ones, and its diagram."""
+"""The run's and the steps' state machines: legal moves, illegal ones, and their diagrams."""
 
 from __future__ import annotations
-
-import itertools
 
 import pytest
 
@@ -13,119 +11,153 @@ from ._support import default_pipeline
 pytestmark = pytest.mark.unit
 
 PIPELINE = default_pipeline()
-STEPS = list(PIPELINE.step_names)
-ALL = m.Situation(active=STEPS)
-FEATURE = m.Situation(active=STEPS[:5])  # the release steps are skipped
+STEP_STATES = ["pending", "running", "retrying", "succeeded", "failed", "timed_out", "skipped",
+               "cancelled"]
+RETRY_LEFT = m.Situation(retry_left=True)
 
 
 @pytest.fixture(scope="module")
-def machine() -> m.RunMachine:
+def run() -> m.RunMachine:
     return m.RunMachine(PIPELINE)
 
 
-def test_states_are_queued_the_steps_and_the_terminal_states(machine: m.RunMachine) -> None:
-    assert machine.states == ["queued", *STEPS, "succeeded", "failed", "cancelled"]
+@pytest.fixture(scope="module")
+def step() -> m.StepMachine:
+    return m.StepMachine(PIPELINE)
+
+
+def test_a_run_is_queued_running_or_ended_whatever_its_steps(run: m.RunMachine) -> None:
+    assert run.states == ["queued", "running", "succeeded", "failed", "cancelled"]
     assert {"succeeded", "failed", "cancelled"} == m.TERMINAL
+    assert not set(PIPELINE.step_names) & set(run.states)
 
 
-def test_start_goes_to_the_first_active_step(machine: m.RunMachine) -> None:
-    assert machine.next_state("queued", m.START, ALL) == "setup"
-    assert machine.next_state("queued", m.START, m.Situation(active=["build", "deploy"])) == \
-        "build"
-    assert machine.next_state("queued", m.START, m.Situation(active=[])) == "succeeded"
+def test_a_run_starts_and_finishes_with_the_outcome_it_is_given(run: m.RunMachine) -> None:
+    assert run.next_state("queued", m.START) == "running"
+    for outcome in ("succeeded", "failed", "cancelled"):
+        assert run.next_state("running", m.FINISH, m.Situation(outcome=outcome)) == outcome
 
 
-def test_step_succeeded_goes_to_the_next_active_step_or_succeeded(
-        machine: m.RunMachine) -> None:
-    for here, after in itertools.pairwise(STEPS):
-        assert machine.next_state(here, m.STEP_SUCCEEDED, ALL) == after
-    assert machine.next_state("gitops", m.STEP_SUCCEEDED, ALL) == "succeeded"
-    assert machine.next_state("health", m.STEP_SUCCEEDED, FEATURE) == "succeeded"
-    gap = m.Situation(active=["setup", "build", "gitops"])
-    assert machine.next_state("setup", m.STEP_SUCCEEDED, gap) == "build"
-    assert machine.next_state("build", m.STEP_SUCCEEDED, gap) == "gitops"
-
-
-@pytest.mark.parametrize("step", STEPS)
-def test_step_failed_retries_or_fails(machine: m.RunMachine, step: str) -> None:
-    retry = m.Situation(active=STEPS, retry_left=True)
-    assert machine.next_state(step, m.STEP_FAILED, retry) == step
-    assert machine.next_state(step, m.STEP_FAILED, ALL) == "failed"
-
-
-@pytest.mark.parametrize("state", ["queued", *STEPS])
-def test_cancel_from_any_live_state(machine: m.RunMachine, state: str) -> None:
-    assert machine.next_state(state, m.CANCEL, ALL) == "cancelled"
+def test_a_cancel_keeps_the_run_running_until_its_finally_steps_have_run(
+        run: m.RunMachine) -> None:
+    assert run.next_state("running", m.CANCEL) == "running"
+    assert run.next_state("queued", m.CANCEL) == "running"
 
 
 @pytest.mark.parametrize("state", ["failed", "cancelled"])
-@pytest.mark.parametrize("target", STEPS)
-def test_retry_from_failed_or_cancelled_to_the_target(
-        machine: m.RunMachine, state: str, target: str) -> None:
-    assert machine.next_state(state, m.RETRY, m.Situation(active=STEPS, target=target)) == \
-        target
+def test_a_retry_runs_a_failed_or_cancelled_run_again(run: m.RunMachine, state: str) -> None:
+    assert run.next_state(state, m.RETRY) == "running"
 
 
 @pytest.mark.parametrize(
     ("state", "trigger", "situation"),
     [
-        ("succeeded", m.STEP_SUCCEEDED, ALL),
-        ("failed", m.STEP_SUCCEEDED, ALL),
-        ("cancelled", m.STEP_FAILED, ALL),
-        ("queued", m.STEP_SUCCEEDED, ALL),
-        ("queued", m.STEP_FAILED, ALL),
-        ("setup", m.START, ALL),
-        ("failed", m.START, ALL),
-        ("succeeded", m.CANCEL, ALL),
-        ("failed", m.CANCEL, ALL),
-        ("cancelled", m.CANCEL, ALL),
-        ("setup", m.RETRY, m.Situation(active=STEPS, target="setup")),
-        ("queued", m.RETRY, m.Situation(active=STEPS, target="setup")),
-        ("succeeded", m.RETRY, m.Situation(active=STEPS, target="setup")),
-        ("failed", m.RETRY, ALL),  # no target
-        ("failed", m.RETRY, m.Situation(active=STEPS, target="lint")),  # no such step
-        ("failed", "explode", ALL),  # no such trigger
-        ("nowhere", m.START, ALL),  # no such state
+        ("running", m.FINISH, m.Situation()),  # no outcome yet
+        ("queued", m.FINISH, m.Situation(outcome="succeeded")),
+        ("succeeded", m.FINISH, m.Situation(outcome="failed")),
+        ("running", m.START, m.Situation()),
+        ("failed", m.START, m.Situation()),
+        ("succeeded", m.CANCEL, m.Situation()),
+        ("failed", m.CANCEL, m.Situation()),
+        ("cancelled", m.CANCEL, m.Situation()),
+        ("running", m.RETRY, m.Situation()),
+        ("queued", m.RETRY, m.Situation()),
+        ("succeeded", m.RETRY, m.Situation()),
+        ("failed", "explode", m.Situation()),  # no such trigger
+        ("nowhere", m.START, m.Situation()),  # no such state
     ],
 )
-def test_illegal_transitions_raise(machine: m.RunMachine, state: str, trigger: str,
-                                   situation: m.Situation) -> None:
+def test_illegal_run_transitions_raise(run: m.RunMachine, state: str, trigger: str,
+                                       situation: m.Situation) -> None:
     with pytest.raises(m.IllegalTransition) as info:
-        machine.next_state(state, trigger, situation)
+        run.next_state(state, trigger, situation)
     assert info.value.state == state
     assert info.value.trigger == trigger
-    assert state in str(info.value) and trigger in str(info.value)
+    assert str(info.value) == f"{trigger} is not allowed while the run is {state}"
 
 
-def test_an_illegal_attempt_does_not_disturb_later_decisions(machine: m.RunMachine) -> None:
+def test_a_step_has_the_states_of_the_graph(step: m.StepMachine) -> None:
+    assert step.states == STEP_STATES
+
+
+def test_a_step_runs_and_succeeds(step: m.StepMachine) -> None:
+    assert step.next_state("pending", m.START) == "running"
+    assert step.next_state("running", m.SUCCEED) == "succeeded"
+
+
+@pytest.mark.parametrize(("trigger", "ended"), [(m.FAIL, "failed"), (m.TIME_OUT, "timed_out")])
+def test_a_failed_attempt_retries_while_its_policy_allows(
+        step: m.StepMachine, trigger: str, ended: str) -> None:
+    assert step.next_state("running", trigger, RETRY_LEFT) == "retrying"
+    assert step.next_state("retrying", m.START) == "running"
+    assert step.next_state("running", trigger) == ended
+
+
+@pytest.mark.parametrize("state", ["running", "retrying"])
+def test_a_live_step_can_be_cancelled(step: m.StepMachine, state: str) -> None:
+    assert step.next_state(state, m.CANCEL) == "cancelled"
+
+
+def test_only_a_pending_step_is_skipped(step: m.StepMachine) -> None:
+    assert step.next_state("pending", m.SKIP) == "skipped"
+    for state in STEP_STATES[1:]:
+        with pytest.raises(m.IllegalTransition):
+            step.next_state(state, m.SKIP)
+
+
+@pytest.mark.parametrize("state", ["pending", "succeeded", "failed", "timed_out", "skipped",
+                                   "cancelled"])
+def test_a_retry_of_the_run_resets_an_ended_step(step: m.StepMachine, state: str) -> None:
+    assert step.next_state(state, m.RESET) == "pending"
+
+
+@pytest.mark.parametrize(
+    ("state", "trigger"),
+    [
+        ("succeeded", m.START), ("failed", m.START), ("cancelled", m.START),
+        ("running", m.START), ("pending", m.SUCCEED), ("retrying", m.SUCCEED),
+        ("succeeded", m.FAIL), ("pending", m.FAIL), ("cancelled", m.TIME_OUT),
+        ("pending", m.CANCEL), ("succeeded", m.CANCEL), ("skipped", m.CANCEL),
+        ("running", m.RESET), ("retrying", m.RESET),
+    ],
+)
+def test_illegal_step_transitions_name_the_step(step: m.StepMachine, state: str,
+                                                trigger: str) -> None:
+    with pytest.raises(m.IllegalTransition) as info:
+        step.next_state(state, trigger, what="step 'build'")
+    assert str(info.value) == f"{trigger} is not allowed while step 'build' is {state}"
+
+
+def test_an_illegal_attempt_does_not_disturb_later_decisions(
+        run: m.RunMachine, step: m.StepMachine) -> None:
     with pytest.raises(m.IllegalTransition):
-        machine.next_state("succeeded", m.STEP_SUCCEEDED, ALL)
-    assert machine.next_state("build", m.STEP_SUCCEEDED, ALL) == "deploy"
-    assert machine.next_state("test", m.STEP_FAILED, ALL) == "failed"
+        run.next_state("succeeded", m.FINISH, m.Situation(outcome="failed"))
+    with pytest.raises(m.IllegalTransition):
+        step.next_state("succeeded", m.SUCCEED)
+    assert run.next_state("running", m.FINISH, m.Situation(outcome="failed")) == "failed"
+    assert step.next_state("running", m.FAIL) == "failed"
 
 
-def test_transitions_lists_every_edge(machine: m.RunMachine) -> None:
-    edges = set(machine.transitions())
-    assert ("start", "queued", "setup") in edges
-    assert ("step_succeeded", "health", "succeeded") in edges
-    assert ("step_failed", "build", "build") in edges
-    assert ("cancel", "gitops", "cancelled") in edges
-    assert ("retry", "cancelled", "tag-release") in edges
+def test_transitions_list_every_edge(run: m.RunMachine, step: m.StepMachine) -> None:
+    edges = set(run.transitions())
+    assert ("start", "queued", "running") in edges
+    assert ("finish", "running", "cancelled") in edges
+    assert ("retry", "failed", "running") in edges
     assert not any(source in m.TERMINAL and trigger != "retry" for trigger, source, _ in edges)
     assert not any(source == "succeeded" for _, source, _ in edges)
+    step_edges = set(step.transitions())
+    assert ("fail", "running", "retrying") in step_edges
+    assert ("reset", "cancelled", "pending") in step_edges
+    assert not any(source in ("succeeded", "failed") and trigger != "reset"
+                   for trigger, source, _ in step_edges)
 
 
-def test_mermaid_diagram(machine: m.RunMachine) -> None:
-    diagram = machine.mermaid()
-    assert diagram.startswith("stateDiagram-v2\n")
-    lines = diagram.splitlines()
-    assert "    [*] --> queued" in lines
-    for step in STEPS:
-        node = step.replace("-", "_")
-        assert f"    {node} --> cancelled: cancel" in lines
-        assert f"    failed --> {node}: retry" in lines
-    assert "    tag_release --> img_release: step_succeeded" in lines
-    for terminal in ("succeeded", "failed", "cancelled"):
-        assert f"    {terminal} --> [*]" in lines
-    assert "-" not in "".join(line.split(":")[0].replace("-->", "") for line in lines[1:])
-    assert len(lines) == len(set(lines))  # no edge drawn twice
+def test_mermaid_diagrams(run: m.RunMachine, step: m.StepMachine) -> None:
+    for diagram, first in ((run.mermaid(), "queued"), (step.mermaid(), "pending")):
+        lines = diagram.splitlines()
+        assert lines[:2] == ["stateDiagram-v2", f"    [*] --> {first}"]
+        assert len(lines) == len(set(lines))  # no edge drawn twice
+    assert "    running --> failed: finish" in run.mermaid().splitlines()
+    assert "    failed --> [*]" in run.mermaid().splitlines()
+    assert "    running --> timed_out: time_out" in step.mermaid().splitlines()
+    assert "    timed_out --> [*]" in step.mermaid().splitlines()

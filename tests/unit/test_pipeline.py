@@ -297,3 +297,98 @@ def test_the_example_pipelines_parse() -> None:
     for path in examples:
         pipeline = parse(path.read_text(), str(path), handlers.names())
         assert pipeline.steps
+
+
+# ---------------------------------------------------------------------------------------
+# needs, finally, fail_fast
+
+
+GRAPH = """
+name: p
+fail_fast: false
+steps:
+  - {name: setup, uses: setup}
+  - {name: unit, uses: noop}
+  - {name: lint, uses: noop, needs: [setup]}
+  - {name: build, uses: build, needs: [unit, lint]}
+  - {name: docs, uses: noop, needs: []}
+finally:
+  - {name: report, uses: script, run: 'echo "$CISTATE_RUN_OUTCOME"'}
+  - {name: clean, uses: noop}
+"""
+
+
+def test_needs_finally_and_fail_fast_parse_into_the_graph() -> None:
+    pipeline = _parse(GRAPH)
+    assert pipeline.step_names == ("setup", "unit", "lint", "build", "docs", "report", "clean")
+    assert pipeline.finally_steps == ("report", "clean")
+    assert pipeline.fail_fast is False
+    assert pipeline.step("lint").needs == ["setup"] and pipeline.step("unit").needs is None
+    graph = pipeline.graph
+    assert graph.steps == ("setup", "unit", "lint", "build", "docs")
+    assert graph.finally_steps == ("report", "clean")
+    assert dict(graph.needs) == {
+        "setup": (), "unit": ("setup",), "lint": ("setup",), "build": ("unit", "lint"),
+        "docs": (), "report": (), "clean": ("report",)}
+    assert pipeline.is_finally("clean") and not pipeline.is_finally("build")
+
+
+def test_a_pipeline_without_needs_is_the_line_it_always_was() -> None:
+    pipeline = _parse("name: p\nsteps:\n  - {name: a, uses: noop}\n  - {name: b, uses: noop}\n"
+                      "  - {name: c, uses: noop}\n")
+    assert dict(pipeline.graph.needs) == {"a": (), "b": ("a",), "c": ("b",)}
+    assert pipeline.fail_fast is True and pipeline.finally_steps == ()
+
+
+def test_the_graph_follows_a_replaced_list_of_steps() -> None:
+    import dataclasses
+
+    pipeline = _parse(GRAPH)
+    fewer = dataclasses.replace(pipeline, steps=pipeline.steps[:2])
+    assert fewer.graph.steps == ("setup", "unit") and fewer.graph.finally_steps == ()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("steps:\n  - {name: a, uses: noop, needs: [b]}\n  - {name: b, uses: noop}\n",
+     f"{SOURCE}: needs form a cycle: a -> b -> a (b has no `needs:`, so it needs the step "
+     "before it, a); drop or change one of these needs"),
+    ("steps:\n  - {name: build, uses: noop}\n  - {name: test, uses: noop, needs: [biuld]}\n",
+     f"{SOURCE}: step 'test': needs 'biuld', but there is no step of that name "
+     "(steps: build, test); did you mean 'build'?"),
+    ("steps:\n  - {name: a, uses: noop, needs: [clean]}\nfinally:\n  - {name: clean, uses: noop}\n",
+     f"{SOURCE}: step 'a': needs 'clean', a finally step; "),
+    ("steps:\n  - {name: a, uses: noop}\nfinally:\n  - {name: clean, uses: noop, needs: [a]}\n",
+     f"{SOURCE}: finally step 'clean': needs 'a', which is a main step; "),
+], ids=["cycle", "unknown-need", "main-needs-finally", "finally-needs-main"])
+def test_needs_that_cannot_run_stop_loading_naming_the_file(text: str, expected: str) -> None:
+    assert _error("name: p\n" + text).startswith(expected)
+
+
+def test_needs_written_as_one_name_says_how_to_write_the_list() -> None:
+    message = _error("name: p\nsteps:\n  - {name: a, uses: noop}\n"
+                     "  - {name: b, uses: noop, needs: a}\n")
+    assert message.startswith(f"{SOURCE}: step 'b' (#2): field 'needs': ")
+    assert "needs is a list of step names: write `needs: [a]`" in message
+
+
+@pytest.mark.parametrize(("step", "expected"), [
+    ("{name: cancelled, uses: noop}", "finally step 'cancelled' (#1): field 'name': "
+                                      "'cancelled' is reserved for runs"),
+    ("{name: a, uses: noop}", "finally step 'a' (#1): field 'name': a step of that name comes "
+                              "earlier"),
+    ("{name: clean, uses: kaniko}", "finally step 'clean' (#1): field 'uses': no handler named "
+                                    "'kaniko'"),
+    ("{name: clean, uses: noop, retires: 1}", "finally step 'clean' (#1): field 'retires': "
+                                              "unknown field"),
+    ("{name: clean, uses: script}", "finally step 'clean' (#1): Value error, `uses: script` "
+                                    "needs a `run:`"),
+], ids=["reserved", "duplicate", "unknown-handler", "unknown-field", "script-without-run"])
+def test_finally_steps_are_checked_as_steps_are(step: str, expected: str) -> None:
+    message = _error(f"name: p\nsteps:\n  - {{name: a, uses: noop}}\nfinally:\n  - {step}\n")
+    assert message.startswith(f"{SOURCE}: "), message
+    assert expected in message, message
+
+
+def test_fail_fast_is_a_boolean() -> None:
+    assert "'fail_fast'" in _error("name: p\nfail_fast: sometimes\nsteps:\n"
+                                   "  - {name: a, uses: noop}\n")

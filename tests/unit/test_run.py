@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 from cistate import run as r
+from cistate.graph import downstream, upstream
 from cistate.messages import (
     ZERO_SHA,
     CancelStep,
@@ -54,6 +55,24 @@ def _only(decision: r.Decision, routing_key: str) -> r.Outgoing:
     found = [o for o in decision.outgoing if o.routing_key == routing_key]
     assert len(found) == 1, decision.outgoing
     return found[0]
+
+
+def _downstream_skips(decision: r.Decision) -> list[str]:
+    return [e.data["step"] for e in decision.events if e.type == "step.skipped"]
+
+
+def _assert_fails_the_run(decision: r.Decision, h: Harness, step: str) -> None:
+    """The decision records the step's last failure, skips every step that needs it (they
+    can never start) and fails the run, naming the step."""
+    assert types(decision)[0] in ("step.failed", "step.timed_out")
+    assert types(decision)[-1] == "run.failed"
+    assert decision.events[-1].data["step"] == step
+    assert set(types(decision)[1:-1]) <= {"step.skipped", "step.failed"}
+    below = [name for name in downstream(PIPELINE.graph, step) if name != step]
+    assert set(_downstream_skips(decision)) >= {n for n in below if n in h.state.active}
+    assert h.state.status == "failed" and h.state.step == step
+    assert not any(s.state in (r.RUNNING, r.RETRYING, r.PENDING)
+                   for s in h.state.steps.values())
 
 
 def _assert_started(decision: r.Decision, h: Harness, step: str, attempt: int,
@@ -124,7 +143,7 @@ def test_push_on_main_opens_run_and_starts_setup(h: Harness) -> None:
 
     h.commit(decision)
     s = h.state
-    assert (s.status, s.machine_state, s.step, s.version) == ("running", "setup", "setup", 2)
+    assert (s.status, s.machine_state, s.step, s.version) == ("running", "running", "setup", 2)
     assert (s.repo, s.ref, s.commit, s.pipeline) == (REPO, "refs/heads/main", SHA, "nodejs")
     assert s.created_at == NOW
     assert s.steps["setup"].state == r.RUNNING
@@ -191,27 +210,34 @@ def test_push_with_a_bare_branch_name_is_a_branch_push(h: Harness) -> None:
     assert "step.skipped" not in types(decision)
 
 
-def test_each_success_starts_the_next_step_with_all_earlier_outputs(h: Harness) -> None:
+def test_each_success_starts_the_steps_that_need_it_with_their_upstream_outputs(
+        h: Harness) -> None:
     h.send(push("main"))
-    expected_inputs: dict[str, dict[str, object]] = {}
-    for index, step in enumerate(STEPS):
-        assert h.state.step == step
+    recorded: dict[str, dict[str, object]] = {}
+    while h.running():
+        step = h.running()[0]
         h.tick(30)
-        outputs = {"value": f"{step}-out", "index": index}
+        outputs = {"value": f"{step}-out", "index": len(recorded)}
         decision = h.decide(h.ok(step, outputs))
         assert decision.events[0].type == "step.succeeded"
         assert decision.events[0].data == {"step": step, "attempt": 1, "outputs": outputs}
-        expected_inputs[step] = outputs
-        if index + 1 < len(STEPS):
-            assert types(decision) == ["step.succeeded", "step.started"]
-            _assert_started(decision, h, STEPS[index + 1], 1, dict(expected_inputs))
-        else:
+        recorded[step] = outputs
+        started = [e.data["step"] for e in decision.events if e.type == "step.started"]
+        needs = PIPELINE.graph.needs
+        assert started == [name for name in STEPS if step in needs[name]
+                           and all(need in recorded for need in needs[name])]
+        for name in started:
+            command = _only(decision, f"step.{name}.run").body
+            assert isinstance(command, StepCommand)
+            assert command.inputs == {n: recorded[n] for n in upstream(PIPELINE.graph, name)}
+        if step == STEPS[-1]:
             assert types(decision) == ["step.succeeded", "run.succeeded"]
             assert decision.outgoing == []
         h.commit(decision)
         assert h.state.steps[step].state == r.SUCCEEDED
         assert h.state.steps[step].outputs == outputs
         assert h.state.steps[step].finished_at == h.now
+    assert list(recorded) == STEPS
     assert h.state.status == "succeeded"
     assert h.state.version == 2 + 2 * len(STEPS)
 
@@ -299,7 +325,6 @@ def test_failure_with_retries_left_schedules_a_delayed_retry(h: Harness, step: s
     assert len(decision.outgoing) == 1  # no command until the retry is due
 
     assert h.state.status == "running"
-    assert h.state.step == step
     assert h.state.steps[step].state == r.RETRYING
     assert h.state.steps[step].error is not None
 
@@ -320,9 +345,8 @@ def test_failure_on_the_last_attempt_fails_the_run(h: Harness, step: str) -> Non
         assert types(h.send(h.fail(step))) == ["step.failed", "step.retry_scheduled"]
         h.send(h.control("retry_due", step, attempt + 1))
     decision = h.send(h.fail(step, "still broken"))
-    assert types(decision) == ["step.failed", "run.failed"]
-    assert decision.outgoing == []
-    run_failed = decision.events[1].data
+    _assert_fails_the_run(decision, h, step)
+    run_failed = decision.events[-1].data
     assert run_failed["step"] == step and run_failed["attempt"] == max_attempts
     assert f"attempt {max_attempts} of {max_attempts}" in run_failed["reason"]
     assert "still broken" in run_failed["reason"]
@@ -337,17 +361,16 @@ def test_failure_on_the_last_attempt_fails_the_run(h: Harness, step: str) -> Non
 def test_failure_of_a_step_without_retries_fails_the_run(h: Harness, step: str) -> None:
     h.advance_to(step)
     decision = h.send(h.fail(step))
-    assert types(decision) == ["step.failed", "run.failed"]
-    assert decision.outgoing == []
-    assert h.state.status == "failed" and h.state.step == step
+    _assert_fails_the_run(decision, h, step)
 
 
 def test_non_retryable_failure_fails_the_run_despite_retries_left(h: Harness) -> None:
     h.advance_to("build")
     assert PIPELINE.step("build").retries == 2
     decision = h.send(h.fail("build", "Dockerfile missing", retryable=False))
-    assert types(decision) == ["step.failed", "run.failed"]
-    assert "not retryable" in decision.events[1].data["reason"]
+    _assert_fails_the_run(decision, h, "build")
+    assert _downstream_skips(decision) == STEPS[3:]
+    assert "not retryable" in decision.events[-1].data["reason"]
     assert h.state.status == "failed"
 
 
@@ -381,11 +404,10 @@ def test_timeout_of_the_running_attempt_cancels_the_worker_and_retries(h: Harnes
 def test_timeout_without_retries_fails_the_run(h: Harness) -> None:
     h.advance_to("test")
     decision = h.send(h.control("timeout", "test", 1))
-    assert types(decision) == ["step.timed_out", "run.failed"]
+    _assert_fails_the_run(decision, h, "test")
     assert _only(decision, "cancel").body == CancelStep(run_id=h.run_id, step="test", attempt=1)
-    assert h.state.status == "failed"
     assert h.state.steps["test"].state == r.TIMED_OUT
-    assert "timeout" in decision.events[1].data["reason"]
+    assert "timeout" in decision.events[-1].data["reason"]
 
 
 def test_timeout_is_not_retried_when_retry_on_excludes_it() -> None:
@@ -504,9 +526,16 @@ def test_cancel_while_running_stops_the_worker_and_ends_cancelled(h: Harness) ->
     message_id = uuid.uuid4()
     decision = h.send(h.control("cancel", reason="wrong commit"), message_id,
                       actor="alice")
-    assert types(decision) == ["run.cancel_requested", "run.cancelled"]
+    after = STEPS[STEPS.index("deploy") + 1:]
+    assert types(decision) == ["run.cancel_requested", "step.failed",
+                               *["step.skipped"] * len(after), "run.cancelled"]
     assert decision.events[0].data["reason"] == "wrong commit"
-    assert decision.events[1].data == {"step": "deploy", "reason": "wrong commit"}
+    assert decision.events[1].data == {"step": "deploy", "attempt": 1, "error": {
+        "message": "cancelled by alice: wrong commit", "kind": "cancelled", "retryable": False,
+        "reason": "wrong commit"}}
+    assert _downstream_skips(decision) == after
+    assert all(e.data["reason"] == "the run was cancelled" for e in decision.events[2:-1])
+    assert decision.events[-1].data == {"step": "deploy", "reason": "wrong commit"}
     assert all(e.meta["actor"] == "alice" for e in decision.events)
     assert all(e.meta["causation_id"] == str(message_id) for e in decision.events)
     cancel = _only(decision, "cancel")
@@ -522,7 +551,8 @@ def test_cancel_while_waiting_for_a_retry_sends_no_worker_cancel(h: Harness) -> 
     h.advance_to("build")
     h.send(h.fail("build"))
     decision = h.send(h.control("cancel"))
-    assert types(decision) == ["run.cancel_requested", "run.cancelled"]
+    assert types(decision)[:2] == ["run.cancel_requested", "step.failed"]
+    assert types(decision)[-1] == "run.cancelled"
     assert decision.outgoing == []
     assert h.state.steps["build"].state == r.CANCELLED
     assert not any(s.state in (r.RUNNING, r.RETRYING) for s in h.state.steps.values())
@@ -576,7 +606,7 @@ def test_retry_of_a_failed_run_continues_from_the_failed_step(h: Harness) -> Non
                       actor="alice")
     assert types(decision) == ["run.retried", "step.started"]
     assert decision.events[0].data == {"from_step": "build", "actor": "alice",
-                                       "reason": "registry was down"}
+                                       "reason": "registry was down", "steps": STEPS[2:]}
     _assert_started(decision, h, "build", 2, outputs)  # attempts count on
     assert outputs == {"setup": h.state.steps["setup"].outputs,
                        "test": h.state.steps["test"].outputs}
@@ -599,7 +629,8 @@ def test_retry_from_a_named_earlier_step_reruns_it_and_the_steps_after(h: Harnes
     _assert_started(decision, h, "test", 2, {"setup": outputs["setup"]})
     assert h.state.steps["setup"].state == r.SUCCEEDED
     assert h.state.steps["setup"].attempts == 1
-    for name in ("build", "deploy"):
+    assert decision.events[0].data["steps"] == STEPS[1:]
+    for name in STEPS[2:]:
         step = h.state.steps[name]
         assert (step.state, step.outputs, step.error) == (r.PENDING, {}, None)
     assert h.state.steps["build"].attempts == 1  # kept, so the next attempt is 2
@@ -763,7 +794,7 @@ def test_run_state_json_shape(h: Harness) -> None:
     assert setup["started_at"] == NOW.isoformat()
     assert test["state"] == "failed"
     assert test["error"]["message"] == "3 tests failed"
-    assert body["steps"][2] == {"name": "build", "state": "pending", "attempts": 0,
+    assert body["steps"][2] == {"name": "build", "state": "skipped", "attempts": 0,
                                 "outputs": {}, "error": None, "started_at": None,
                                 "finished_at": None}
     assert "steps" not in h.state.to_json(with_steps=False)
