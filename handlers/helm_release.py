@@ -11,7 +11,9 @@ and packaged with `helm package --version <tag> --app-version <tag>`. It is then
 A version already published with the same content is success; with other content the step
 fails (a released version is never replaced).
 
-Inputs: setup's `app_name`, tag-release's `tag`, img-release's `release_image_url`.
+Inputs: setup's `app_name`, tag-release's `tag`, img-release's `release_image_url` (when
+img-release runs beside this step: setup's `release_image_repo` at the tag, the image it
+releases).
 Credentials: CISTATE_CHART_REPO_USERNAME / CISTATE_CHART_REPO_PASSWORD (environment only).
 
 Outputs:
@@ -41,7 +43,10 @@ async def run(request: StepRequest) -> dict[str, Any]:
     git.validate_request(request)
     settings = for_request(request)
     tag = request.output_of("tag-release", "tag")
-    release_image = request.inputs.get("img-release", {}).get("release_image_url")
+    # img-release may run beside this step (both need only tag-release): the image it
+    # releases is setup's release_image_repo at the tag, known before it is copied
+    release_image = request.inputs.get("img-release", {}).get("release_image_url") or (
+        tag and _release_image(request, str(tag)))
     if not tag or not release_image:
         reason = (
             request.inputs.get("tag-release", {}).get("skipped_reason")
@@ -150,3 +155,8 @@ async def _push_oci(
         await asyncio.to_thread(shutil.rmtree, scratch, True)
     await helm.push(tgz, settings.chart_repo, plain_http=plain, auths=auths)
     return f"{ref}:{version}"
+
+
+def _release_image(request: StepRequest, tag: str) -> str | None:
+    repo = request.inputs.get("setup", {}).get("release_image_repo")
+    return f"{repo}:{tag}" if repo else None

@@ -102,6 +102,10 @@ def _assert_started(decision: r.Decision, h: Harness, step: str, attempt: int,
 def test_default_pipeline_has_the_nodejs_steps_in_order() -> None:
     assert PIPELINE.name == "nodejs"
     assert list(PIPELINE.step_names) == STEPS
+    needs = PIPELINE.graph.needs
+    assert [needs[name] for name in STEPS[1:6]] == [(name,) for name in STEPS[:5]]  # a line
+    assert needs["img-release"] == needs["helm-release"] == ("tag-release",)
+    assert needs["gitops"] == ("img-release", "helm-release")
     assert {s.uses for s in PIPELINE.steps} | {"script", "noop", "qa-sync"} \
         == default_handler_names()
     assert PIPELINE.branches is None  # every branch push opens a run
@@ -240,6 +244,37 @@ def test_each_success_starts_the_steps_that_need_it_with_their_upstream_outputs(
     assert list(recorded) == STEPS
     assert h.state.status == "succeeded"
     assert h.state.version == 2 + 2 * len(STEPS)
+
+
+def test_the_image_and_the_chart_are_released_at_once_and_gitops_waits_for_both(
+        h: Harness) -> None:
+    outputs = h.advance_to("tag-release")
+    decision = h.send(h.ok("tag-release", {"tag": "1.2.3"}))
+    assert [e.data["step"] for e in decision.events if e.type == "step.started"] == [
+        "img-release", "helm-release"]
+    inputs = {**outputs, "tag-release": {"tag": "1.2.3"}}
+    for name in ("img-release", "helm-release"):
+        command = _only(decision, f"step.{name}.run").body
+        assert isinstance(command, StepCommand) and command.inputs == inputs
+    assert types(h.send(h.ok("helm-release", {"chart_version": "1.2.3"}))) == [
+        "step.succeeded"]
+    decision = h.send(h.ok("img-release", {"release_image_url": "r/shop:1.2.3"}))
+    _assert_started(decision, h, "gitops", 1, {
+        **inputs, "img-release": {"release_image_url": "r/shop:1.2.3"},
+        "helm-release": {"chart_version": "1.2.3"}})
+
+
+def test_a_failed_image_release_stops_the_chart_release(h: Harness) -> None:
+    h.advance_to("helm-release")
+    decision = h.send(h.fail("img-release", "registry refused", retryable=False))
+    assert types(decision) == ["step.failed", "step.failed", "step.skipped", "run.failed"]
+    assert decision.events[1].data["step"] == "helm-release"
+    assert decision.events[1].data["error"]["kind"] == "cancelled"
+    assert _only(decision, "cancel").body == CancelStep(run_id=h.run_id, step="helm-release",
+                                                         attempt=1)
+    assert (h.state.status, h.state.step) == ("failed", "img-release")
+    assert h.state.steps["helm-release"].state == r.CANCELLED
+    assert h.state.steps["gitops"].state == r.SKIPPED
 
 
 def test_decide_does_not_touch_the_state(h: Harness) -> None:
