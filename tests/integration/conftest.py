@@ -22,6 +22,7 @@ from tests.conftest import wait_until
 Serve = Callable[..., Awaitable[Settings]]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+READY_SECONDS = 90
 
 
 @pytest.fixture
@@ -35,12 +36,14 @@ async def serve(make_settings: Callable[..., Settings]) -> AsyncIterator[Serve]:
         ready = asyncio.Event()
         task = asyncio.create_task(wiring.serve(s, roles, ready=ready))
         tasks.append(task)
+        # Generous: every test declares quorum queues of its own prefix, and the broker
+        # holds them all until the session's vhost goes, so starts slow down as it runs.
         done, _ = await asyncio.wait([task, asyncio.create_task(ready.wait())],
-                                     timeout=30, return_when=asyncio.FIRST_COMPLETED)
+                                     timeout=READY_SECONDS, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             tasks.remove(task)  # over already: what stopped it is raised here, once
             task.result()
-        assert ready.is_set(), "cistate serve did not get ready within 30 s"
+        assert ready.is_set(), f"cistate serve did not get ready within {READY_SECONDS} s"
         return s
 
     yield start
