@@ -54,7 +54,7 @@ import eventgen  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
 from throughput import Sandbox, log, percentile, run_main, sandboxed  # noqa: E402
 
-from cistate.store import EventQuery, RunQuery, Store, connect  # noqa: E402
+from cistate.adapters.postgres.store import EventQuery, RunQuery, Store, connect  # noqa: E402
 
 TARGET_P99_MS = 20.0
 BASELINES = ("SELECT 1", "run by primary key")
@@ -258,7 +258,7 @@ def report(args: argparse.Namespace, total: int, queries: list[Query], meter: Cp
     pk = next(q for q in queries if q.name == "run by primary key")
     print()
     print(f"audit: {total:,} events; {args.iterations} timed calls per query (after "
-          f"{args.warmup} warm-up rounds), through cistate.store.Store; target p99 < "
+          f"{args.warmup} warm-up rounds), through cistate's Store; target p99 < "
           f"{args.target_ms:g} ms")
     if args.without_index:
         print(f"dropped before measuring: {', '.join(args.without_index)}")

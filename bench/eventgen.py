@@ -1,7 +1,7 @@
 """Event data for the replay and audit benchmarks, generated inside PostgreSQL.
 
 Runs of the default `nodejs` pipeline, with the event bodies cistate writes (see
-`cistate/run.py`, `_Builder`): `run.requested` with steps/active/push, `step.skipped`,
+`cistate/domain/run.py`, `_Builder`): `run.requested` with steps/active/push, `step.skipped`,
 `step.started`, `step.succeeded` with the outputs the handlers return, `step.failed` with an
 error, `step.retry_scheduled`, `run.retried` by an operator, `run.cancel_requested`,
 `run.cancelled`, `run.succeeded`, `run.failed`, and `message.rejected` (a late result).

@@ -90,7 +90,7 @@ async def chaos(args: argparse.Namespace, settings: Settings, sandbox: Sandbox,
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.get_exchange("faults")
     run_ids: list[uuid.UUID] = []
-    from cistate.run import run_id_for
+    from cistate.domain.run import run_id_for
 
     async def push_wave(count: int) -> None:
         for _ in range(count):

@@ -198,7 +198,7 @@ async def start_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path, 
         "CISTATE_WORKER_CONCURRENCY": str(args.concurrency), "PYTHONUNBUFFERED": "1",
     }
     exe = Path(sys.executable).with_name("cistate")
-    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate.cli",
+    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
                                                        "serve"]
     child = Child("cistate serve", work / f"cistate-serve-{round_no}.log")
     await child.start(argv, env=env)

@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace, sandbox: Sandbox, work: Path) -> dict[st
         "CISTATE_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
     }
     exe = Path(sys.executable).with_name("cistate")
-    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate.cli",
+    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
                                                        "serve"]
     if args.mode == "queue":
         argv += ["--role", "orchestrator", "--role", "api"]

@@ -56,8 +56,8 @@ import eventgen  # noqa: E402
 from cpu import CpuMeter  # noqa: E402
 from throughput import log, percentile, run_main, sandboxed  # noqa: E402
 
-from cistate.run import fold  # noqa: E402
-from cistate.store import Store, connect, run_id_ranges  # noqa: E402
+from cistate.adapters.postgres.store import Store, connect, run_id_ranges  # noqa: E402
+from cistate.domain.run import fold  # noqa: E402
 
 TARGET_EVENTS_PER_S = 100_000
 ROWS_SQL = "SELECT run_id, type, data, recorded_at FROM events ORDER BY run_id, seq"
@@ -188,7 +188,7 @@ async def measure_state_at(args: argparse.Namespace, store: Store, run_id: uuid.
 async def measure_cli(args: argparse.Namespace, dsn: str, run_id: uuid.UUID
                       ) -> dict[str, list[float]]:
     exe = Path(sys.executable).with_name("cistate")
-    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cistate.cli"]
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "cistate"]
     env = os.environ | {"CISTATE_DATABASE_URL": dsn}
     commands = {"show --at": [*base, "runs", "show", str(run_id), "--at", str(args.at),
                               "--json"],

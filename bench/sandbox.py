@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import handlers
-from cistate.messages import SecretRef, StepCommand
-from cistate.worker import Worker
+from cistate.domain.messages import SecretRef, StepCommand
+from cistate.service.worker import Worker
 from handlers.sandbox import SandboxSettings
 
 

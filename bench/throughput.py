@@ -50,8 +50,8 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # a fallback only: an installed (or PYTHONPATH) cistate wins
 
 TARGET_RATIO = 0.8
-ORCHESTRATOR_PREFETCH = 64  # what cistate.app.serve() gives the orchestrator's channel
-POOL_SIZE = 10  # cistate.store.connect() default max_size
+ORCHESTRATOR_PREFETCH = 64  # what cistate.bootstrap.serve() gives the orchestrator's channel
+POOL_SIZE = 10  # cistate.adapters.postgres.store.connect() default max_size
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # -- small helpers ----------------------------------------------------------------------
@@ -151,7 +151,9 @@ class Sandbox:
         finally:
             await admin.close()
         self.dsn = with_path(self.admin_dsn, "/" + self.name)
-        from cistate.store import connect  # the real migrations, as `cistate db upgrade`
+        from cistate.adapters.postgres.store import (
+            connect,  # the real migrations, as `cistate db upgrade`
+        )
 
         store = await connect(self.dsn, min_size=1, max_size=1)
         try:
@@ -550,7 +552,7 @@ def pipeline_yaml(steps: int) -> str:
 
 
 def cistate_target(args: argparse.Namespace, prefix: str) -> Target:
-    from cistate.run import run_id_for
+    from cistate.domain.run import run_id_for
 
     async def progress(pg: asyncpg.Connection, chains: list[str]) -> Progress:
         row = await pg.fetchrow(
@@ -594,11 +596,11 @@ async def run_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path,
         "PYTHONUNBUFFERED": "1",
     }
     exe = Path(sys.executable).with_name("cistate")
-    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate.cli",
+    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
                                                        "serve"]
     if args.cprofile:
         argv = [sys.executable, "-m", "cProfile", "-o", str(args.cprofile), "-m",
-                "cistate.cli", "serve"]
+                "cistate", "serve"]
     child = Child("cistate serve", work / f"cistate-serve-{round_no}.log")
     proc = await child.start(argv, env=env)
     spy: asyncio.subprocess.Process | None = None

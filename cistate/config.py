@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     # step shares the host's loopback.
     api_read_auth: bool = True
     webhook_secret: str | None = Field(default=None, repr=False)
-    # The key cistate's roles sign their messages with (cistate.signing); without either,
+    # The key cistate's roles sign their messages with (adapters.rabbitmq.signing); without either,
     # `cistate serve` makes <workdir>/bus.key on first start.
     bus_key: str | None = Field(default=None, repr=False)
     bus_key_file: Path | None = None

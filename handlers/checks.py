@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from cistate.pipeline import Step
+from cistate.domain.pipeline import Step
 from handlers.cd_settings import ALIASES, DeliverySettings
 from handlers.masking import MIN_SECRET_LENGTH
 from handlers.secrets import SecretSource

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import git
 
-from cistate.repos import RepoSettings
+from cistate.domain.repos import RepoSettings
 from handlers import process
 from handlers.base import StepFailed, StepRequest
 
@@ -114,7 +114,7 @@ def branch_of(ref: str) -> str:
 
 
 def validate_repo_url(url: str) -> str:
-    """The push's repo URL, if this worker may clone it (cistate.repos: remote URLs, local
+    """The push's repo URL, if this worker may clone it (cistate.domain.repos: remote URLs, local
     paths only when the deployment allows them); the orchestrator checked it too."""
     problem = RepoSettings().policy.problem(url)
     if problem is not None:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from cistate.messages import SecretRef
+from cistate.domain.messages import SecretRef
 from handlers.base import StepFailed
 from handlers.masking import MIN_SECRET_LENGTH
 

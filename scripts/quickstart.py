@@ -45,9 +45,9 @@ import aiohttp
 import yaml
 from pydantic import ValidationError
 
+from cistate.adapters.postgres.store import RunQuery, Store, connect
 from cistate.config import Settings, redact
-from cistate.events import Event
-from cistate.store import RunQuery, Store, connect
+from cistate.domain.events import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "tests" / "infra"

@@ -20,8 +20,8 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
+from cistate.adapters.postgres.store import Store, connect
 from cistate.config import Settings
-from cistate.store import Store, connect
 
 PG_ADMIN = os.environ.get("CISTATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 AMQP_BASE = os.environ.get("CISTATE_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")

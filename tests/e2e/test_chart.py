@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 import handlers
-from cistate.pipeline import parse
-from cistate.store import Store
+from cistate.adapters.postgres.store import Store
+from cistate.domain.pipeline import parse
 from tests.conftest import free_port, wait_until
 from tests.e2e.conftest import Kube
 

@@ -44,9 +44,9 @@ import yaml
 from kubernetes_asyncio.client import ApiClient, AppsV1Api, CoreV1Api, NetworkingV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from cistate.adapters.postgres.store import RunQuery, Store
 from cistate.config import Settings
-from cistate.run import RunState
-from cistate.store import RunQuery, Store
+from cistate.domain.run import RunState
 from tests.conftest import free_port, settings_env, wait_until
 from tests.e2e.conftest import (
     SAMPLE_APP,
@@ -96,7 +96,7 @@ steps:
 def cistate(settings: Settings, *args: str) -> str:
     """Run the `cistate` command with these settings; its stdout. Fails on a non-zero exit."""
     done = subprocess.run(
-        [sys.executable, "-m", "cistate.cli", *args],
+        [sys.executable, "-m", "cistate", *args],
         env=settings_env(settings), capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 0, f"cistate {' '.join(args)} exited {done.returncode}: " + (
@@ -111,7 +111,7 @@ def cistate_json(settings: Settings, *args: str) -> Any:
 def cistate_executable() -> list[str]:
     """The installed console script next to this interpreter (else `python -m`)."""
     script = Path(sys.executable).parent / "cistate"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "cistate.cli"]
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cistate"]
 
 
 # ------------------------------------------------------ the code repo and its hook --

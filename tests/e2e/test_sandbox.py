@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 
 import handlers
+from cistate.adapters.postgres.store import RunQuery, Store
 from cistate.config import Settings
-from cistate.store import RunQuery, Store
 from handlers.base import StepFailed
 from tests.conftest import wait_until
 from tests.e2e.conftest import Env, GitRepo, Requests, log_text
@@ -133,7 +133,7 @@ async def test_the_pushed_code_gets_no_credential_no_root_and_no_host_writes(
                                 extra_env=FAKE_CREDENTIALS).start()
     try:
         subprocess.run(
-            [sys.executable, "-m", "cistate.cli", "push", "--repo", repo.url,
+            [sys.executable, "-m", "cistate", "push", "--repo", repo.url,
              "--ref", "refs/heads/main", "--commit", repo.initial],
             env={**os.environ, "CISTATE_DATABASE_URL": url,
                  "CISTATE_RABBITMQ_URL": settings.rabbitmq_url,
@@ -155,7 +155,7 @@ async def test_the_pushed_code_gets_no_credential_no_root_and_no_host_writes(
             assert found["etc-write"] == "refused" and found["outside-write"] == "refused"
             assert found["root-only-read"] == "refused", f"{step} read a root-only file"
             assert int(found["processes"]) < 10, "the step sees only its own processes"
-            assert "ROOT-ONLY-MARKER".encode().hex() not in log
+            assert b"ROOT-ONLY-MARKER".hex() not in log
             assert leaks(log) == [], f"{step} saw the worker's credentials"
         assert not Path("/etc/cistate-probe").exists()
         assert not outside.exists(), "the step wrote into the worker's workdir"

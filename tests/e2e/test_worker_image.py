@@ -75,7 +75,7 @@ def test_every_tool_of_the_default_pipeline_answers_in_the_image(
 def test_the_image_runs_cistate_from_its_sources_as_its_own_user(container: str) -> None:
     assert run_in(container, "id", "-un").strip() == "cistate"
     found = run_in(container, "python3", "-c",
-                   "import cistate, handlers; from cistate.cli import SCHEMA_DIR; "
+                   "import cistate, handlers; from cistate.adapters.cli.main import SCHEMA_DIR; "
                    "print(cistate.__file__, handlers.__file__, SCHEMA_DIR.is_dir())")
     assert found.split() == ["/app/cistate/__init__.py", "/app/handlers/__init__.py", "True"]
     subids = run_in(container, "cat", "/etc/subuid", "/etc/subgid").split()

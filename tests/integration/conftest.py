@@ -12,11 +12,11 @@ from typing import Any
 import aio_pika
 import pytest
 
-from cistate import app as wiring
+from cistate import bootstrap as wiring
+from cistate.adapters.postgres.store import Store
+from cistate.adapters.rabbitmq.signing import SENDER_HEADER, SIGNATURE_HEADER
 from cistate.config import ROLES, Settings
-from cistate.run import RunState, run_id_for
-from cistate.signing import SENDER_HEADER, SIGNATURE_HEADER
-from cistate.store import Store
+from cistate.domain.run import RunState, run_id_for
 from tests.conftest import wait_until
 
 Serve = Callable[..., Awaitable[Settings]]

@@ -27,7 +27,7 @@ class ServeProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> ServeProcess:
-        argv = [sys.executable, "-m", "cistate.cli", "serve"]
+        argv = [sys.executable, "-m", "cistate", "serve"]
         for role in (*self.roles, "api"):
             argv += ["--role", role]
         log = self.log_path.open("ab")

@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration

@@ -24,10 +24,10 @@ import pytest
 import yaml
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from cistate.bus import Bus
+from cistate.adapters.postgres.store import Store
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.adapters.rabbitmq.signing import Signer
 from cistate.config import Settings
-from cistate.signing import Signer
-from cistate.store import Store
 from tests.conftest import AMQP_BASE, SESSION, settings_env, wait_until
 from tests.integration.conftest import wait_for_run
 from tests.integration.processes import ServeProcess
@@ -306,7 +306,7 @@ async def test_a_producers_push_runs_on_the_orchestrator_and_worker_users(
         processes.append(api)
 
         pushed = subprocess.run(
-            [sys.executable, "-m", "cistate.cli", "push", "--repo",
+            [sys.executable, "-m", "cistate", "push", "--repo",
              "https://git.example.com/team/app.git", "--ref", "refs/heads/main",
              "--commit", "c0" * 20, "--json"],
             env=settings_env(as_role("producer")), capture_output=True, text=True, timeout=60)
@@ -333,7 +333,7 @@ async def test_a_producers_push_runs_on_the_orchestrator_and_worker_users(
 
 def push(settings: Settings) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cistate.cli", "push", "--repo",
+        [sys.executable, "-m", "cistate", "push", "--repo",
          "https://git.example.com/team/app.git", "--ref", "refs/heads/main", "--commit",
          "d1" * 20], env=settings_env(settings), capture_output=True, text=True, timeout=60)
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from cistate.signing import Signer
-from cistate.bus import Bus
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.adapters.rabbitmq.signing import Signer
 from tests.conftest import wait_until as wait_for
 
 pytestmark = pytest.mark.integration

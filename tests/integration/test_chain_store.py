@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import handlers
-from cistate import run as r
-from cistate import store as store_module
-from cistate.events import MISMATCH
-from cistate.messages import Push, StepResult
-from cistate.pipeline import parse
-from cistate.store import Append, Conflict, Store, connect
+from cistate.adapters.postgres import store as store_module
+from cistate.adapters.postgres.store import Append, Conflict, Store, connect
+from cistate.domain import run as r
+from cistate.domain.events import MISMATCH
+from cistate.domain.messages import Push, StepResult
+from cistate.domain.pipeline import parse
 from tests.conftest import _admin, _pg_url
 
 pytestmark = pytest.mark.integration

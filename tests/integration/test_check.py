@@ -25,7 +25,7 @@ def cistate(settings: Settings, *args: str, env: dict[str, str] | None = None,
     full = {k: v for k, v in settings_env(settings).items() if k != "CISTATE_PIPELINE"}
     if settings.pipeline is not None:
         full["CISTATE_PIPELINE"] = str(settings.pipeline)
-    return subprocess.run([sys.executable, "-m", "cistate.cli", *args],
+    return subprocess.run([sys.executable, "-m", "cistate", *args],
                           env={**full, **(env or {})}, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.conftest import settings_env
 from tests.integration.conftest import Serve, wait_for_run
 
@@ -30,7 +30,7 @@ steps:
 def cistate(settings: Settings, *args: str, check: bool = True,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [sys.executable, "-m", "cistate.cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "cistate", *args], capture_output=True, text=True,
         env={**settings_env(settings), **(env or {})}, timeout=60)
     if check and done.returncode != 0:
         raise AssertionError(f"cistate {' '.join(args)} exited {done.returncode}:\n"

@@ -12,8 +12,8 @@ from typing import Any
 import aio_pika
 import pytest
 
-from cistate.bus import REASON_HEADER
-from cistate.store import Store
+from cistate.adapters.postgres.store import Store
+from cistate.adapters.rabbitmq.bus import REASON_HEADER
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aio_pika
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.integration.conftest import Producer, wait_for_run
 from tests.integration.processes import ServeProcess
 from tests.integration.test_processes import assert_clean_history

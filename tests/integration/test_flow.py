@@ -9,8 +9,8 @@ import aio_pika
 import aiohttp
 import pytest
 
-from cistate.bus import REASON_HEADER
-from cistate.store import Store
+from cistate.adapters.postgres.store import Store
+from cistate.adapters.rabbitmq.bus import REASON_HEADER
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration
@@ -228,10 +228,10 @@ async def test_outbox_rows_written_without_a_publisher_are_relayed(
         serve: Serve, store: Store, make_settings) -> None:  # type: ignore[no-untyped-def]
     """A decision stored by a process with no bus (the CLI, an API node) still reaches the
     workers: the relay publishes its outbox rows."""
-    from cistate.app import load_pipeline, signer_for
-    from cistate.messages import Push
-    from cistate.orchestrator import Orchestrator
-    from cistate.run import Decider
+    from cistate.bootstrap import load_pipeline, signer_for
+    from cistate.domain.messages import Push
+    from cistate.domain.run import Decider
+    from cistate.service.orchestrator import Orchestrator
 
     settings = await serve(TWO_SCRIPTS)
     # as the CLI does: the deployment's key gives the attempts their tokens

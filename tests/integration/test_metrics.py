@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cistate.store import Store
+from cistate.adapters.postgres.store import Store
 from tests.conftest import wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 

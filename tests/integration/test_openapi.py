@@ -1,6 +1,6 @@
 """`schema/openapi.yaml` against the live service: schemathesis generates requests for every
 operation and checks that none gets a 5xx and every answer matches the schema; and every
-route of `cistate.api.make_app` is in the spec and the other way round, so it cannot drift.
+route of `cistate.adapters.http.api.make_app` is in the spec and the other way round, so it cannot drift.
 
 The service runs in this process on the test's event loop, and schemathesis calls it with
 blocking `requests`, so every schemathesis call runs in a worker thread (`asyncio.to_thread`)
@@ -42,9 +42,9 @@ from schemathesis.checks import CheckFunction
 from schemathesis.core import NOT_SET
 from schemathesis.core.result import Ok
 
-from cistate.api import make_app
-from cistate.app import App
-from cistate.store import Store
+from cistate.adapters.http.api import make_app
+from cistate.adapters.postgres.store import Store
+from cistate.bootstrap import App
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.conftest import host_pids, settings_env, wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 from tests.integration.processes import ServeProcess
@@ -44,7 +44,7 @@ steps:
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cistate.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cistate", *args], capture_output=True,
                           text=True, env=settings_env(settings), timeout=60)
 
 
@@ -262,7 +262,7 @@ steps:
     assert names.count("step.succeeded") == 2
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cistate.cli", "runs", "watch", str(run_id),
+        sys.executable, "-m", "cistate", "runs", "watch", str(run_id),
         env=settings_env(settings), stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     stdout, _ = await asyncio.wait_for(proc.communicate(), 30)

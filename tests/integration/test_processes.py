@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.integration.conftest import Producer, wait_for_run
 from tests.integration.processes import ServeProcess
 
@@ -39,7 +39,7 @@ def processes(tmp_path: Path) -> Iterator[list[ServeProcess]]:
 
 
 async def _migrated(settings: Settings) -> None:
-    from cistate.store import connect
+    from cistate.adapters.postgres.store import connect
 
     store = await connect(settings.database_url, min_size=1, max_size=1)
     await store.migrate()

@@ -13,10 +13,10 @@ from typing import Any
 import aio_pika
 import pytest
 
-from cistate.bus import REASON_HEADER
+from cistate.adapters.postgres.store import Store
+from cistate.adapters.rabbitmq.bus import REASON_HEADER
+from cistate.adapters.rabbitmq.signing import SENDER_HEADER, SIGNATURE_HEADER, Signer
 from cistate.config import Settings
-from cistate.signing import SENDER_HEADER, SIGNATURE_HEADER, Signer
-from cistate.store import Store
 from tests.conftest import free_port
 from tests.integration.conftest import Producer, Serve, wait_for_run
 

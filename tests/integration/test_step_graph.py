@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.conftest import host_pids, settings_env, wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 from tests.integration.processes import ServeProcess
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 
 def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cistate.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cistate", *args], capture_output=True,
                           text=True, env=settings_env(settings), timeout=60)
 
 

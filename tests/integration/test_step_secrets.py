@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 
-from cistate.store import Store
+from cistate.adapters.postgres.store import Store
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 import pytest
 
 import handlers
-from cistate import run as r
-from cistate.messages import Push
-from cistate.pipeline import parse
-from cistate.store import Append, Conflict, Duplicate, Store, connect
+from cistate.adapters.postgres.store import Append, Conflict, Duplicate, Store, connect
+from cistate.domain import run as r
+from cistate.domain.messages import Push
+from cistate.domain.pipeline import parse
 
 pytestmark = pytest.mark.integration
 

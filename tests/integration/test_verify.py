@@ -14,8 +14,8 @@ import aiohttp
 import asyncpg
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.conftest import settings_env
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
@@ -61,7 +61,7 @@ TAMPERING: dict[str, tuple[list[str], list[tuple[int, str]], bool]] = {
 
 
 def cistate(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cistate.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cistate", *args], capture_output=True,
                           text=True, env=settings_env(settings), timeout=60)
 
 

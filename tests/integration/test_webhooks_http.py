@@ -12,8 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
-from cistate.store import Store
 from tests.integration.conftest import Serve, wait_for_run
 
 pytestmark = pytest.mark.integration

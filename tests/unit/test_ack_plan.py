@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cistate.bus import AckPlan, Frame
+from cistate.adapters.rabbitmq.bus import AckPlan, Frame
 
 pytestmark = pytest.mark.unit
 

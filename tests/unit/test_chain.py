@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from cistate.events import GENESIS, MISMATCH, Chained, ChainProblem, chain_problems, link
+from cistate.domain.events import GENESIS, MISMATCH, Chained, ChainProblem, chain_problems, link
 
 pytestmark = pytest.mark.unit
 

@@ -11,10 +11,10 @@ from typing import Any, cast
 import asyncpg
 import pytest
 
-from cistate.messages import storable_problem
-from cistate.orchestrator import GroupCommit
-from cistate.repos import RepoPolicy, RepoSettings
-from cistate.store import Append, OutboxRow
+from cistate.adapters.postgres.store import Append, OutboxRow
+from cistate.domain.messages import storable_problem
+from cistate.domain.repos import RepoPolicy, RepoSettings
+from cistate.service.orchestrator import GroupCommit
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cistate.graph import (
+from cistate.domain.graph import (
     BLOCKING,
     ENDED,
     FAILURES,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cistate.events import dumps, loads
+from cistate.domain.events import dumps, loads
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cistate import machine as m
+from cistate.domain import machine as m
 
 from ._support import default_pipeline
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cistate.pipeline import (
+from cistate.domain.pipeline import (
     Backoff,
     PipelineError,
     Step,
@@ -290,7 +290,7 @@ def test_the_example_pipelines_parse() -> None:
     from pathlib import Path
 
     import handlers
-    from cistate.pipeline import parse
+    from cistate.domain.pipeline import parse
 
     examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
     assert examples, "examples/ holds at least one pipeline"

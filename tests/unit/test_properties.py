@@ -22,11 +22,11 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cistate import graph as step_graph
-from cistate import machine as m
-from cistate import run as r
-from cistate.messages import Control, Push, StepCommand, StepError, StepResult
-from cistate.pipeline import Pipeline, parse
+from cistate.domain import graph as step_graph
+from cistate.domain import machine as m
+from cistate.domain import run as r
+from cistate.domain.messages import Control, Push, StepCommand, StepError, StepResult
+from cistate.domain.pipeline import Pipeline, parse
 
 from ._support import Harness, push
 
@@ -345,6 +345,6 @@ def test_any_order_of_results_ends_every_run_of_any_graph(
     if not cancelled_while_cleaning_up and all(
             s.steps[n].state in (r.SUCCEEDED, r.SKIPPED) for n in graph.finally_steps):
         assert told <= {s.status}, (told, s.status)
-    # the outcome follows the steps' ends, as cistate.graph.outcome says
+    # the outcome follows the steps' ends, as cistate.domain.graph.outcome says
     assert s.status == step_graph.outcome(graph, {n: st_.state for n, st_ in s.steps.items()})
     event(f"ended {s.status}")

@@ -9,9 +9,9 @@ from datetime import timedelta
 
 import pytest
 
-from cistate import run as r
-from cistate.graph import downstream, upstream
-from cistate.messages import (
+from cistate.domain import run as r
+from cistate.domain.graph import downstream, upstream
+from cistate.domain.messages import (
     ZERO_SHA,
     CancelStep,
     Control,
@@ -20,7 +20,7 @@ from cistate.messages import (
     StepError,
     StepResult,
 )
-from cistate.pipeline import parse
+from cistate.domain.pipeline import parse
 
 from ._support import NOW, REPO, SHA, Harness, default_handler_names, default_pipeline, push, types
 
@@ -838,7 +838,7 @@ def test_run_state_json_shape(h: Harness) -> None:
 
 
 def test_disabled_step_is_skipped_by_every_run() -> None:
-    from cistate.pipeline import load_default
+    from cistate.domain.pipeline import load_default
     from tests.unit._support import default_handler_names
 
     packaged = load_default(default_handler_names())

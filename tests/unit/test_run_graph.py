@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cistate import run as r
-from cistate.messages import CancelStep, StepCommand
-from cistate.pipeline import parse
+from cistate.domain import run as r
+from cistate.domain.messages import CancelStep, StepCommand
+from cistate.domain.pipeline import parse
 
 from ._support import NOW, REPO, SHA, Harness, push, types
 

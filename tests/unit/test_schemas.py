@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from cistate.cli import message_schemas
-from cistate.messages import ZERO_SHA, Control, Push, StepCommand, StepResult
+from cistate.adapters.cli.main import message_schemas
+from cistate.domain.messages import ZERO_SHA, Control, Push, StepCommand, StepResult
 
 pytestmark = pytest.mark.unit
 
@@ -29,7 +29,7 @@ def test_committed_schemas_equal_the_generated_ones() -> None:
     for name, text in generated.items():
         on_disk = (SCHEMA_DIR / f"{name}.schema.json").read_text(encoding="utf-8")
         assert on_disk == text, (
-            f"schema/{name}.schema.json is out of date: run `cistate schema export schema`")
+            f"schema/{name}.schema.json is out of date: run `cistate schema export`")
 
 
 def test_push_schema_states_the_contract() -> None:

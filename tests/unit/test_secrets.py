@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cistate.messages import SecretRef
-from cistate.pipeline import PipelineError, parse
+from cistate.domain.messages import SecretRef
+from cistate.domain.pipeline import PipelineError, parse
 from handlers.base import StepFailed, StepLog
 from handlers.masking import MASK, Masker
 from handlers.secrets import SecretSource, load_scopes, worker_credentials

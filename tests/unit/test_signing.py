@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cistate.messages import Push, StepResult
-from cistate.pipeline import parse
-from cistate.run import Decider, Rejected, RunState, apply
-from cistate.signing import BadSignature, Signer, load_key
+from cistate.adapters.rabbitmq.signing import BadSignature, Signer, load_key
+from cistate.domain.messages import Push, StepResult
+from cistate.domain.pipeline import parse
+from cistate.domain.run import Decider, Rejected, RunState, apply
 
 pytestmark = pytest.mark.unit
 

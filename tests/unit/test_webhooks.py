@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
-from cistate import webhooks as wh
-from cistate.messages import ZERO_SHA, Push
+from cistate.adapters.http import webhooks as wh
+from cistate.domain.messages import ZERO_SHA, Push
 
 pytestmark = pytest.mark.unit
 

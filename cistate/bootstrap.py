@@ -16,16 +16,16 @@ from aiohttp import web
 from pydantic import ValidationError
 
 import handlers
-from cistate import pipeline as p
-from cistate.bus import Bus
+from cistate.adapters.postgres.store import Store, connect
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.adapters.rabbitmq.signing import Signer, load_key
 from cistate.config import ConfigError, Settings
-from cistate.orchestrator import Orchestrator
-from cistate.relay import Relay
-from cistate.repos import RepoSettings
-from cistate.run import Decider
-from cistate.signing import Signer, load_key
-from cistate.store import Store, connect
-from cistate.worker import Worker
+from cistate.domain import pipeline as p
+from cistate.domain.repos import RepoSettings
+from cistate.domain.run import Decider
+from cistate.service.orchestrator import Orchestrator
+from cistate.service.relay import Relay
+from cistate.service.worker import Worker
 from handlers import checks
 from handlers.sandbox import SandboxSettings
 from handlers.secrets import SecretSource, load_scopes
@@ -142,7 +142,7 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 await worker.start(steps or app.pipeline.step_names)
                 app.worker = worker
             if "api" in roles:
-                from cistate.api import make_app
+                from cistate.adapters.http.api import make_app
 
                 runner = web.AppRunner(make_app(app), access_log=None)
                 await runner.setup()

@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from cistate.bus import Bus
-from cistate.store import NOTIFY_CHANNEL, Store
+from cistate.adapters.postgres.store import NOTIFY_CHANNEL, Store
+from cistate.adapters.rabbitmq.bus import Bus
 
 log = structlog.get_logger("cistate.relay")
 

@@ -17,12 +17,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from cistate.events import (
+from cistate import SOURCE_ROOT
+from cistate.domain.events import (
     Chained,
     ChainProblem,
     Event,
@@ -32,10 +32,10 @@ from cistate.events import (
     dumps,
     loads,
 )
-from cistate.metrics import StoreState
-from cistate.run import Outgoing, RunState, StepState, fold
+from cistate.domain.run import Outgoing, RunState, StepState, fold
+from cistate.service.metrics import StoreState
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "schema" / "migrations"
+MIGRATIONS = SOURCE_ROOT / "schema" / "migrations"
 NOTIFY_CHANNEL = "cistate_outbox"
 _MIGRATION_LOCK = 0x6369_7374  # advisory lock id: one migrator at a time
 
@@ -584,7 +584,7 @@ def _run_check(records: Sequence[asyncpg.Record]) -> RunCheck:
 
 
 # A link holds when the event's hash is cistate_event_hash of the stored hash before it and
-# its canonical form (what cistate.events.chain_problems checks, for `audit verify`).
+# its canonical form (what cistate.domain.events.chain_problems checks, for `audit verify`).
 _RUN_EVENTS_SQL = """
 SELECT run_id, json_agg(json_build_array(type, data, to_char(recorded_at AT TIME ZONE 'UTC',
          'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')) ORDER BY seq)::text AS events,

@@ -15,17 +15,35 @@ import hmac
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from cistate import webhooks
-from cistate.app import App
-from cistate.messages import Control, ControlAction, message_uuid
-from cistate.metrics import CONTENT_TYPE, Counts, exposition
-from cistate.orchestrator import Outcome, Unprocessable
-from cistate.store import EventQuery, RunQuery
+from cistate.adapters.http import webhooks
+from cistate.adapters.postgres.store import EventQuery, RunQuery, Store
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.config import Settings
+from cistate.domain.messages import Control, ControlAction, message_uuid
+from cistate.service.metrics import CONTENT_TYPE, Counts, exposition
+from cistate.service.orchestrator import Orchestrator, Outcome, Unprocessable
+from cistate.service.worker import Worker
+
+
+class App(Protocol):
+    """What the API serves from: the process's settings and the parts bootstrap made."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def bus(self) -> Bus | None: ...
+    @property
+    def orchestrator(self) -> Orchestrator: ...
+    @property
+    def worker(self) -> Worker | None: ...
+
 
 APP_KEY: web.AppKey[App] = web.AppKey("cistate", App)
 ACTOR_KEY: web.RequestKey[str] = web.RequestKey("cistate.actor", str)

@@ -4,7 +4,7 @@ A run is `queued -> running -> succeeded | failed | cancelled` (and back to `run
 operator's retry); each step of it is `pending -> running -> retrying -> running ... ->
 succeeded | failed | timed_out`, or `skipped` / `cancelled`, and `pending` again when a retry
 runs it once more. The machines judge what a run or a step may do next and where that leads;
-which steps are ready is cistate.graph's, and what is recorded is cistate.run's. They do no
+which steps are ready is domain.graph's, and what is recorded is domain.run's. They do no
 I/O and have no callbacks, so a decision is a plain synchronous call (no AsyncMachine: its
 cancellation of concurrent transitions is not wanted here).
 
@@ -21,15 +21,15 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
-from cistate.graph import Outcome, StepStatus
-from cistate.pipeline import Pipeline
+from cistate.domain.graph import Outcome, StepStatus
+from cistate.domain.pipeline import Pipeline
 
 # the run's states
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 RUN_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-# a step's states, as plain strings (cistate.graph.StepStatus spells them)
+# a step's states, as plain strings (cistate.domain.graph.StepStatus spells them)
 PENDING, STEP_RUNNING, RETRYING = "pending", "running", "retrying"
 TIMED_OUT, SKIPPED = "timed_out", "skipped"
 STEP_STATES = tuple(status.value for status in StepStatus)
@@ -56,7 +56,7 @@ class Situation:
     """What the machines' conditions may look at, besides the state itself."""
 
     retry_left: bool = False  # the failed attempt may be tried again
-    outcome: str | None = None  # how the run ends (cistate.graph.outcome), for FINISH
+    outcome: str | None = None  # how the run ends (cistate.domain.graph.outcome), for FINISH
 
 
 Condition = Callable[[Situation], bool]
@@ -133,7 +133,7 @@ class _Judge:
 
 class RunMachine(_Judge):
     """queued -> running -> succeeded | failed | cancelled; retry: failed | cancelled ->
-    running. `finish` goes to the outcome cistate.graph names, and only once it names one."""
+    running. `finish` goes to the outcome cistate.domain.graph names, and only once it names one."""
 
     kind = "the run"
 

@@ -5,7 +5,7 @@ with `apply`, and publishes the outgoing messages through the outbox.
 
 A decision goes in three parts: the message's own events (a result, a timer, an operator's
 request), each step change judged by the step machine; then the graph's consequences
-(cistate.graph: stop the live steps when fail_fast, skip what can never start, start what is
+(cistate.domain.graph: stop the live steps when fail_fast, skip what can never start, start what is
 ready, the finally steps once every other step has ended), until nothing changes; then, once
 every step has ended, the run's end, judged by the run machine.
 """
@@ -23,14 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cistate import graph as step_graph
-from cistate import machine as m
-from cistate.events import EventType as E
-from cistate.events import NewEvent, derived_id
-from cistate.messages import CancelStep, Control, Push, StepCommand, StepResult
-from cistate.pipeline import Pipeline
+from cistate.domain import graph as step_graph
+from cistate.domain import machine as m
+from cistate.domain.events import EventType as E
+from cistate.domain.events import NewEvent, derived_id
+from cistate.domain.messages import CancelStep, Control, Push, StepCommand, StepResult
+from cistate.domain.pipeline import Pipeline
 
-# A step's own states (cistate.graph.StepStatus; the run's are cistate.machine's).
+# A step's own states (cistate.domain.graph.StepStatus; the run's are cistate.domain.machine's).
 PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
 RETRYING, TIMED_OUT, SKIPPED, CANCELLED = "retrying", "timed_out", "skipped", "cancelled"
 LIVE = frozenset({RUNNING, RETRYING})
@@ -303,7 +303,7 @@ AttemptTokens = Callable[[uuid.UUID, str, int], str]
 class Decider:
     """Decisions for the runs of one pipeline.
 
-    `tokens` gives each attempt's token (cistate.signing.Signer.attempt_token: keyed, so
+    `tokens` gives each attempt's token (adapters.rabbitmq.signing.Signer.attempt_token: keyed, so
     deterministic yet unguessable): a command carries it, `step.started` records it, and a
     result is accepted only with the token of the attempt it answers. Without `tokens`
     (pure tests of the rules) attempts have none and results are not asked for one.

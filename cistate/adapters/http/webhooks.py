@@ -68,7 +68,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from cistate.messages import Push
+from cistate.domain.messages import Push
 
 MAX_BODY_BYTES: Final = 1 << 20
 """Largest body accepted (1 MiB); the caller checks Content-Length with `check_size` too."""

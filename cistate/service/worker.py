@@ -25,9 +25,10 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from cistate.bus import Bus
-from cistate.events import derived_id, loads
-from cistate.messages import (
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.adapters.rabbitmq.signing import BadSignature
+from cistate.domain.events import derived_id, loads
+from cistate.domain.messages import (
     MAX_LOG_CHARS,
     MAX_OUTPUTS_BYTES,
     MAX_TEXT_CHARS,
@@ -38,7 +39,6 @@ from cistate.messages import (
     outputs_size,
     storable_problem,
 )
-from cistate.signing import BadSignature
 from handlers import NO_WORKSPACE
 from handlers.base import Handler, StepFailed, StepLog, StepRequest, identity_env
 from handlers.masking import Masker

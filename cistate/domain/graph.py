@@ -41,7 +41,7 @@ from typing import Protocol
 
 
 class StepStatus(StrEnum):
-    """A step's state within a run; spelled as cistate.run's step states and events."""
+    """A step's state within a run; spelled as cistate.domain.run's step states and events."""
 
     PENDING = "pending"
     RUNNING = "running"
@@ -54,7 +54,7 @@ class StepStatus(StrEnum):
 
 
 class Outcome(StrEnum):
-    """How a run ended; spelled as cistate.machine's terminal run states."""
+    """How a run ended; spelled as cistate.domain.machine's terminal run states."""
 
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -74,7 +74,7 @@ class GraphError(ValueError):
 
 
 class Declared(Protocol):
-    """A step as the pipeline file declares it (cistate.pipeline.Step fits)."""
+    """A step as the pipeline file declares it (cistate.domain.pipeline.Step fits)."""
 
     @property
     def name(self) -> str: ...

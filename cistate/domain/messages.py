@@ -201,7 +201,7 @@ class Control(_Message):
 
     `retry_due` and `timeout` are timers cistate sends itself through the outbox with a due
     time; `retry` and `cancel` come from operators. Who asked is the message's signed sender
-    (cistate.signing), never a field of the body.
+    (cistate.adapters.rabbitmq.signing), never a field of the body.
     """
 
     run_id: uuid.UUID

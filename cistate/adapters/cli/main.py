@@ -22,14 +22,15 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cistate import SOURCE_ROOT
+from cistate.adapters.postgres.store import EventQuery, RunCheck, RunQuery, VerifyReport, connect
 from cistate.config import ROLES, ConfigError, Settings, redact
-from cistate.messages import MESSAGE_MODELS, Push, message_uuid
-from cistate.pipeline import PipelineError
-from cistate.run import Decider, RunState, run_id_for
-from cistate.store import EventQuery, RunCheck, RunQuery, VerifyReport, connect
+from cistate.domain.messages import MESSAGE_MODELS, Push, message_uuid
+from cistate.domain.pipeline import PipelineError
+from cistate.domain.run import Decider, RunState, run_id_for
 
 if TYPE_CHECKING:
-    from cistate.orchestrator import Orchestrator, Outcome
+    from cistate.service.orchestrator import Orchestrator, Outcome
 
 # The service's modules (aiohttp, aio-pika, handlers) load only in the commands that use
 # them, so that reading runs and events starts fast.
@@ -50,7 +51,7 @@ cli.add_typer(schema_cli, name="schema")
 # Piped output (grep, logs) gets wide tables rather than cells folded to 80 columns.
 out = Console(width=None if sys.stdout.isatty() else 200)
 T = TypeVar("T")
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = SOURCE_ROOT / "schema"
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
@@ -168,7 +169,7 @@ def serve(
         "--step", help="with --role worker: only these steps (repeatable)")] = None,
 ) -> None:
     """Run the API, the orchestrator and workers (or the roles given)."""
-    from cistate import app as wiring
+    from cistate import bootstrap as wiring
 
     s = settings()
     roles = role or list(ROLES)
@@ -187,7 +188,7 @@ def check(
 ) -> None:
     """Check the configuration without starting anything: the pipeline, the settings of every
     enabled step and the secrets they declare (exit 2 with one line per problem)."""
-    from cistate import app as wiring
+    from cistate import bootstrap as wiring
 
     s = settings()
     try:
@@ -207,7 +208,7 @@ def quickstart(ctx: typer.Context) -> None:
     starts local stand-ins (registry, git server, chart repository, GitOps repo,
     kube-apiserver), a sample app, and cistate; Ctrl-C stops everything it started.
     Options go to scripts/quickstart.py (--dir DIR, --without-kube)."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "quickstart.py"
+    script = SOURCE_ROOT / "scripts" / "quickstart.py"
     if not script.is_file():
         fail(f"the quickstart runs from a checkout of cistate ({script} is missing)", 2)
     # the quickstart replaces this process, so that Ctrl-C reaches it alone
@@ -236,7 +237,7 @@ def push(
     message_id = delivery_id or str(uuid.uuid4())
     import aiormq.exceptions
 
-    from cistate.bus import Bus, TopologyMissing, Unroutable
+    from cistate.adapters.rabbitmq.bus import Bus, TopologyMissing, Unroutable
 
     async def go() -> None:
         bus = Bus(s.rabbitmq_url, s.bus_prefix)
@@ -392,8 +393,8 @@ def _actor() -> str:
 
 def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any, Any, Outcome]],
              as_json: bool, done: str) -> None:
-    from cistate import app as wiring
-    from cistate.orchestrator import Orchestrator
+    from cistate import bootstrap as wiring
+    from cistate.service.orchestrator import Orchestrator
 
     run_id = parse_run_id(run)
     s = settings()
@@ -605,8 +606,8 @@ def graph(
 ) -> None:
     """The pipeline's steps and their needs as a Mermaid flowchart (finally steps dotted
     after the last steps); with RUN, each step's state in that run."""
-    from cistate import app as wiring
-    from cistate import graph as step_graph
+    from cistate import bootstrap as wiring
+    from cistate.domain import graph as step_graph
 
     s = settings()
     try:
@@ -614,7 +615,7 @@ def graph(
     except PipelineError as exc:
         fail(str(exc), 2)
     if machines:
-        from cistate.machine import RunMachine, StepMachine
+        from cistate.domain.machine import RunMachine, StepMachine
 
         typer.echo(f"%% a run\n{RunMachine(pipeline).mermaid()}\n"
                    f"%% each step of it\n{StepMachine(pipeline).mermaid()}", nl=False)

@@ -39,15 +39,15 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from cistate.config import redact
-from cistate.events import dumps
-from cistate.signing import (
+from cistate.adapters.rabbitmq.signing import (
     SENDER_HEADER,
     SIGNATURE_HEADER,
     UNSIGNED_KEYS,
     BadSignature,
     Signer,
 )
+from cistate.config import redact
+from cistate.domain.events import dumps
 
 log = structlog.get_logger("cistate.bus")
 

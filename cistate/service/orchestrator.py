@@ -23,10 +23,12 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, ValidationError
 
-from cistate import run as r
-from cistate.bus import Bus
-from cistate.events import loads
-from cistate.messages import (
+from cistate.adapters.postgres.store import Append, Conflict, Duplicate, OutboxRow, Store
+from cistate.adapters.rabbitmq.bus import Bus
+from cistate.adapters.rabbitmq.signing import BadSignature
+from cistate.domain import run as r
+from cistate.domain.events import loads
+from cistate.domain.messages import (
     Control,
     ControlAction,
     Push,
@@ -34,9 +36,7 @@ from cistate.messages import (
     message_uuid,
     outputs_size,
 )
-from cistate.repos import RepoPolicy
-from cistate.signing import BadSignature
-from cistate.store import Append, Conflict, Duplicate, OutboxRow, Store
+from cistate.domain.repos import RepoPolicy
 
 log = structlog.get_logger("cistate.orchestrator")
 

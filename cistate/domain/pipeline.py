@@ -7,7 +7,7 @@ step and the field, because the person reading it has to go and fix that file.
 A pipeline has `steps:` (a step without `needs:` needs the one before it, so a list is a line)
 and, optionally, `finally:` steps that run once every step has ended, whatever the outcome;
 `fail_fast: true` (the default) stops the other steps when one fails. What those rules mean
-for a run is cistate.graph's; the graph is built here, once, so a pipeline that cannot run
+for a run is cistate.domain.graph's; the graph is built here, once, so a pipeline that cannot run
 stops start-up with its file named.
 """
 
@@ -32,8 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from cistate import graph as step_graph
-from cistate.messages import EnvName, Network, SecretRef
+from cistate.domain import graph as step_graph
+from cistate.domain.messages import EnvName, Network, SecretRef
 
 RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
 DEFAULT_PIPELINE = "nodejs"

@@ -1,0 +1,1 @@
+"""The `cistate` command line (typer)."""

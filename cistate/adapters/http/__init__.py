@@ -1,0 +1,1 @@
+"""The HTTP API (aiohttp) and the git hosts' webhooks."""

@@ -1,0 +1,1 @@
+"""The event store on PostgreSQL (asyncpg): append, queries, projections, migrations."""

@@ -1,0 +1,1 @@
+"""The bus on RabbitMQ (aio-pika): topology, publishing, consuming, acks, and signing."""
