@@ -19,4 +19,13 @@ if ! port_open 5672; then
   rabbitmqctl await_startup >/dev/null
 fi
 port_open 5672 || { echo "services: RabbitMQ is not reachable on 127.0.0.1:5672" >&2; exit 1; }
+# RabbitMQ 3.10 stops opening connections once its queues hold all the file handles its
+# open-files limit allows (1024 -> 927 handles); RabbitMQ's docs advise at least 65536.
+broker=$(pgrep -u rabbitmq -f beam.smp | head -1 || true)
+limit=$(awk '/Max open files/ {print $4}' "/proc/${broker:-0}/limits" 2>/dev/null || true)
+if [ -n "$limit" ] && [ "$limit" != unlimited ] && [ "$limit" -lt 65536 ]; then
+  echo "services: RabbitMQ may open only $limit files; with many durable queues it stops" \
+       "accepting connections. Raise it (systemd LimitNOFILE, or ulimit -n before" \
+       "rabbitmq-server) to 65536 for anything beyond tests" >&2
+fi
 echo "services: PostgreSQL and RabbitMQ are up" >&2

@@ -1,8 +1,14 @@
 """Fixtures shared by every tier.
 
-Each test session gets its own RabbitMQ vhost and a migrated template database; each
+Each test module gets its own RabbitMQ vhost, each session a migrated template database; each
 integration test gets a fresh database cloned from the template and its own bus prefix, so
 tests never see each other's runs or messages, and parallel sessions never collide.
+
+A vhost per module, not per session: the broker keeps every durable queue until its vhost
+goes, and RabbitMQ 3.10 counts the queues' files against a limit derived from its open-files
+ulimit (1024 here: 927 handles). A whole session's queues used them all up, after which the
+broker accepted connections but never finished opening one (seen as `cistate serve did not
+get ready` late in the session). Deleting each module's vhost gives them back.
 A component that is not there fails the test loudly: nothing is skipped silently.
 """
 
@@ -47,16 +53,16 @@ def _rabbitmqctl(*args: str) -> None:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
-    name = f"cistate-test-{SESSION}"
+    name = f"cistate-test-{SESSION}-{uuid.uuid4().hex[:6]}"
     _rabbitmqctl("add_vhost", name)
     _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     yield name
     _rabbitmqctl("delete_vhost", name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def amqp_url(vhost: str) -> str:
     return f"{AMQP_BASE}/{quote(vhost, safe='')}"
 

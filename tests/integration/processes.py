@@ -36,7 +36,7 @@ class ServeProcess:
         await self._wait_ready()
         return self
 
-    async def _wait_ready(self, timeout: float = 90) -> None:
+    async def _wait_ready(self, timeout: float = 60) -> None:
         url = f"http://{self.settings.listen}/health"
         deadline = asyncio.get_running_loop().time() + timeout
         async with aiohttp.ClientSession() as http:
