@@ -12,11 +12,12 @@ opens the run; the test finds it by commit in the store and reads it back with t
 Everything else is real and started by the project's scripts: docker-registry, buildah,
 npm, helm, kube-apiserver + etcd, the git daemon, the chart repository process. The parts
 that cannot run here are played by the test, named as such:
-- the kubelet and the deployment controller: `KubeletStandIn` (tests/e2e/conftest.py)
+- the kubelet and the deployment controller: `KubeletStandIn` (tests/infra/standins.py)
   patches the app's Deployment status to "all replicas updated and available";
-- the pod itself: `PodStandIn` reads the image from the Deployment's spec, as a kubelet
-  would, and runs that image with `buildah from` + `buildah run` (busybox httpd on the host
-  network, on the port the Ingress is checked at);
+- the pod itself: `PodStandIn` (tests/infra/standins.py, shared with the quickstart) reads
+  the image from the Deployment's spec, as a kubelet would, and runs that image with
+  `buildah from` + `buildah run` (busybox httpd on the host network, on the port the Ingress
+  is checked at);
 - Artifactory: `ChartRepoStandIn`, a real HTTP chart repository process
   (tests/infra/chart_repo.py);
 - Argo CD: not needed: the default pipeline ships qa-sync disabled, so the run records it
@@ -25,8 +26,6 @@ that cannot run here are played by the test, named as such:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shlex
@@ -42,7 +41,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes_asyncio.client import ApiClient, AppsV1Api, CoreV1Api, NetworkingV1Api
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from cistate.adapters.postgres.store import RunQuery, Store
 from cistate.config import Settings
@@ -55,10 +53,9 @@ from tests.e2e.conftest import (
     Env,
     GitRepo,
     GitServer,
-    KubeletStandIn,
     git,
-    serve_image,
 )
+from tests.infra.standins import KubeletStandIn, PodStandIn
 from tests.integration.processes import ServeProcess
 
 pytestmark = pytest.mark.e2e
@@ -320,46 +317,6 @@ async def test_git_push_runs_source_to_image_and_the_next_commit_is_released_as_
 # ---------------------------------------------------------------- issue 4: B --
 
 
-class PodStandIn:
-    """Plays the pod of the app's Deployment (no kubelet or container engine runs here): once
-    the Deployment exists, runs the image its spec names with `buildah run` (busybox httpd on
-    127.0.0.1:`port`, serving the image's /www), until the test ends."""
-
-    def __init__(self, api: ApiClient, namespace: str, port: int, storage: Path) -> None:
-        self.apps = AppsV1Api(api)
-        self.namespace = namespace
-        self.port = port
-        self.storage = storage
-        self.image = ""
-        self._stack = contextlib.ExitStack()
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> PodStandIn:
-        self._task = asyncio.create_task(self._watch())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await asyncio.to_thread(self._stack.close)
-
-    async def _watch(self) -> None:
-        while True:
-            try:
-                deployment = await self.apps.read_namespaced_deployment(APP, self.namespace)
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-            else:
-                self.image = deployment.spec.template.spec.containers[0].image
-                await asyncio.to_thread(
-                    self._stack.enter_context, serve_image(self.image, self.port, self.storage))
-                return
-            await asyncio.sleep(0.1)
-
-
 async def test_git_push_runs_the_default_pipeline_from_source_to_the_qa_gitops_commit(
     git_server: GitServer, delivery: Delivery, kube_api: ApiClient,
     chart_repo: ChartRepoStandIn, gitops_repo: GitRepo, builder_storage: Path,
@@ -389,12 +346,14 @@ async def test_git_push_runs_the_default_pipeline_from_source_to_the_qa_gitops_c
     values["ingress"]["host"] = "localhost"
     async with (
         KubeletStandIn(kube_api, delivery.namespace) as kubelet,
-        PodStandIn(kube_api, delivery.namespace, port, builder_storage) as pod,
+        PodStandIn(kube_api, delivery.namespace, APP, port, builder_storage) as pod,
     ):
         repo, log = hooked_repo(git_server, tmp_path, settings,
                                 {f"chart/{APP}/values.yaml": yaml.safe_dump(values)})
         sha = repo.initial
         run = await run_of(store, repo, sha, log, server)
+    assert not pod.failures, "the pod stand-in could not run the image: " + "; ".join(
+        pod.failures)
     outputs = check_run(settings, str(run.id), sha, DEFAULT_STEPS, skipped=("qa-sync",))
     assert shown_pipeline(settings, str(run.id)) == "nodejs"
 
@@ -413,7 +372,7 @@ async def test_git_push_runs_the_default_pipeline_from_source_to_the_qa_gitops_c
     }
     deployment = await AppsV1Api(kube_api).read_namespaced_deployment(APP, delivery.namespace)
     assert deployment.spec.template.spec.containers[0].image == image
-    assert (APP, 1) in kubelet.patched and pod.image == image
+    assert (APP, 1) in kubelet.patched and pod.served == [image]
     service_obj = await CoreV1Api(kube_api).read_namespaced_service(APP, delivery.namespace)
     assert service_obj.spec.ports[0].port == 8080
     ingress = await NetworkingV1Api(kube_api).read_namespaced_ingress(APP, delivery.namespace)

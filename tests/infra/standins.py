@@ -6,8 +6,9 @@ container engine (tests/infra/README.md). So:
 - `KubeletStandIn` plays the kubelet and the deployment controller: it reports every new
   Deployment generation as rolled out;
 - `serve_image` runs an app's image as its pod would, with `buildah from` + `buildah run`;
-- `PodStandIn` does that for the image a Deployment's spec names, and again whenever the
-  spec names another one.
+- `PodStandIn` plays the kubelet running the pod: it serves the image a Deployment's spec
+  names that way, and again whenever the spec names another one. It is the one pod stand-in:
+  the pipeline test (tests/e2e/test_pipeline.py) and the quickstart both use it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Self
 
 from kubernetes_asyncio.client import ApiClient, AppsV1Api
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -28,7 +30,28 @@ class StandInError(RuntimeError):
     """A stand-in could not do its part; the message says what failed."""
 
 
-class KubeletStandIn:
+class _Polling:
+    """A stand-in that polls the kube-apiserver in a task of its own while `async with` it:
+    `_loop` runs from `__aenter__` until `__aexit__` cancels it (an error it raised is raised
+    there)."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def _loop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+class KubeletStandIn(_Polling):
     """Plays the kubelet and the deployment controller (neither runs here): every Deployment
     in the namespace whose generation is not yet observed gets a status saying all its
     replicas are updated and available, as a real cluster reports once the pods are ready.
@@ -43,17 +66,6 @@ class KubeletStandIn:
         self.interval = interval
         self.patched: list[tuple[str, int]] = []
         self.namespaces: set[str] = set()  # where it patched a Deployment
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> KubeletStandIn:
-        self._task = asyncio.create_task(self._loop())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
 
     async def _loop(self) -> None:
         while True:
@@ -122,11 +134,18 @@ def serve_image(image: str, port: int, builder_storage: Path) -> Iterator[int]:
         subprocess.run([*base, "rm", container], capture_output=True, timeout=60)
 
 
-class PodStandIn:
-    """Plays the pod of Deployment `name` in `namespace` (no kubelet or container engine runs
-    here): runs the image its spec names with `serve_image` on 127.0.0.1:`port`, and when the
-    spec names another image (a new deploy), stops that one and runs the new one. `report`
-    gets one line per change, and the reason when an image cannot be run."""
+class PodStandIn(_Polling):
+    """Stands in for the kubelet running the pod of Deployment `name` in `namespace`: the
+    kube-apiserver here has no kubelet (and there is no container engine), so nothing would
+    run the image a Deployment names and an Ingress or health check would find no app. This
+    reads the image from the Deployment's spec, as a kubelet would once the pod is scheduled,
+    and runs it with `serve_image` on 127.0.0.1:`port`; when the spec names another image (a
+    new deploy), it stops that one and runs the new one. An image that cannot be run is not
+    tried again until the spec names another.
+
+    `report` gets one line per change, and the reason when an image cannot be run; `served`
+    lists every image it ran, in order, and `failures` every reason, both kept after the
+    `async with` (when `image` is "" again). Looks every `interval` seconds."""
 
     def __init__(self, api: ApiClient, namespace: str, name: str, port: int, storage: Path,
                  *, interval: float = 0.5, report: Callable[[str], None] = lambda _: None,
@@ -140,21 +159,15 @@ class PodStandIn:
         self.report = report
         self.image = ""  # the image being served, "" when none
         self.pid: int | None = None  # its `buildah run`
+        self.served: list[str] = []  # every image it ran, in order
+        self.failures: list[str] = []  # why an image could not be run, one line each
         self._serving: contextlib.ExitStack | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> PodStandIn:
-        self._task = asyncio.create_task(self._watch())
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await super().__aexit__(*exc)
         await self._stop()
 
-    async def _watch(self) -> None:
+    async def _loop(self) -> None:
         tried = ""  # the last image asked for: one that cannot run is not tried again
         while True:
             try:
@@ -185,9 +198,11 @@ class PodStandIn:
             await asyncio.to_thread(stack.close)
             raise
         except StandInError as exc:
-            self.report(f"cannot run {image}: {exc}")
+            self.failures.append(f"cannot run {image}: {exc}")
+            self.report(self.failures[-1])
             return
         self._serving, self.image, self.pid = stack, image, pid
+        self.served.append(image)
         self.report(f"runs {image} on 127.0.0.1:{self.port} (buildah run, pid {pid})")
 
     async def _stop(self) -> None:
