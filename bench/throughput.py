@@ -1,6 +1,7 @@
 """Throughput of cistate against a bare aio-pika + asyncpg loop doing the least work.
 
     python bench/throughput.py [--runs N] [--steps K] [--repeat R] ...
+    python bench/throughput.py --shape fanout [--width W] [--runs N] [--repeat R] ...
 
 1. cistate: a real `cistate serve` subprocess (all roles) runs N runs of a pipeline of K
    `noop` steps (no timeout timers). Prints runs/s, events/s, hops/s (a hop is one
@@ -12,6 +13,24 @@
    confirmed publish; ack). `2hop` adds a "worker" hop per step (consume, confirmed publish
    back, ack: no database), like cistate's worker in the same process; `1hop` has no worker.
 3. The ratio of hops/s, cistate / bare 2hop (like for like), and cistate / bare 1hop.
+
+`--shape fanout` (with `--width W`, 8 by default) measures the pipeline 1 -> W parallel
+noop steps -> 1 instead: steps s1..s(W+2), s2..s(W+1) each `needs: [s1]`, the last step
+needs all W. A run is still K+1 hops with K = W+2 steps (its push and K step results: 11
+hops for W=8) and K worker hops, and the same 2K+2 events in cistate. The bare loop does
+the like-for-like work for that shape, hop by hop:
+
+- the start: one event row and one outbox row, then one confirmed publish (step 1);
+- step 1's result (the fan-out): ONE transaction inserting one event row and W outbox rows
+  (one INSERT of W rows), then W confirmed publishes at once, then the ack, as cistate's
+  orchestrator stores its W commands in one transaction and publishes them together;
+- each of the W middle results: one event row; the W-th of a chain to arrive (an in-memory
+  count per chain: one process, as cistate's cache) also inserts the outbox row of the
+  last step and publishes it (the fan-in);
+- the last step's result: one event row, no outbox row.
+
+The tap's latency for fanout is, for each step with needs, the time from the last of its
+needs' results to its command (W+1 gaps per run); for linear it is unchanged.
 
 Everything lives in a database `cistate_bench_<pid>` and a RabbitMQ vhost of the same name,
 both removed at the end (also on Ctrl-C or an error, unless --keep). See bench/README.md.
@@ -281,16 +300,21 @@ class Tap:
             else:
                 self.seen[key] = now
 
-    def gaps(self, chains: Sequence[str], steps: int) -> list[float]:
+    def gaps(self, chains: Sequence[str], steps: int,
+             needs: dict[int, list[int]] | None = None) -> list[float]:
         """For each chain and step i < K: time from step i's result ("in") to step i+1's
-        command ("out"), in ms."""
+        command ("out"), in ms. With `needs` (step -> the steps it needs, as
+        `step_needs` gives): for each step that needs others, the time from the last of
+        their results to its command."""
+        if needs is None:
+            needs = {i + 1: [i] for i in range(1, steps)}
         found = []
         for chain in chains:
-            for i in range(1, steps):
-                t_in = self.seen.get((chain, i, "in"))
-                t_out = self.seen.get((chain, i + 1, "out"))
-                if t_in is not None and t_out is not None:
-                    found.append((t_out - t_in) * 1000)
+            for step, upstream in needs.items():
+                t_ins = [self.seen.get((chain, u, "in")) for u in upstream]
+                t_out = self.seen.get((chain, step, "out"))
+                if t_out is not None and all(t is not None for t in t_ins):
+                    found.append((t_out - max(t for t in t_ins if t is not None)) * 1000)
         return found
 
 
@@ -478,7 +502,7 @@ async def measure(args: argparse.Namespace, sandbox: Sandbox, target: Target, su
             name=target.name, runs=args.runs, steps=args.steps, seconds=seconds,
             hops=args.runs * (args.steps + 1), events=events,
             messages=args.runs * target.messages_per_run,
-            latencies=tap.gaps(chains, args.steps),
+            latencies=tap.gaps(chains, args.steps, step_needs(args)),
             cpu=cpu_delta(cpu_before, cpu_after, cpu_seconds), cpu_seconds=cpu_seconds,
             tap_repeats=tap.repeats,
             broker_reads=packets_after[0] - packets_before[0],
@@ -543,12 +567,32 @@ async def last_event(pg: asyncpg.Connection, table: str, chains: list[str]
     return row["last"], row["n"]
 
 
-def pipeline_yaml(steps: int) -> str:
+def step_needs(args: argparse.Namespace) -> dict[int, list[int]]:
+    """Step index -> the step indexes it needs (steps are s1..sK). linear: each step the one
+    before it; fanout: s2..s(W+1) need s1, s(W+2) needs all of them."""
+    if getattr(args, "shape", "linear") != "fanout":
+        return {i + 1: [i] for i in range(1, args.steps)}
+    middle = list(range(2, args.width + 2))
+    return {**{i: [1] for i in middle}, args.width + 2: middle}
+
+
+def pipeline_yaml(steps: int, needs: dict[int, list[int]] | None = None) -> str:
+    """K noop steps s1..sK; with `needs`, each step named there gets `needs:` (without it,
+    a step needs the one before it)."""
     lines = ["name: bench", "steps:"]
     for i in range(1, steps + 1):
         # timeout 0 (falsy): no timeout timer row is written and the worker does not wait_for
         lines += [f"  - name: s{i}", "    uses: noop", "    timeout: 0"]
+        if needs is not None and i in needs:
+            lines.append(f"    needs: [{', '.join(f's{n}' for n in needs[i])}]")
     return "\n".join(lines) + "\n"
+
+
+def shape_text(args: argparse.Namespace) -> str:
+    """The pipeline, for the report: `K=5 noop steps` or `1 -> 8 -> 1 = 10 noop steps`."""
+    if getattr(args, "shape", "linear") == "fanout":
+        return f"fan-out 1 -> {args.width} -> 1 = {args.steps} noop steps"
+    return f"K={args.steps} noop steps"
 
 
 def cistate_target(args: argparse.Namespace, prefix: str) -> Target:
@@ -583,7 +627,8 @@ async def run_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path,
                       round_no: int) -> Result:
     prefix = f"cistate{os.getpid()}r{round_no}"
     pipeline = work / "pipeline.yaml"
-    pipeline.write_text(pipeline_yaml(args.steps))
+    fanout = getattr(args, "shape", "linear") == "fanout"
+    pipeline.write_text(pipeline_yaml(args.steps, step_needs(args) if fanout else None))
     port = free_port()
     env = os.environ | {
         "CISTATE_DATABASE_URL": sandbox.dsn,
@@ -689,6 +734,8 @@ async def run_bare(args: argparse.Namespace, sandbox: Sandbox, work: Path, mode:
     config = {"dsn": sandbox.dsn, "amqp": sandbox.amqp, "prefix": prefix, "mode": mode,
               "last": args.steps, "prefetch": ORCHESTRATOR_PREFETCH,
               "worker_prefetch": args.concurrency, "pool": POOL_SIZE}
+    if args.shape == "fanout":
+        config["width"] = args.width
     child = Child(f"bare {mode}", work / f"bare-{mode}-{round_no}.log")
     proc = await child.start([sys.executable, str(THIS_FILE), "--bare-child",
                               json.dumps(config)], stdout=subprocess.PIPE)
@@ -751,13 +798,52 @@ async def bare_child(config: dict[str, Any]) -> None:
             await send(next_key, nxt)
         await message.ack()
 
+    width: int = config.get("width", 0)  # fanout: steps 1, 2..width+1 (parallel), width+2
+    joined: dict[str, int] = {}  # fanout: middle results seen so far, per chain
+
+    async def on_orch_fanout(message: AbstractIncomingMessage) -> None:
+        data = json.loads(message.body)
+        chain, step = data["chain"], data["hop"]  # hop = the step whose result this is
+        if step == 0:  # the start: command step 1
+            seq, nexts = 1, [1]
+        elif step == 1:  # the fan-out: command the width middle steps at once
+            seq, nexts = 2, list(range(2, width + 2))
+        elif step <= width + 1:  # a middle result; the width-th one commands the last step
+            n = joined.pop(chain, 0) + 1
+            if n < width:
+                joined[chain] = n
+            seq, nexts = 2 + n, ([width + 2] if n == width else [])
+        else:  # the last step's result: the chain is finished
+            seq, nexts = width + 3, []
+        bodies = [{"chain": chain, "hop": j, "mode": mode} for j in nexts]
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO bare_events (run_id, seq, type, data, meta, message_id,"
+                " recorded_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7)",
+                uuid.UUID(chain), seq, "hop.recorded", message.body.decode(),
+                '{"actor": "bare"}', uuid.UUID(message.message_id), datetime.now(UTC))
+            if len(bodies) == 1:
+                await conn.execute(
+                    "INSERT INTO bare_outbox (message_id, routing_key, body)"
+                    " VALUES ($1, $2, $3::jsonb)", uuid.uuid4(), next_key, json.dumps(bodies[0]))
+            elif bodies:  # all the commands of the fan-out in one statement
+                await conn.execute(
+                    "INSERT INTO bare_outbox (message_id, routing_key, body)"
+                    " SELECT m, $2, b::jsonb FROM unnest($1::uuid[], $3::text[]) AS t(m, b)",
+                    [uuid.uuid4() for _ in bodies], next_key, [json.dumps(b) for b in bodies])
+        if len(bodies) == 1:
+            await send(next_key, bodies[0])
+        elif bodies:
+            await asyncio.gather(*(send(next_key, b) for b in bodies))
+        await message.ack()
+
     async def on_work(message: AbstractIncomingMessage) -> None:
         data = json.loads(message.body)  # a noop step: answer at once
         await send("orch", data)
         await message.ack()
 
     orch = await consumer_queue("orch", "orch", config["prefetch"])
-    await orch.consume(on_orch, no_ack=False)
+    await orch.consume(on_orch_fanout if width else on_orch, no_ack=False)
     if mode == "2hop":
         work = await consumer_queue("work", "work", config["worker_prefetch"])
         await work.consume(on_work, no_ack=False)
@@ -796,12 +882,18 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> dict[s
 
     print()
     feed = f"at most {args.inflight} in flight" if args.inflight else "all published at once"
-    print(f"cistate throughput: N={args.runs} runs x K={args.steps} noop steps, {feed} "
+    print(f"cistate throughput: N={args.runs} runs x {shape_text(args)}, {feed} "
           f"(warm-up {args.warmup} runs; worker concurrency {args.concurrency}, "
           f"orchestrator prefetch {ORCHESTRATOR_PREFETCH}, pool {POOL_SIZE}; "
           f"{args.repeat} round(s), medians)")
-    print("hop = one orchestrator transition (consume -> transaction -> confirmed publish -> "
-          f"ack); a run is K+1 = {args.steps + 1} hops")
+    if args.shape == "fanout":
+        print("hop = one orchestrator transition (consume -> transaction -> confirmed "
+              f"publish(es) -> ack); a run is 1 push + {args.steps} step results = "
+              f"{args.steps + 1} hops; step 1's result commands {args.width} steps in one "
+              "transaction")
+    else:
+        print("hop = one orchestrator transition (consume -> transaction -> confirmed "
+              f"publish -> ack); a run is K+1 = {args.steps + 1} hops")
     header = (f"{'':<10}{'wall s':>7}{'runs/s':>8}{'hops/s':>8}{'events/s':>9}"
               f"{'p50 ms':>8}{'p99 ms':>8} | CPU ms/hop:{'sut':>5}{'pg':>5}{'rmq':>5}"
               f"{'bench':>6} | rmq reads/hop | other cores")
@@ -820,6 +912,7 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> dict[s
               f"{'':>11}{per_hop} | {reads_per_hop(name):>13.2f} | {other:>5.2f}")
     summary: dict[str, Any] = {
         "runs": args.runs, "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat,
+        "shape": args.shape, "width": args.width if args.shape == "fanout" else None,
         "inflight": args.inflight,
         "concurrency": args.concurrency,
         "results": {name: [r.summary() for r in rounds] for name, rounds in results.items()},
@@ -860,7 +953,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="cistate throughput against a bare aio-pika + asyncpg loop.")
     parser.add_argument("--runs", "-n", type=int, default=200, help="runs per round (N)")
-    parser.add_argument("--steps", "-k", type=int, default=5, help="noop steps per run (K)")
+    parser.add_argument("--steps", "-k", type=int,
+                        help="noop steps per run (K, linear only; default 5)")
+    parser.add_argument("--shape", choices=["linear", "fanout"], default="linear",
+                        help="linear: s1 -> ... -> sK; fanout: 1 -> W parallel steps -> 1")
+    parser.add_argument("--width", "-w", type=int,
+                        help="fanout only: parallel steps in the middle (W, default 8)")
     parser.add_argument("--warmup", type=int, default=20, help="runs before measuring")
     parser.add_argument("--repeat", type=int, default=3,
                         help="rounds; each system runs once per round, medians are printed")
@@ -895,6 +993,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "speedscope)")
     parser.add_argument("--bare-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.shape == "fanout":
+        if args.steps is not None:
+            parser.error("--steps is for --shape linear; a fanout run has --width + 2 steps")
+        args.width = 8 if args.width is None else args.width
+        if args.width < 1:
+            parser.error("--width must be >= 1")
+        args.steps = args.width + 2  # s1, s2..s(W+1) in parallel, s(W+2)
+    else:
+        if args.width is not None:
+            parser.error("--width is for --shape fanout")
+        args.steps = 5 if args.steps is None else args.steps
     if args.runs < 1 or args.steps < 1 or args.repeat < 1 or args.warmup < 0 or args.inflight < 0:
         parser.error("--runs, --steps and --repeat must be >= 1, --warmup and --inflight >= 0")
     modes = [m for m in args.bare_modes.split(",") if m]
@@ -918,7 +1027,7 @@ async def main(args: argparse.Namespace) -> int:
         await sandbox.create()
         for round_no in range(1, args.repeat + 1):
             if args.only != "bare":
-                log(f"round {round_no}: cistate, {args.runs} runs x {args.steps} steps")
+                log(f"round {round_no}: cistate, {args.runs} runs x {shape_text(args)}")
                 result = await run_cistate(args, sandbox, work, round_no)
                 results.setdefault("cistate", []).append(result)
                 log(f"cistate: {result.hops_per_s:.1f} hops/s")
