@@ -22,7 +22,8 @@ from cistate.adapters.rabbitmq.signing import Signer, load_key
 from cistate.config import ConfigError, Settings
 from cistate.domain import pipeline as p
 from cistate.domain.repos import RepoSettings
-from cistate.domain.run import Decider
+from cistate.domain.run import HANDLER_QUEUE_MARK
+from cistate.service.deciders import Deciders
 from cistate.service.orchestrator import Orchestrator
 from cistate.service.relay import Relay
 from cistate.service.worker import Worker
@@ -44,10 +45,35 @@ def load_pipeline(path: Path | None) -> p.Pipeline:
     return p.parse(text, str(path), handlers.names())
 
 
+def load_catalog(settings: Settings) -> p.Catalog:
+    """The deployment's pipelines: CISTATE_PIPELINE (or the packaged one), the files of the
+    CISTATE_PIPELINES directory by name, and CISTATE_REPO_PIPELINES."""
+    found: list[p.Pipeline] = []
+    if settings.pipelines is not None:
+        if not settings.pipelines.is_dir():
+            raise p.PipelineError(f"{settings.pipelines}: CISTATE_PIPELINES is not a directory")
+        files = sorted(f for f in settings.pipelines.iterdir()
+                       if f.suffix in (".yaml", ".yml") and f.is_file())
+        if not files:
+            raise p.PipelineError(f"{settings.pipelines}: CISTATE_PIPELINES has no *.yaml file")
+        found = [load_pipeline(f) for f in files]
+    return p.Catalog(load_pipeline(settings.pipeline), tuple(found),
+                     tuple(settings.repo_pipelines))
+
+
+def served_steps(catalog: p.Catalog, repo_pipelines: bool) -> tuple[str, ...]:
+    """The step queues a worker serves by default: every step of the deployment's pipelines,
+    and a queue per handler they use (step.@<uses>: the steps of runs pinned to an older
+    pipeline); every handler's when repositories bring their own pipelines."""
+    used = sorted(handlers.names()) if repo_pipelines else catalog.handlers
+    return (*catalog.step_names, *(f"{HANDLER_QUEUE_MARK}{name}" for name in used))
+
+
 @dataclass
 class App:
     settings: Settings
-    pipeline: p.Pipeline
+    pipeline: p.Pipeline  # the default one
+    catalog: p.Catalog
     store: Store
     bus: Bus | None
     orchestrator: Orchestrator
@@ -73,7 +99,7 @@ async def open_app(settings: Settings, with_bus: bool = True,
     to declare the exchanges, and leaves the commands that operator requests and webhooks
     decide here to the orchestrator's relay (woken by NOTIFY): this process's broker user may
     not publish them."""
-    pipeline = load_pipeline(settings.pipeline)
+    catalog = load_catalog(settings)
     signer = signer_for(settings, create=True)
     store = await connect(settings.database_url)
     bus: Bus | None = None
@@ -82,23 +108,33 @@ async def open_app(settings: Settings, with_bus: bool = True,
             bus = Bus(settings.rabbitmq_url, settings.bus_prefix, signer)
             await bus.connect(declare=orchestrating, wait=True)
             if orchestrating:
-                await bus.declare_all(pipeline.step_names)
-        orchestrator = Orchestrator(store, Decider(pipeline, signer.attempt_token),
+                await bus.declare_all(served_steps(catalog, bool(catalog.repo_files)))
+        orchestrator = Orchestrator(store, deciders_for(settings, catalog, signer),
                                     bus if orchestrating else None, RepoSettings().policy)
-        yield App(settings, pipeline, store, bus, orchestrator)
+        yield App(settings, catalog.default, catalog, store, bus, orchestrator)
     finally:
         if bus is not None:
             await bus.close()
         await store.close()
 
 
+def deciders_for(settings: Settings, catalog: p.Catalog | None = None,
+                 signer: Signer | None = None) -> Deciders:
+    """Who decides each run: the pipeline it pinned (CLI actions, the orchestrator)."""
+    signer = signer or signer_for(settings)
+    return Deciders(catalog or load_catalog(settings), signer.attempt_token, handlers.names())
+
+
 def worker_problems(settings: Settings, steps: Iterable[str] | None = None) -> list[str]:
     """What stops a worker from running the steps it would serve, one line each: their
     settings (handlers.checks), the secrets they declare, the sandbox's own settings."""
-    pipeline = load_pipeline(settings.pipeline)
-    served = set(steps or pipeline.step_names)
-    unknown = sorted(served - set(pipeline.step_names))
-    found = [f"--step {name}: the pipeline {pipeline.name!r} has no such step"
+    catalog = load_catalog(settings)
+    known = served_steps(catalog, bool(catalog.repo_files))
+    served = set(steps or known)
+    by_handler = {f"{HANDLER_QUEUE_MARK}{name}" for name in handlers.names()}
+    unknown = sorted(served - set(known) - by_handler)
+    found = [f"--step {name}: no pipeline of the deployment has such a step (steps: "
+             f"{', '.join(catalog.step_names)}; @<handler> serves a repository's steps)"
              for name in unknown]
     try:
         sandbox = SandboxSettings()
@@ -106,7 +142,9 @@ def worker_problems(settings: Settings, steps: Iterable[str] | None = None) -> l
     except (ValidationError, ValueError, OSError) as exc:
         return [*found, f"sandbox settings: {_one_line(exc)}"]
     secrets = SecretSource(sandbox.secrets_dir, os.environ, scopes)
-    return found + checks.problems((s for s in pipeline.steps if s.name in served), secrets)
+    steps_of = {s.name: s for pipeline in catalog.all for s in pipeline.steps}
+    return found + checks.problems((s for name, s in steps_of.items() if name in served),
+                                   secrets)
 
 
 def _one_line(exc: Exception) -> str:
@@ -139,7 +177,8 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
             if "worker" in roles:
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)
-                await worker.start(steps or app.pipeline.step_names)
+                await worker.start(steps or served_steps(app.catalog,
+                                                         bool(app.catalog.repo_files)))
                 app.worker = worker
             if "api" in roles:
                 from cistate.adapters.http.api import make_app

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
 
@@ -22,6 +23,13 @@ class Settings(BaseSettings):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/cistate"
     rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     pipeline: Path | None = None  # None: the packaged nodejs pipeline
+    # A directory of pipeline files (*.yaml, *.yml), each with an optional `repos:` list of
+    # URL globs: a push runs the first, by file name, whose globs match its repo; a push
+    # that none match runs CISTATE_PIPELINE (or the packaged one).
+    pipelines: Path | None = None
+    # URL globs (comma-separated) of the repositories whose own .cistate/pipeline.yaml, at
+    # the pushed commit, is the pipeline of their runs; default none.
+    repo_pipelines: Annotated[list[str], NoDecode] = Field(default_factory=list)
     workdir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cistate")
     listen: str = "127.0.0.1:8080"
     bus_prefix: str = Field(default="cistate", pattern=r"^[a-zA-Z0-9_.-]{1,100}$")
@@ -50,6 +58,13 @@ class Settings(BaseSettings):
     @classmethod
     def _tokens(cls, value: str | None) -> str | None:
         parse_api_tokens(value or "")  # refuse a bad scope at start, not at the first call
+        return value
+
+    @field_validator("repo_pipelines", mode="before")
+    @classmethod
+    def _globs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("database_url")

@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "helm-release": "handlers.helm_release",
     "gitops": "handlers.gitops",
     "qa-sync": "handlers.qa_sync",
+    "repo-pipeline": "handlers.repo_pipeline",  # the built-in step reading a repo's pipeline
 }
 
 

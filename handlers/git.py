@@ -165,7 +165,42 @@ async def checkout(request: StepRequest) -> Path:
     return path
 
 
-async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) -> str:
+async def fetch(request: StepRequest) -> tuple[Path, str]:
+    """Fetch request.commit of request.repo into `<workdir>/source` without checking any of
+    it out (nothing of the pushed tree is written to disk); returns the path and full sha."""
+    validate_request(request)
+    sha = validate_commit(request.commit)
+    path = request.workdir / SOURCE_DIR
+    try:
+        full = await _fetch_commit(request, path, request.repo, sha, detach=False)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return path, full
+
+
+def read_file(path: Path, commit: str, name: str, max_bytes: int) -> tuple[str, bytes] | None:
+    """The blob id and bytes of the file `name` in `commit`'s tree, None if there is none;
+    StepFailed when it is not a regular file (a symlink is never followed) or too big."""
+    with git.Repo(path) as repo:
+        tree = repo.commit(commit).tree
+        try:
+            entry = tree / name
+        except KeyError:
+            return None
+        regular = (git.objects.Blob.file_mode, git.objects.Blob.executable_mode)
+        if entry.type != "blob" or entry.mode not in regular:
+            kind = "a symlink" if entry.mode == git.objects.Blob.link_mode else f"a {entry.type}"
+            raise StepFailed(f"{name} is {kind} in commit {commit[:12]}; it must be a regular "
+                             "file", retryable=False)
+        if entry.size > max_bytes:
+            raise StepFailed(f"{name} is {entry.size} bytes in commit {commit[:12]}; at most "
+                             f"{max_bytes} are read", retryable=False)
+        return str(entry.hexsha), bytes(entry.data_stream.read())
+
+
+async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str,
+                        detach: bool = True) -> str:
     await asyncio.to_thread(init_repo, path, url)
     where = f"repo {redact(url)}"
     if len(sha) in _FULL_SHA_LENGTHS:
@@ -194,7 +229,8 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str) ->
             "another repo?); nothing to build",
             retryable=False,
         )
-    await asyncio.to_thread(_detach, path, full)
+    if detach:
+        await asyncio.to_thread(_detach, path, full)
     return full
 
 

@@ -59,8 +59,19 @@ class SecretSource:
         self.environ = environ
         self.scopes = scopes
 
-    def resolve(self, refs: Iterable[SecretRef], *, step: str, repo: str) -> list[Secret]:
-        """The declared secrets' values, or a StepFailed naming the first that cannot be had."""
+    def resolve(self, refs: Iterable[SecretRef], *, step: str, repo: str,
+                repo_pipeline: bool = False) -> list[Secret]:
+        """The declared secrets' values, or a StepFailed naming the first that cannot be had.
+        A step of a repository's own pipeline (`repo_pipeline`) was written by whoever
+        pushed: it gets a secret only where the scopes name the repo, never by default."""
+        refs = list(refs)
+        if repo_pipeline and refs and self.scopes is None:
+            names = ", ".join(ref.name for ref in refs)
+            raise StepFailed(
+                f"step {step!r} of the repository's own pipeline declares {names}; a "
+                "repository's pipeline gets secrets only through their scopes, and "
+                "CISTATE_SECRET_SCOPES names none: scope each secret to the repos that may "
+                "use it", retryable=False)
         found = []
         for ref in refs:
             self._check_scope(ref.name, step=step, repo=repo)

@@ -25,6 +25,7 @@ import orjson
 
 class EventType(StrEnum):
     RUN_REQUESTED = "run.requested"
+    RUN_PIPELINE_PINNED = "run.pipeline_pinned"  # the repository's own pipeline, once read
     STEP_STARTED = "step.started"
     STEP_SUCCEEDED = "step.succeeded"
     STEP_FAILED = "step.failed"

@@ -160,6 +160,9 @@ class StepCommand(_Message):
     secrets: list[SecretRef] = Field(
         default_factory=list, description="the secrets the step declares (names only)")
     network: Network = "default"
+    origin: Literal["deployment", "repo"] = Field(
+        default="deployment", description="whose pipeline the step is of: the deployment's, "
+        "or the pushed repository's own (which gets secrets only through their scopes)")
 
 
 class StepResult(_Message):

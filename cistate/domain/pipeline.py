@@ -9,17 +9,26 @@ and, optionally, `finally:` steps that run once every step has ended, whatever t
 `fail_fast: true` (the default) stops the other steps when one fails. What those rules mean
 for a run is cistate.domain.graph's; the graph is built here, once, so a pipeline that cannot run
 stops start-up with its file named.
+
+A run pins its pipeline: `Pipeline.spec` is the parsed spec as plain JSON (every field, its
+defaults too, so a later cistate with other defaults decides the same) and `sha256` its hash;
+both go in the run's first event, and `from_spec` builds the same pipeline from them again.
+Which pipeline a push runs is the `Catalog`'s: the repository's own file where the deployment
+allows it (read by the built-in `pipeline` step, in a worker), else the first deployment
+pipeline whose `repos:` globs match, else the default one.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -29,6 +38,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_serializer,
     model_validator,
 )
 
@@ -38,6 +48,14 @@ from cistate.domain.messages import EnvName, Network, SecretRef
 RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
 DEFAULT_PIPELINE = "nodejs"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
+
+# The built-in first step of a run whose repository may bring its own pipeline: it reads
+# REPO_PIPELINE_FILE at the pushed commit (handlers.repo_pipeline), and what it read becomes
+# the run's pinned pipeline.
+REPO_PIPELINE_STEP = "pipeline"
+REPO_PIPELINE_HANDLER = "repo-pipeline"
+REPO_PIPELINE_FILE = ".cistate/pipeline.yaml"
+Origin = Literal["deployment", "repo"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -82,12 +100,13 @@ class Backoff(_Spec):
     max: Seconds = 300.0
     jitter: float = Field(default=0.2, ge=0.0, le=1.0)
 
-    def delay(self, failed_attempt: int, rng: random.Random | None = None) -> float:
+    def delay(self, failed_attempt: int, rng: random.Random) -> float:
         """Seconds to wait before the attempt after `failed_attempt` (1-based), jittered
-        so that runs failing together do not all retry in the same instant."""
+        (by `rng`, seeded by the caller: the domain has no unseeded randomness) so that runs
+        failing together do not all retry in the same instant."""
         base = min(self.max, self.initial * self.factor ** min(failed_attempt - 1, 100))
         spread = base * self.jitter
-        return min(self.max, max(0.0, base + (rng or random).uniform(-spread, spread)))
+        return min(self.max, max(0.0, base + rng.uniform(-spread, spread)))
 
 
 class When(_Spec):
@@ -115,6 +134,10 @@ class Step(_Spec):
     network: Network = "default"
     # the steps it waits for; None: the step before it in the file (the first: none)
     needs: Annotated[list[str], BeforeValidator(_needs_list)] | None = None
+
+    @field_serializer("retry_on")
+    def _sorted(self, value: frozenset[str]) -> list[str]:
+        return sorted(value)  # a set's order varies between processes; a pinned hash may not
 
     @model_validator(mode="after")
     def _script_needs_run(self) -> Step:
@@ -155,6 +178,8 @@ class Step(_Spec):
 
 class _PipelineSpec(_Spec):
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    # which repositories' pushes run it, as URL globs (a file in CISTATE_PIPELINES); none: any
+    repos: list[str] | None = Field(default=None, min_length=1)
     branches: list[str] | None = Field(default=None, min_length=1)
     steps: list[Step] = Field(min_length=1)
     finally_: list[Step] = Field(default_factory=list, alias="finally")
@@ -173,13 +198,42 @@ class Pipeline:
     source: str = "<memory>"
     finally_steps: tuple[str, ...] = ()
     fail_fast: bool = True
+    repos: tuple[str, ...] | None = None  # the repos whose pushes it is for (None: any)
+    # deployment: a file of the deployment's; repo: read from the pushed repository
+    origin: Origin = "deployment"
     graph: step_graph.Graph = field(init=False, repr=False, compare=False)
+    spec: Mapping[str, Any] = field(init=False, repr=False, compare=False)
+    sha256: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         final = set(self.finally_steps)
         graph = step_graph.build([s for s in self.steps if s.name not in final],
                                  [s for s in self.steps if s.name in final])
         object.__setattr__(self, "graph", graph)
+        spec = {
+            "name": self.name,
+            "repos": list(self.repos) if self.repos else None,
+            "branches": list(self.branches) if self.branches else None,
+            "steps": [_step_spec(s) for s in self.steps if s.name not in final],
+            "finally": [_step_spec(s) for s in self.steps if s.name in final],
+            "fail_fast": self.fail_fast,
+        }
+        object.__setattr__(self, "spec", spec)
+        object.__setattr__(self, "sha256", spec_sha256(spec))
+
+    def pinned(self) -> dict[str, Any]:
+        """What a run records of it: enough to decide the run with, now and after any change
+        of the deployment's files (from_spec(pinned["pipeline_spec"]) builds it again)."""
+        return {"pipeline": self.name, "pipeline_sha256": self.sha256,
+                "pipeline_source": self.source, "pipeline_origin": self.origin,
+                "pipeline_spec": dict(self.spec)}
+
+    def reading_repo_file(self) -> Pipeline:
+        """This pipeline with the built-in step that reads the repository's own pipeline
+        first: every step that would start with the run waits for it."""
+        builtin = Step(name=REPO_PIPELINE_STEP, uses=REPO_PIPELINE_HANDLER, retries=2,
+                       timeout=300.0)
+        return _with_first_step(self, builtin, self.origin, self.source)
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -197,8 +251,61 @@ class Pipeline:
     def accepts_branch(self, branch: str) -> bool:
         return self.branches is None or any(fnmatch.fnmatchcase(branch, p) for p in self.branches)
 
+    def serves_repo(self, repo: str) -> bool:
+        return self.repos is None or any(fnmatch.fnmatchcase(repo, p) for p in self.repos)
 
-def parse(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
+
+def _step_spec(step: Step) -> dict[str, Any]:
+    dumped: dict[str, Any] = step.model_dump(mode="json", by_alias=True)
+    return dumped
+
+
+def spec_sha256(spec: Mapping[str, Any]) -> str:
+    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _with_first_step(pipeline: Pipeline, first: Step, origin: Origin, source: str) -> Pipeline:
+    """`pipeline` with `first` before its steps; the steps that started with the run (the
+    first step, and any with `needs: []`) need it instead."""
+    steps: list[Step] = [first]
+    for index, step in enumerate(pipeline.steps):
+        if pipeline.is_finally(step.name):
+            steps.append(step)
+        elif index == 0 or step.needs == []:
+            steps.append(step.model_copy(update={"needs": [first.name]}))
+        else:
+            steps.append(step)
+    return Pipeline(name=pipeline.name, steps=tuple(steps), branches=pipeline.branches,
+                    source=source, finally_steps=pipeline.finally_steps,
+                    fail_fast=pipeline.fail_fast, repos=pipeline.repos, origin=origin)
+
+
+def from_spec(spec: Mapping[str, Any], source: str, origin: Origin = "deployment") -> Pipeline:
+    """The pipeline a run pinned (Pipeline.spec), built again; PipelineError if it is not a
+    valid spec (a damaged event: the chain check says more)."""
+    try:
+        parsed = _PipelineSpec.model_validate(dict(spec))
+        return _pipeline(parsed, source, origin)
+    except (ValidationError, step_graph.GraphError) as exc:
+        raise PipelineError(f"{source}: the pinned pipeline is not valid: {exc}") from None
+
+
+def _pipeline(spec: _PipelineSpec, source: str, origin: Origin) -> Pipeline:
+    return Pipeline(
+        name=spec.name,
+        steps=(*spec.steps, *spec.finally_),
+        branches=tuple(spec.branches) if spec.branches else None,
+        source=source,
+        finally_steps=tuple(step.name for step in spec.finally_),
+        fail_fast=spec.fail_fast,
+        repos=tuple(spec.repos) if spec.repos else None,
+        origin=origin,
+    )
+
+
+def parse(text: str, source: str, known_handlers: Iterable[str],
+          origin: Origin = "deployment") -> Pipeline:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -211,17 +318,86 @@ def parse(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
         raise PipelineError(_describe(exc, source, raw)) from None
     known = frozenset(known_handlers)
     _check_steps(spec.steps, spec.finally_, source, known)
+    if origin == "repo":
+        _check_repo_steps(spec, source)
     try:
-        return Pipeline(
-            name=spec.name,
-            steps=(*spec.steps, *spec.finally_),
-            branches=tuple(spec.branches) if spec.branches else None,
-            source=source,
-            finally_steps=tuple(step.name for step in spec.finally_),
-            fail_fast=spec.fail_fast,
-        )
+        return _pipeline(spec, source, origin)
     except step_graph.GraphError as exc:
         raise PipelineError(f"{source}: {exc}") from None
+
+
+def parse_repo_file(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
+    """A repository's own pipeline, as its run pins it: the built-in step that read it
+    first (succeeded by then), every step that would start with the run after it."""
+    pipeline = parse(text, source, known_handlers, origin="repo")
+    builtin = Step(name=REPO_PIPELINE_STEP, uses=REPO_PIPELINE_HANDLER, retries=2,
+                   timeout=300.0)
+    return _with_first_step(pipeline, builtin, "repo", source)
+
+
+def _check_repo_steps(spec: _PipelineSpec, source: str) -> None:
+    """What a pushed pipeline may not do: name the built-in step, say which repos it is
+    for, or set a handler's `with:` settings (where to deploy, which cluster, registry or
+    GitOps repo): those are the deployment's, from its environment, never the pusher's."""
+    if spec.repos is not None:
+        raise PipelineError(f"{source}: field 'repos': a repository's own pipeline is for "
+                            "that repository only; `repos:` is for the deployment's files")
+    steps = [("step", n, s) for n, s in enumerate(spec.steps, 1)]
+    steps += [("finally step", n, s) for n, s in enumerate(spec.finally_, 1)]
+    for kind, number, step in steps:
+        where = f"{source}: {kind} {step.name!r} (#{number})"
+        if step.name == REPO_PIPELINE_STEP:
+            raise PipelineError(f"{where}: field 'name': {step.name!r} is the built-in step "
+                                "that reads this file; choose another name")
+        if step.uses == REPO_PIPELINE_HANDLER:
+            raise PipelineError(f"{where}: field 'uses': {step.uses!r} is cistate's own")
+        if step.with_:
+            raise PipelineError(
+                f"{where}: field 'with': a repository's pipeline cannot set handler "
+                f"settings ({', '.join(sorted(step.with_))}); they are the deployment's "
+                "(CISTATE_* in its environment)")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The deployment's pipelines and which one a push runs: the repository's own file when
+    `repo_files` (CISTATE_REPO_PIPELINES globs) match its URL, else the first of `pipelines`
+    (CISTATE_PIPELINES, by file name) whose `repos:` match, else `default`."""
+
+    default: Pipeline
+    pipelines: tuple[Pipeline, ...] = ()
+    repo_files: tuple[str, ...] = ()
+
+    def choose(self, repo: str) -> Pipeline:
+        deployment = self.choose_deployment(repo)
+        return deployment.reading_repo_file() if self.reads_repo_file(repo) else deployment
+
+    def choose_deployment(self, repo: str) -> Pipeline:
+        """The deployment's pipeline for `repo` (what runs when its own file is not read)."""
+        return next((p for p in self.pipelines if p.serves_repo(repo)), self.default)
+
+    def reads_repo_file(self, repo: str) -> bool:
+        return any(fnmatch.fnmatchcase(repo, glob) for glob in self.repo_files)
+
+    @property
+    def all(self) -> tuple[Pipeline, ...]:
+        return (*self.pipelines, self.default)
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        """Every step any deployment pipeline has, each once (what a worker serves)."""
+        return tuple(dict.fromkeys(name for p in self.all for name in p.step_names))
+
+    @property
+    def served(self) -> frozenset[tuple[str, str]]:
+        """The (step, uses) pairs of the deployment's pipelines: commands of those go to the
+        queue of the step's name, any other to the queue of its handler."""
+        return frozenset((s.name, s.uses) for p in self.all for s in p.steps)
+
+    @property
+    def handlers(self) -> tuple[str, ...]:
+        """The handlers the deployment's pipelines use, each once."""
+        return tuple(dict.fromkeys(s.uses for p in self.all for s in p.steps))
 
 
 def load_default(known_handlers: Iterable[str]) -> Pipeline:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hmac
+import random
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from pydantic import BaseModel
 
 from cistate.domain import graph as step_graph
 from cistate.domain import machine as m
+from cistate.domain import pipeline as p
 from cistate.domain.events import EventType as E
 from cistate.domain.events import NewEvent, derived_id
 from cistate.domain.messages import CancelStep, Control, Push, StepCommand, StepResult
@@ -80,6 +82,9 @@ class RunState:
     ref: str = ""
     commit: str = ""
     pipeline: str = ""
+    # the pinned pipeline's hash (its spec is in the event that pinned it); None: a run
+    # recorded before runs pinned theirs, decided with the deployment's pipeline
+    pipeline_sha256: str | None = None
     # queued | running | succeeded | failed | cancelled (before step graphs: a step's name
     # for running, in rows stored then)
     machine_state: str = m.QUEUED
@@ -119,6 +124,7 @@ class RunState:
             "ref": self.ref,
             "commit": self.commit,
             "pipeline": self.pipeline,
+            "pipeline_sha256": self.pipeline_sha256,
             "state": self.status,
             "step": self.step,
             "version": self.version,
@@ -164,11 +170,20 @@ def apply(state: RunState, type_: str, data: dict[str, Any], at: datetime) -> No
 
 def _requested(s: RunState, d: dict[str, Any], at: datetime) -> None:
     s.repo, s.ref, s.commit, s.pipeline = d["repo"], d["ref"], d["commit"], d["pipeline"]
+    s.pipeline_sha256 = d.get("pipeline_sha256")
     s.push = d["push"]
     s.active = list(d["active"])
     s.steps = {name: StepState(name) for name in d["steps"]}
     s.created_at = at
     s.machine_state = m.QUEUED
+
+
+def _pinned(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    # The repository's pipeline replaces the one the run started with; the step that read
+    # it keeps its state.
+    s.pipeline, s.pipeline_sha256 = d["pipeline"], d["pipeline_sha256"]
+    s.steps = {name: s.steps.get(name) or StepState(name) for name in d["steps"]}
+    s.active = list(d["active"])
 
 
 def _started(s: RunState, d: dict[str, Any], at: datetime) -> None:
@@ -238,6 +253,7 @@ def _retried(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 _APPLY: dict[str, Any] = {
     E.RUN_REQUESTED: _requested,
+    E.RUN_PIPELINE_PINNED: _pinned,
     E.STEP_STARTED: _started,
     E.STEP_SUCCEEDED: _succeeded,
     E.STEP_FAILED: _failed,
@@ -270,6 +286,7 @@ class Decision:
     events: list[NewEvent] = field(default_factory=list)
     outgoing: list[Outgoing] = field(default_factory=list)
     ignored: str | None = None  # why nothing was recorded (a duplicate, a stale timer)
+    pinned: Decider | None = None  # the decider of the pipeline this decision pinned
 
 
 class Rejected(Exception):
@@ -298,6 +315,7 @@ def ignore_reason(push: Push, pipeline: Pipeline) -> str | None:
 
 
 AttemptTokens = Callable[[uuid.UUID, str, int], str]
+HANDLER_QUEUE_MARK = "@"  # step.@script: any step that uses script (never a step's name)
 
 
 class Decider:
@@ -309,19 +327,38 @@ class Decider:
     (pure tests of the rules) attempts have none and results are not asked for one.
 
     The machines and each step's upstream steps are worked out here, once per pipeline.
+    `known_handlers` are those a repository's own pipeline may use (its file is parsed
+    here, when the step that read it succeeds).
     """
 
-    def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None) -> None:
+    def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None,
+                 known_handlers: Iterable[str] = (),
+                 served: frozenset[tuple[str, str]] | None = None) -> None:
         self.pipeline = pipeline
         self.graph = pipeline.graph
         self.machine = m.RunMachine(pipeline)
         self.step_machine = m.StepMachine(pipeline)
         self.tokens = tokens
+        self.known_handlers = frozenset(known_handlers)
+        # (step, uses) pairs the deployment's workers serve by step name; None: all
+        self.served = served
         self.upstream = {name: tuple(step_graph.upstream(self.graph, name))
                          for name in self.graph.names}
 
     def token(self, run_id: uuid.UUID, step: str, attempt: int) -> str:
         return self.tokens(run_id, step, attempt) if self.tokens else ""
+
+    def command_key(self, step: p.Step) -> str:
+        """Where a step's command goes: a step of the deployment's pipelines to the queue of
+        its name (workers serve those, and may serve some alone: `--step`); any other (a
+        repository's own, or one that only an older pinned pipeline has) to the queue of
+        its handler, `step.@<uses>`, which every worker of that handler serves."""
+        by_handler = (self.pipeline.origin == "repo" or step.uses == p.REPO_PIPELINE_HANDLER
+                      or (self.served is not None
+                          and (step.name, step.uses) not in self.served))
+        if by_handler:
+            return f"step.{HANDLER_QUEUE_MARK}{step.uses}.run"
+        return f"step.{step.name}.run"
 
     def decide(
         self,
@@ -443,8 +480,10 @@ class _Builder:
             repo=self.run.repo, ref=self.run.ref, commit=self.run.commit,
             inputs=self.run.outputs_of(self.decider.upstream.get(name, ())),
             env=env, secrets=spec.secrets, network=spec.network,
+            origin=self.pipeline.origin,
         )
-        self.out(f"step.{name}.run", command, derived_id(self.run.id, "run", name, attempt))
+        self.out(self.decider.command_key(spec), command,
+                 derived_id(self.run.id, "run", name, attempt))
         if spec.timeout:
             timer = Control(run_id=self.run.id, action="timeout", step=name, attempt=attempt)
             self.out("control", timer, derived_id(self.run.id, "timeout", name, attempt),
@@ -569,7 +608,7 @@ class _Builder:
         self.fire(m.START)
         self.event(E.RUN_REQUESTED, {
             "repo": push.repo, "ref": push.ref, "commit": push.commit,
-            "pipeline": pipeline.name, "steps": list(pipeline.step_names), "active": active,
+            **pipeline.pinned(), "steps": list(pipeline.step_names), "active": active,
             "push": push.model_dump(mode="json", exclude_none=True),
         })
         for step in pipeline.steps:
@@ -591,6 +630,9 @@ class _Builder:
                 f"result for step {result.step!r} attempt {result.attempt} does not carry the "
                 "token of the command it claims to answer"
             )
+        if result.status == "succeeded" and self.reads_repo_file(result.step):
+            self.repo_pipeline(result)
+            return
         if result.status == "succeeded":
             self.step_to(result.step, m.SUCCEED)
             self.event(E.STEP_SUCCEEDED, {
@@ -602,6 +644,52 @@ class _Builder:
                  else {"message": "the handler reported failure without an error"})
         self.after_failure(result.step, result.attempt, E.STEP_FAILED, error,
                            kind=str(error.get("kind", "error")))
+
+    def reads_repo_file(self, name: str) -> bool:
+        return (name == p.REPO_PIPELINE_STEP and name in self.graph.needs
+                and self.pipeline.step(name).uses == p.REPO_PIPELINE_HANDLER)
+
+    def repo_pipeline(self, result: StepResult) -> None:
+        """The built-in step read the repository's pipeline file: parse it (pure), pin it,
+        and go on with its steps; a file that does not parse fails the step with its
+        error (file, step, field). No file: the deployment's pipeline goes on."""
+        name, attempt, outputs = result.step, result.attempt, result.outputs
+        if not outputs.get("found"):
+            self.step_to(name, m.SUCCEED)
+            self.event(E.STEP_SUCCEEDED, {"step": name, "attempt": attempt,
+                                          "outputs": outputs}, attempt=attempt)
+            self.advance()
+            return
+        path = str(outputs.get("path") or p.REPO_PIPELINE_FILE)
+        source = f"{path} at {self.run.commit[:12]}"
+        try:
+            pipeline = p.parse_repo_file(str(outputs.get("text", "")), source,
+                                         self.decider.known_handlers)
+        except p.PipelineError as exc:
+            error = {"message": str(exc), "kind": "pipeline", "retryable": False}
+            self.after_failure(name, attempt, E.STEP_FAILED, error, kind="pipeline")
+            return
+        self.step_to(name, m.SUCCEED)
+        kept = {key: value for key, value in outputs.items() if key != "text"}
+        self.event(E.STEP_SUCCEEDED, {"step": name, "attempt": attempt, "outputs": {
+            **kept, "pipeline_sha256": pipeline.sha256}}, attempt=attempt)
+        branch = Push.model_validate(self.run.push).branch
+        active = ([s.name for s in pipeline.steps if s.runs_on(branch)]
+                  if branch is not None and pipeline.accepts_branch(branch) else [name])
+        self.event(E.RUN_PIPELINE_PINNED, {**pipeline.pinned(),
+                                           "steps": list(pipeline.step_names),
+                                           "active": active})
+        decider = Decider(pipeline, self.decider.tokens, self.decider.known_handlers,
+                          self.decider.served)
+        self.decider, self.pipeline, self.graph = decider, pipeline, pipeline.graph
+        self.decision.pinned = decider
+        for step in pipeline.steps:
+            if step.name not in active:
+                reason = (step.skip_reason(branch) if branch is not None
+                          and pipeline.accepts_branch(branch)
+                          else f"branch {branch!r} is outside {path}'s branch filter")
+                self.skip(step.name, reason)
+        self.advance()
 
     def timeout(self, timer: Control) -> None:
         if timer.step is None or timer.attempt is None:
@@ -633,7 +721,9 @@ class _Builder:
         dest = self.step_to(step, trigger, m.Situation(retry_left=retry_left))
         self.event(type_, {"step": step, "attempt": attempt, "error": error}, attempt=attempt)
         if dest == RETRYING:
-            delay = spec.backoff.delay(attempt)
+            # jitter seeded from the attempt: the same decision every time it is made
+            seed = str(derived_id(self.run.id, "backoff", step, attempt))
+            delay = spec.backoff.delay(attempt, random.Random(seed))  # noqa: S311 (jitter)
             due = self.now + timedelta(seconds=delay)
             self.event(E.STEP_RETRY_SCHEDULED, {
                 "step": step, "attempt": attempt + 1, "delay": round(delay, 3),

@@ -37,6 +37,7 @@ from cistate.domain.messages import (
     outputs_size,
 )
 from cistate.domain.repos import RepoPolicy
+from cistate.service.deciders import Deciders
 
 log = structlog.get_logger("cistate.orchestrator")
 
@@ -87,10 +88,11 @@ def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
 
 
 class Orchestrator:
-    def __init__(self, store: Store, decider: r.Decider, bus: Bus | None = None,
+    def __init__(self, store: Store, deciders: Deciders | r.Decider, bus: Bus | None = None,
                  repos: RepoPolicy | None = None) -> None:
         self.store = store
-        self.decider = decider
+        # each run is decided with the pipeline it pinned (a lone Decider: one for all)
+        self.deciders = deciders if isinstance(deciders, Deciders) else Deciders.of(deciders)
         self.bus = bus
         self.repos = repos or RepoPolicy()
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
@@ -162,7 +164,7 @@ class Orchestrator:
             refused = self.repos.problem(message.repo)
             if refused is not None:
                 raise Unprocessable(refused)
-            reason = r.ignore_reason(message, self.decider.pipeline)
+            reason = r.ignore_reason(message, self.deciders.for_push(message.repo).pipeline)
             if reason is not None:
                 return Outcome(run_id, "ignored", reason)
         # One decision at a time per run in this process (other processes: Conflict).
@@ -193,13 +195,16 @@ class Orchestrator:
                 raise Unprocessable(f"no run {run_id}")
             now = datetime.now(UTC)
             status = "recorded"
+            decider = (self.deciders.for_push(message.repo)
+                       if isinstance(message, Push) and not state.exists
+                       else await self.deciders.for_run(state, self.store))
             try:
-                decision = self.decider.decide(state, message, message_id, now, actor)
+                decision = decider.decide(state, message, message_id, now, actor)
             except r.Rejected as exc:
                 if not record_rejection:
                     return Outcome(run_id, "rejected", exc.reason, state)
                 status = "rejected"
-                decision = self.decider.rejection(
+                decision = decider.rejection(
                     state, message_id, _kind(message), _rejected_body(message), exc.reason,
                     actor)
             if decision.ignored:
@@ -223,6 +228,8 @@ class Orchestrator:
                 self._cache.pop(run_id, None)
                 raise
             self._remember(state)
+            if decision.pinned is not None and state.pipeline_sha256 is not None:
+                self.deciders.remember(state.pipeline_sha256, decision.pinned)
             await self._publish(rows)
             return Outcome(run_id, status, decision.events[-1].type, state)
         raise RuntimeError(f"run {run_id}: gave up after {MAX_CONFLICT_RETRIES} conflicts")

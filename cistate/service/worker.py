@@ -163,7 +163,8 @@ class Worker:
         failure: StepFailed | None = None
         try:
             secrets = self.secrets.resolve(command.secrets, step=command.step,
-                                           repo=command.repo)
+                                           repo=command.repo,
+                                           repo_pipeline=command.origin == "repo")
         except StepFailed as exc:
             failure = exc  # before anything runs
         masker = Masker([*(secret.value for secret in secrets), *self.own_credentials])

@@ -83,6 +83,8 @@ class Harness:
         for event in decision.events:
             r.apply(self.state, event.type, event.data, self.now)
             self.log.append((str(event.type), event.data, self.now))
+        if decision.pinned is not None:  # as the orchestrator: the run's pipeline from now on
+            self.decider = decision.pinned
 
     def reject(self, message: StepResult | Control, message_id: uuid.UUID | None = None,
                actor: str = "system") -> r.Decision:

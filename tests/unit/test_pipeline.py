@@ -240,13 +240,13 @@ def test_pipeline_branch_filter() -> None:
 
 def test_backoff_grows_exponentially_without_jitter() -> None:
     backoff = Backoff(initial=2, factor=3, max=1000, jitter=0)
-    assert [backoff.delay(n) for n in range(1, 6)] == [2, 6, 18, 54, 162]
+    assert [backoff.delay(n, random.Random(0)) for n in range(1, 6)] == [2, 6, 18, 54, 162]
 
 
 def test_backoff_is_capped_at_max() -> None:
     backoff = Backoff(initial=1, factor=2, max=10, jitter=0)
-    assert [backoff.delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 10, 10, 10]
-    assert Backoff(jitter=0).delay(50) == 300  # the default cap
+    assert [backoff.delay(n, random.Random(0)) for n in range(1, 8)] == [1, 2, 4, 8, 10, 10, 10]
+    assert Backoff(jitter=0).delay(50, random.Random(0)) == 300  # the default cap
 
 
 def test_backoff_jitter_stays_within_bounds_and_spreads() -> None:

@@ -135,6 +135,9 @@ def test_push_on_main_opens_run_and_starts_setup(h: Harness) -> None:
         "steps": STEPS, "active": STEPS,
         "push": {"repo": REPO, "ref": "refs/heads/main", "commit": SHA, "pusher": "dev",
                  "provider": "github"},
+        # the run pins its pipeline: the whole spec, its hash, where it came from
+        "pipeline_sha256": PIPELINE.sha256, "pipeline_source": PIPELINE.source,
+        "pipeline_origin": "deployment", "pipeline_spec": dict(PIPELINE.spec),
     }
     for event in decision.events:
         assert event.meta["causation_id"] == str(message_id)

@@ -27,7 +27,7 @@ from cistate.adapters.postgres.store import EventQuery, RunCheck, RunQuery, Veri
 from cistate.config import ROLES, ConfigError, Settings, redact
 from cistate.domain.messages import MESSAGE_MODELS, Push, message_uuid
 from cistate.domain.pipeline import PipelineError
-from cistate.domain.run import Decider, RunState, run_id_for
+from cistate.domain.run import RunState, run_id_for
 
 if TYPE_CHECKING:
     from cistate.service.orchestrator import Orchestrator, Outcome
@@ -348,6 +348,9 @@ def runs_show(
         return
     out.print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
               f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
+    pinned = (f" (pinned {state.pipeline_sha256[:12]})" if state.pipeline_sha256
+              else " (not pinned: recorded before runs pinned their pipeline)")
+    out.print(f"pipeline {state.pipeline}{pinned}", highlight=False)
     table = Table("step", "state", "attempts", "outputs / error", "started", "finished")
     for step in state.steps.values():
         detail = (step.error or {}).get("message", "") if step.error else (
@@ -400,12 +403,11 @@ def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any
     s = settings()
 
     async def go() -> Outcome:
-        pipeline = wiring.load_pipeline(s.pipeline)
+        deciders = wiring.deciders_for(s)  # each run is decided with its pinned pipeline
         store = await connect(s.database_url, min_size=1, max_size=2)
         try:
             # No bus here: the outbox rows this writes are published by a running relay.
-            decider = Decider(pipeline, wiring.signer_for(s).attempt_token)
-            return await action(Orchestrator(store, decider, bus=None), run_id)
+            return await action(Orchestrator(store, deciders, bus=None), run_id)
         finally:
             await store.close()
 
@@ -605,14 +607,15 @@ def graph(
         "--machines", help="Draw the run's and a step's state machines instead.")] = False,
 ) -> None:
     """The pipeline's steps and their needs as a Mermaid flowchart (finally steps dotted
-    after the last steps); with RUN, each step's state in that run."""
+    after the last steps); with RUN, the pipeline that run pinned, each step in its state."""
     from cistate import bootstrap as wiring
     from cistate.domain import graph as step_graph
 
     s = settings()
     try:
         pipeline = wiring.load_pipeline(s.pipeline)
-    except PipelineError as exc:
+        deciders = wiring.deciders_for(s) if run is not None else None
+    except (PipelineError, ConfigError, ValueError) as exc:
         fail(str(exc), 2)
     if machines:
         from cistate.domain.machine import RunMachine, StepMachine
@@ -623,12 +626,16 @@ def graph(
     states: dict[str, str] | None = None
     if run is not None:
         run_id = parse_run_id(run)
-        state = _with_store(lambda st: st.load(run_id))
+        assert deciders is not None
+
+        async def pinned(st: Any) -> tuple[Any, Any]:
+            found = await st.load(run_id)
+            return found, (await deciders.for_run(found, st) if found is not None else None)
+
+        state, decider = _with_store(pinned)
         if state is None:
             fail(f"no run {run_id}")
-        if state.pipeline != pipeline.name:
-            typer.echo(f"run {run_id} ran pipeline {state.pipeline!r}; drawn on this "
-                       f"deployment's {pipeline.name!r}", err=True)
+        pipeline = decider.pipeline
         states = {name: step.state for name, step in state.steps.items()}
     typer.echo(step_graph.mermaid(pipeline.graph, states), nl=False)
 

@@ -278,7 +278,7 @@ class Store:
 
     async def _append_all(self, items: Sequence[Append]) -> list[list[OutboxRow]]:
         ev: list[list[Any]] = [[], [], [], [], [], [], []]
-        runs: list[list[Any]] = [[] for _ in range(14)]
+        runs: list[list[Any]] = [[] for _ in range(15)]
         logs: list[list[Any]] = [[], [], [], []]
         out: list[list[Any]] = [[], [], [], []]
         bodies: list[list[dict[str, Any]]] = []
@@ -352,6 +352,15 @@ class Store:
         """The run's state from its projection row (a snapshot kept with every append)."""
         record = await self.pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
         return _state_from_row(record) if record else None
+
+    async def pinned_pipeline(self, run_id: uuid.UUID, sha256: str) -> dict[str, Any] | None:
+        """The event data that pinned the run's pipeline of hash `sha256` (its
+        pipeline_spec, pipeline_source, pipeline_origin), or None."""
+        data: dict[str, Any] | None = await self.pool.fetchval(
+            "SELECT data FROM events WHERE run_id = $1 AND type = ANY($2::text[])"
+            " AND data->>'pipeline_sha256' = $3 ORDER BY seq DESC LIMIT 1",
+            run_id, ["run.requested", "run.pipeline_pinned"], sha256)
+        return data
 
     async def events(self, run_id: uuid.UUID, upto_seq: int | None = None,
                      after_seq: int = 0) -> list[Event]:
@@ -624,25 +633,26 @@ def _broken_chain(mismatched: list[int] | None, n: int, first: int, last: int) -
 _FIX_RUNS_SQL = """
 WITH f AS (
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
-         active::jsonb, push::jsonb, version, created_at, updated_at
+         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256
   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
               $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
-              $13::timestamptz[], $14::timestamptz[])
+              $13::timestamptz[], $14::timestamptz[], $15::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at))
+         version, created_at, updated_at, pipeline_sha256))
 INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps, active,
-                  push, version, created_at, updated_at)
+                  push, version, created_at, updated_at, pipeline_sha256)
 SELECT f.* FROM f LEFT JOIN runs r ON r.id = f.id
 WHERE r.id IS NULL OR (r.version <= f.version AND
   (r.repo, r.ref, r.commit, r.pipeline, r.state, r.step, r.machine_state, r.steps, r.active,
-   r.push, r.version, r.created_at, r.updated_at) IS DISTINCT FROM
+   r.push, r.version, r.created_at, r.updated_at, r.pipeline_sha256) IS DISTINCT FROM
   (f.repo, f.ref, f.commit, f.pipeline, f.state, f.step, f.machine_state, f.steps, f.active,
-   f.push, f.version, f.created_at, f.updated_at))
+   f.push, f.version, f.created_at, f.updated_at, f.pipeline_sha256))
 ON CONFLICT (id) DO UPDATE SET repo = EXCLUDED.repo, ref = EXCLUDED.ref,
   commit = EXCLUDED.commit, pipeline = EXCLUDED.pipeline, state = EXCLUDED.state,
   step = EXCLUDED.step, machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
   active = EXCLUDED.active, push = EXCLUDED.push, version = EXCLUDED.version,
-  created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at
+  created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
+  pipeline_sha256 = EXCLUDED.pipeline_sha256
 WHERE runs.version <= EXCLUDED.version
 RETURNING id
 """
@@ -653,11 +663,11 @@ def _run_row(s: RunState) -> tuple[Any, ...]:
     jsonb columns as JSON text)."""
     return (s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
             dumps([st.to_json() for st in s.steps.values()]), dumps(s.active), dumps(s.push),
-            s.version, s.created_at, s.updated_at)
+            s.version, s.created_at, s.updated_at, s.pipeline_sha256)
 
 
-_SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, state, step, machine_state, active, push,"
-                    " version, created_at, updated_at")
+_SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, pipeline_sha256, state, step,"
+                    " machine_state, active, push, version, created_at, updated_at")
 
 # Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
 # runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
@@ -690,24 +700,27 @@ WITH RECURSIVE new AS (
   SELECT run_id, seq, type, data, meta, message_id, recorded_at, hash FROM chain ORDER BY i
 ), run AS (
   INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
-                    active, push, version, created_at, updated_at)
+                    active, push, version, created_at, updated_at, pipeline_sha256)
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
-         active::jsonb, push::jsonb, version, created_at, updated_at
+         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256
   FROM unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int[],
-              $20::timestamptz[], $21::timestamptz[])
+              $20::timestamptz[], $21::timestamptz[], $22::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at)
+         version, created_at, updated_at, pipeline_sha256)
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, step = EXCLUDED.step,
     machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
-    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
+    -- a repository's pipeline, once read, pins the run anew (run.pipeline_pinned)
+    pipeline = EXCLUDED.pipeline, pipeline_sha256 = EXCLUDED.pipeline_sha256,
+    active = EXCLUDED.active
 ), lg AS (
   INSERT INTO step_logs (run_id, step, attempt, log)
-  SELECT * FROM unnest($22::uuid[], $23::text[], $24::int[], $25::text[])
+  SELECT * FROM unnest($23::uuid[], $24::text[], $25::int[], $26::text[])
   ON CONFLICT DO NOTHING
 )
 INSERT INTO outbox (message_id, routing_key, body, not_before)
-SELECT * FROM unnest($26::uuid[], $27::text[], $28::jsonb[], $29::timestamptz[])
+SELECT * FROM unnest($27::uuid[], $28::text[], $29::jsonb[], $30::timestamptz[])
 RETURNING id, message_id
 """
 
@@ -719,6 +732,7 @@ def _state_from_row(r: asyncpg.Record) -> RunState:
         machine_state=r["machine_state"], step=r["step"],
         steps={s.name: s for s in steps}, active=list(r["active"]), push=r["push"],
         version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
+        pipeline_sha256=r.get("pipeline_sha256"),
     )
 
 
