@@ -36,37 +36,21 @@ import difflib
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Protocol
 
+from cistate.domain.status import (
+    BLOCKING,
+    ENDED,
+    FAILURES,
+    LIVE,
+    SATISFIED,
+    Outcome,
+    StepStatus,
+)
 
-class StepStatus(StrEnum):
-    """A step's state within a run; spelled as cistate.domain.run's step states and events."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    RETRYING = "retrying"  # an attempt failed and another one is scheduled
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # the last attempt failed: no retry is left
-    TIMED_OUT = "timed_out"
-    SKIPPED = "skipped"
-    CANCELLED = "cancelled"
-
-
-class Outcome(StrEnum):
-    """How a run ended; spelled as cistate.domain.machine's terminal run states."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+__all__ = ["BLOCKING", "ENDED", "FAILURES", "LIVE", "SATISFIED", "Outcome", "StepStatus"]
 
 
-LIVE = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
-ENDED = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT,
-                   StepStatus.SKIPPED, StepStatus.CANCELLED})
-SATISFIED = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})  # ended well
-FAILURES = frozenset({StepStatus.FAILED, StepStatus.TIMED_OUT})
-BLOCKING = FAILURES | {StepStatus.CANCELLED}  # dependents can never start
 
 
 class GraphError(ValueError):

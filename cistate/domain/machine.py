@@ -21,21 +21,18 @@ from typing import Any
 
 from transitions import Machine, MachineError
 
-from cistate.domain.graph import Outcome, StepStatus
 from cistate.domain.pipeline import Pipeline
+from cistate.domain.status import RUN_STATES, RunStatus, StepStatus
 
-# the run's states
-QUEUED, RUNNING = "queued", "running"
-SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
-TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-RUN_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-# a step's states, as plain strings (cistate.domain.graph.StepStatus spells them)
-PENDING, STEP_RUNNING, RETRYING = "pending", "running", "retrying"
-TIMED_OUT, SKIPPED = "timed_out", "skipped"
+# the run's states, as the plain strings the machines take (cistate.domain.status names them)
+QUEUED, RUNNING = RunStatus.QUEUED.value, RunStatus.RUNNING.value
+SUCCEEDED, FAILED = RunStatus.SUCCEEDED.value, RunStatus.FAILED.value
+CANCELLED = RunStatus.CANCELLED.value
+# a step's states, likewise
+PENDING, STEP_RUNNING = StepStatus.PENDING.value, StepStatus.RUNNING.value
+RETRYING, TIMED_OUT = StepStatus.RETRYING.value, StepStatus.TIMED_OUT.value
+SKIPPED = StepStatus.SKIPPED.value
 STEP_STATES = tuple(status.value for status in StepStatus)
-assert {o.value for o in Outcome} == {SUCCEEDED, FAILED, CANCELLED}
-assert set(STEP_STATES) == {PENDING, STEP_RUNNING, RETRYING, SUCCEEDED, FAILED, TIMED_OUT,
-                            SKIPPED, CANCELLED}
 
 # the run's triggers
 START = "start"  # the run opens: queued -> running

@@ -44,8 +44,10 @@ from pydantic import (
 
 from cistate.domain import graph as step_graph
 from cistate.domain.messages import EnvName, Network, SecretRef
+from cistate.domain.status import RUN_STATES
 
-RESERVED_STATES = frozenset({"queued", "succeeded", "failed", "cancelled"})
+# a step may not be named like a run's state (older runs named the running step as theirs)
+RESERVED_STATES = frozenset(RUN_STATES) - {"running"}
 DEFAULT_PIPELINE = "nodejs"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 

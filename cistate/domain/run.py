@@ -31,10 +31,13 @@ from cistate.domain.events import EventType as E
 from cistate.domain.events import NewEvent, derived_id
 from cistate.domain.messages import CancelStep, Control, Push, StepCommand, StepResult
 from cistate.domain.pipeline import Pipeline
+from cistate.domain.status import TERMINAL, StepStatus
 
-# A step's own states (cistate.domain.graph.StepStatus; the run's are cistate.domain.machine's).
-PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
-RETRYING, TIMED_OUT, SKIPPED, CANCELLED = "retrying", "timed_out", "skipped", "cancelled"
+# A step's own states, as plain strings (cistate.domain.status names every state).
+PENDING, RUNNING = StepStatus.PENDING.value, StepStatus.RUNNING.value
+SUCCEEDED, FAILED = StepStatus.SUCCEEDED.value, StepStatus.FAILED.value
+RETRYING, TIMED_OUT = StepStatus.RETRYING.value, StepStatus.TIMED_OUT.value
+SKIPPED, CANCELLED = StepStatus.SKIPPED.value, StepStatus.CANCELLED.value
 LIVE = frozenset({RUNNING, RETRYING})
 
 # what a finally step's processes are told about the run so far
@@ -99,7 +102,7 @@ class RunState:
     @property
     def status(self) -> str:
         """queued | running | succeeded | failed | cancelled"""
-        if self.machine_state in m.TERMINAL or self.machine_state == m.QUEUED:
+        if self.machine_state in TERMINAL or self.machine_state == m.QUEUED:
             return self.machine_state
         return "running"
 

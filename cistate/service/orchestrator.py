@@ -37,6 +37,7 @@ from cistate.domain.messages import (
     outputs_size,
 )
 from cistate.domain.repos import RepoPolicy
+from cistate.domain.status import TERMINAL
 from cistate.service.deciders import Deciders
 
 log = structlog.get_logger("cistate.orchestrator")
@@ -242,7 +243,7 @@ class Orchestrator:
         return stored if stored is not None else r.RunState(id=run_id)
 
     def _remember(self, state: r.RunState) -> None:
-        if state.status in ("succeeded", "failed", "cancelled"):
+        if state.status in TERMINAL:
             self._cache.pop(state.id, None)  # terminal runs only change by operator request
             return
         self._cache[state.id] = state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cistate.domain import machine as m
+from cistate.domain.status import TERMINAL
 
 from ._support import default_pipeline
 
@@ -28,7 +29,7 @@ def step() -> m.StepMachine:
 
 def test_a_run_is_queued_running_or_ended_whatever_its_steps(run: m.RunMachine) -> None:
     assert run.states == ["queued", "running", "succeeded", "failed", "cancelled"]
-    assert {"succeeded", "failed", "cancelled"} == m.TERMINAL
+    assert {"succeeded", "failed", "cancelled"} == TERMINAL
     assert not set(PIPELINE.step_names) & set(run.states)
 
 
@@ -143,7 +144,7 @@ def test_transitions_list_every_edge(run: m.RunMachine, step: m.StepMachine) -> 
     assert ("start", "queued", "running") in edges
     assert ("finish", "running", "cancelled") in edges
     assert ("retry", "failed", "running") in edges
-    assert not any(source in m.TERMINAL and trigger != "retry" for trigger, source, _ in edges)
+    assert not any(source in TERMINAL and trigger != "retry" for trigger, source, _ in edges)
     assert not any(source == "succeeded" for _, source, _ in edges)
     step_edges = set(step.transitions())
     assert ("fail", "running", "retrying") in step_edges

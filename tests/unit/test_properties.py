@@ -27,6 +27,7 @@ from cistate.domain import machine as m
 from cistate.domain import run as r
 from cistate.domain.messages import Control, Push, StepCommand, StepError, StepResult
 from cistate.domain.pipeline import Pipeline, parse
+from cistate.domain.status import TERMINAL
 
 from ._support import Harness, push
 
@@ -155,7 +156,7 @@ def _check_invariants(h: Harness) -> None:
     live = _live(h)
     if s.status == "running":
         assert live, "a running run has a step that runs or waits for its retry"
-    if s.status in m.TERMINAL:
+    if s.status in TERMINAL:
         assert not live
         assert not any(step.state == r.PENDING for step in s.steps.values())
     if not s.exists:
@@ -329,7 +330,7 @@ def test_any_order_of_results_ends_every_run_of_any_graph(
         pytest.fail(f"the run did not end: {h.state.to_json()}")
 
     s = h.state
-    assert s.status in m.TERMINAL, s.to_json()
+    assert s.status in TERMINAL, s.to_json()
     assert all(step.state in step_graph.ENDED for step in s.steps.values())
     assert [e for e, _, _ in h.log].count(f"run.{s.status}") == 1
     starts = [d for e, d, _ in h.log if e == "step.started"]

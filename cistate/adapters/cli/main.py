@@ -28,6 +28,7 @@ from cistate.config import ROLES, ConfigError, Settings, redact
 from cistate.domain.messages import MESSAGE_MODELS, Push, message_uuid
 from cistate.domain.pipeline import PipelineError
 from cistate.domain.run import RunState, run_id_for
+from cistate.domain.status import TERMINAL
 
 if TYPE_CHECKING:
     from cistate.service.orchestrator import Orchestrator, Outcome
@@ -472,7 +473,7 @@ def runs_watch(
             if state is None:
                 fail(f"no run {run_id}")
             with Live(_run_table(state), console=out, auto_refresh=False) as live:
-                while state.status not in ("succeeded", "failed", "cancelled"):
+                while state.status not in TERMINAL:
                     await asyncio.sleep(interval)
                     state = await store.load(run_id) or state
                     live.update(_run_table(state), refresh=True)

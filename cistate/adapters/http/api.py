@@ -25,6 +25,7 @@ from cistate.adapters.postgres.store import EventQuery, RunQuery, Store
 from cistate.adapters.rabbitmq.bus import Bus
 from cistate.config import Settings
 from cistate.domain.messages import Control, ControlAction, message_uuid
+from cistate.domain.status import RUN_STATES, TERMINAL
 from cistate.service.metrics import CONTENT_TYPE, Counts, exposition
 from cistate.service.orchestrator import Orchestrator, Outcome, Unprocessable
 from cistate.service.worker import Worker
@@ -49,7 +50,6 @@ APP_KEY: web.AppKey[App] = web.AppKey("cistate", App)
 ACTOR_KEY: web.RequestKey[str] = web.RequestKey("cistate.actor", str)
 MAX_BODY = 1 << 20
 STREAM_POLL_SECONDS = 0.25
-RUN_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 MAX_SEQ = 2**31 - 1  # events.seq is an integer
 MAX_POSITION = 2**63 - 1  # events.position is a bigint
 
@@ -269,7 +269,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
                 .encode())
             seen = event.seq
         state = await app.store.load(run_id)
-        if state is not None and state.status in ("succeeded", "failed", "cancelled") \
+        if state is not None and state.status in TERMINAL \
                 and state.version <= seen:
             await response.write(f"event: end\ndata: {json.dumps(state.to_json())}\n\n".encode())
             break
