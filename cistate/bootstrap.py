@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import structlog
@@ -19,9 +20,8 @@ import handlers
 from cistate.adapters.postgres.store import Store, connect
 from cistate.adapters.rabbitmq.bus import Bus
 from cistate.adapters.rabbitmq.signing import Signer, load_key
-from cistate.config import ConfigError, Settings
+from cistate.config import ConfigError, RepoSettings, Settings
 from cistate.domain import pipeline as p
-from cistate.domain.repos import RepoSettings
 from cistate.domain.run import HANDLER_QUEUE_MARK
 from cistate.service.deciders import Deciders
 from cistate.service.orchestrator import Orchestrator
@@ -35,9 +35,16 @@ log = structlog.get_logger("cistate")
 
 
 
+def load_default(known_handlers: Iterable[str]) -> p.Pipeline:
+    """The packaged pipeline (cistate/pipelines/nodejs.yaml)."""
+    path = resources.files("cistate") / "pipelines" / f"{p.DEFAULT_PIPELINE}.yaml"
+    return p.parse(path.read_text(encoding="utf-8"), f"<packaged {p.DEFAULT_PIPELINE}.yaml>",
+                   known_handlers)
+
+
 def load_pipeline(path: Path | None) -> p.Pipeline:
     if path is None:
-        return p.load_default(handlers.names())
+        return load_default(handlers.names())
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cistate.domain.repos import RepoPolicy
+
 ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
 
 
@@ -137,3 +139,23 @@ def redact(url: str) -> str:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RepoSettings(BaseSettings):
+    """CISTATE_ALLOW_LOCAL_REPOS and CISTATE_REPO_ALLOW (comma-separated URL globs)."""
+
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
+
+    allow_local_repos: bool = False
+    repo_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("repo_allow", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def policy(self) -> RepoPolicy:
+        return RepoPolicy(self.allow_local_repos, tuple(self.repo_allow))

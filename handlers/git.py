@@ -20,7 +20,7 @@ from pathlib import Path
 
 import git
 
-from cistate.domain.repos import RepoSettings
+from cistate.config import RepoSettings
 from handlers import process
 from handlers.base import StepFailed, StepRequest
 

@@ -27,7 +27,6 @@ import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -400,12 +399,6 @@ class Catalog:
     def handlers(self) -> tuple[str, ...]:
         """The handlers the deployment's pipelines use, each once."""
         return tuple(dict.fromkeys(s.uses for p in self.all for s in p.steps))
-
-
-def load_default(known_handlers: Iterable[str]) -> Pipeline:
-    path = resources.files("cistate") / "pipelines" / f"{DEFAULT_PIPELINE}.yaml"
-    return parse(path.read_text(encoding="utf-8"), f"<packaged {DEFAULT_PIPELINE}.yaml>",
-                 known_handlers)
 
 
 def _check_steps(steps: Sequence[Step], finally_steps: Sequence[Step], source: str,

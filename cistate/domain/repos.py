@@ -14,10 +14,6 @@ import fnmatch
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
-
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REMOTE_SCHEMES = ("https://", "http://", "ssh://", "git://")
 _SCP_STYLE = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9.-]+:(?!//)[^\s]+$")
@@ -53,23 +49,3 @@ class RepoPolicy:
                     "CISTATE_ALLOW_LOCAL_REPOS=1 or CISTATE_REPO_ALLOW names it")
         return (f"repo URL {shown!r} has a scheme cistate does not clone from "
                 f"(use {', '.join(REMOTE_SCHEMES)} or user@host:path)")
-
-
-class RepoSettings(BaseSettings):
-    """CISTATE_ALLOW_LOCAL_REPOS and CISTATE_REPO_ALLOW (comma-separated URL globs)."""
-
-    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
-
-    allow_local_repos: bool = False
-    repo_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("repo_allow", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @property
-    def policy(self) -> RepoPolicy:
-        return RepoPolicy(self.allow_local_repos, tuple(self.repo_allow))

@@ -12,9 +12,10 @@ from typing import Any
 
 import yaml
 
+from cistate.bootstrap import load_default
 from cistate.domain import run as r
 from cistate.domain.messages import Control, Push, StepError, StepResult
-from cistate.domain.pipeline import Pipeline, load_default
+from cistate.domain.pipeline import Pipeline
 
 NOW = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 SHA = "0123456789abcdef0123456789abcdef01234567"

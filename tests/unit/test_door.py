@@ -12,8 +12,9 @@ import asyncpg
 import pytest
 
 from cistate.adapters.postgres.store import Append, OutboxRow
+from cistate.config import RepoSettings
 from cistate.domain.messages import storable_problem
-from cistate.domain.repos import RepoPolicy, RepoSettings
+from cistate.domain.repos import RepoPolicy
 from cistate.service.orchestrator import GroupCommit
 
 pytestmark = pytest.mark.unit

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
+from cistate.bootstrap import load_default
 from cistate.domain.pipeline import (
     Backoff,
     PipelineError,
     Step,
     When,
-    load_default,
     parse,
     parse_duration,
 )

@@ -841,7 +841,7 @@ def test_run_state_json_shape(h: Harness) -> None:
 
 
 def test_disabled_step_is_skipped_by_every_run() -> None:
-    from cistate.domain.pipeline import load_default
+    from cistate.bootstrap import load_default
     from tests.unit._support import default_handler_names
 
     packaged = load_default(default_handler_names())
