@@ -144,6 +144,16 @@ class StepLog:
             self._file.close()
 
 
+class StepSkipped(Exception):
+    """The step has nothing to do, and doing nothing is right (a GitOps folder that already
+    holds a newer version): it ends `skipped` with the reason, and the run goes on."""
+
+    def __init__(self, reason: str, outputs: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.outputs = outputs or {}
+
+
 class StepFailed(Exception):
     """A step failed in a way a person can act on.
 

@@ -20,6 +20,10 @@ Outputs:
 - `commit`: the GitOps branch's commit that has the change (the new one, or the existing head)
 - `changed`: whether this step made that commit
 - skipped (helm-release released nothing): `commit` null, `changed` false, `skipped_reason`
+
+QA never moves backwards: when the app folder already holds a newer version of the chart
+(an older run's gitops step after a newer one's), the step ends `skipped`, naming both
+versions, and the run does not fail.
 """
 
 from __future__ import annotations
@@ -33,11 +37,33 @@ import git as gitpython
 import yaml
 
 from handlers import git
-from handlers.base import StepFailed, StepRequest
+from handlers.base import StepFailed, StepRequest, StepSkipped
 from handlers.cd_settings import DeliverySettings, for_request
 from handlers.helm import dump_yaml, refuse_links_out
 
 CLONE_DIR = "gitops"
+
+
+def held_version(directory: Path, chart: str, yaml_name: str) -> str | None:
+    """The version of `chart` the app folder's requirements hold now, if any."""
+    try:
+        data = yaml.safe_load((directory / yaml_name).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    deps = data.get("dependencies") if isinstance(data, dict) else None
+    for dep in deps if isinstance(deps, list) else []:
+        if isinstance(dep, dict) and dep.get("name") == chart and dep.get("version"):
+            return str(dep["version"])
+    return None
+
+
+def moves_backwards(held: str | None, version: str) -> bool:
+    """Would writing `version` replace a newer one? Only versions that are both X.Y.Z are
+    compared (what helm-release releases); anything else is written as before."""
+    if held is None:
+        return False
+    old, new = git.parse_version(held), git.parse_version(version)
+    return old is not None and new is not None and new < old
 
 
 def update_app_dir(
@@ -135,6 +161,15 @@ async def _publish(
         await git.run_git(request, path, "clean", "-q", "-fdx")
         staged = await asyncio.to_thread(_write_targets, path, subdir, settings.gitops_yaml,
                                          where)
+        held = await asyncio.to_thread(held_version, path / subdir, chart, settings.gitops_yaml)
+        if moves_backwards(held, version):
+            # a newer run released first (runs of one branch race): QA keeps the newer one
+            head = await git.head_sha(path)
+            raise StepSkipped(
+                f"{where} {branch} already holds {chart} {held}, newer than {version}: "
+                "QA is not moved backwards",
+                outputs={"commit": head, "changed": False, "held_version": held,
+                         "version": version})
         await asyncio.to_thread(
             update_app_dir,
             path / subdir,

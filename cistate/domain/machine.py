@@ -164,7 +164,8 @@ class StepMachine(_Judge):
             self._add(trigger, STEP_RUNNING, RETRYING, conditions=[_retry_left])
             self._add(trigger, STEP_RUNNING, ended, unless=[_retry_left])
         self._add(CANCEL, [STEP_RUNNING, RETRYING], CANCELLED)
-        self._add(SKIP, PENDING, SKIPPED)
+        self._add(SKIP, PENDING, SKIPPED)  # the run's rules: when:, needs that cannot run
+        self._add(SKIP, STEP_RUNNING, SKIPPED)  # its handler found nothing to do
         # pending too: runs recorded before the graph left the steps after a failure pending
         self._add(RESET, [PENDING, SUCCEEDED, FAILED, TIMED_OUT, SKIPPED, CANCELLED], PENDING)
 

@@ -171,10 +171,13 @@ class StepResult(_Message):
     run_id: uuid.UUID
     step: StepName
     attempt: int = Field(ge=1, le=MAX_ATTEMPT)
-    status: Literal["succeeded", "failed"]
+    # skipped: the handler found nothing to do, rightly (`reason` says why)
+    status: Literal["succeeded", "failed", "skipped"]
     outputs: dict[str, Any] = Field(
         default_factory=dict, description=f"at most {MAX_OUTPUTS_BYTES} bytes as JSON")
     error: StepError | None = None
+    reason: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)] | None = Field(
+        default=None, description="why a skipped step had nothing to do")
     log: Annotated[str, StringConstraints(max_length=MAX_LOG_CHARS)] | None = Field(
         default=None, description="the step's output (bounded)")
     worker: Annotated[str, StringConstraints(max_length=256)] | None = None

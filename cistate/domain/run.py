@@ -220,7 +220,11 @@ def _retry_scheduled(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 
 def _skipped(s: RunState, d: dict[str, Any], at: datetime) -> None:
-    s.steps[d["step"]].state = SKIPPED
+    step = s.steps[d["step"]]
+    step.state = SKIPPED
+    if step.started_at is not None and step.finished_at is None:  # its handler skipped it
+        step.finished_at = at
+        step.outputs = {**(d.get("outputs") or {}), "skipped_reason": d.get("reason")}
 
 
 def _run_succeeded(s: RunState, d: dict[str, Any], at: datetime) -> None:
@@ -635,6 +639,14 @@ class _Builder:
             )
         if result.status == "succeeded" and self.reads_repo_file(result.step):
             self.repo_pipeline(result)
+            return
+        if result.status == "skipped":
+            self.step_to(result.step, m.SKIP)
+            self.event(E.STEP_SKIPPED, {
+                "step": result.step, "attempt": result.attempt, "outputs": result.outputs,
+                "reason": result.reason or "its handler found nothing to do",
+            }, attempt=result.attempt)
+            self.advance()
             return
         if result.status == "succeeded":
             self.step_to(result.step, m.SUCCEED)

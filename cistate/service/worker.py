@@ -40,7 +40,14 @@ from cistate.domain.messages import (
     storable_problem,
 )
 from handlers import NO_WORKSPACE
-from handlers.base import Handler, StepFailed, StepLog, StepRequest, identity_env
+from handlers.base import (
+    Handler,
+    StepFailed,
+    StepLog,
+    StepRequest,
+    StepSkipped,
+    identity_env,
+)
 from handlers.masking import Masker
 from handlers.sandbox import Sandbox, SandboxSettings
 from handlers.secrets import Secret, SecretSource, load_scopes, worker_credentials
@@ -194,6 +201,11 @@ class Worker:
                 outputs = await handler(request)
             result = _result(command, "succeeded", outputs=_checked_outputs(
                 command.step, masker.mask_data(outputs)))
+        except StepSkipped as skipped:
+            step_log.line(f"cistate: skipped: {skipped.reason}")
+            result = _result(command, "skipped", reason=masker.mask(skipped.reason)[
+                :MAX_TEXT_CHARS], outputs=_checked_outputs(
+                    command.step, masker.mask_data(skipped.outputs)))
         except StepFailed as exc:
             step_log.line(f"cistate: {exc.message}")
             result = _result(command, "failed", error=_error(

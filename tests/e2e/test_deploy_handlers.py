@@ -922,6 +922,27 @@ async def test_gitops_creates_the_qa_app_chart_and_a_second_run_has_no_changes(
     assert git(gitops_repo.bare, "rev-parse", f"{third['commit']}^") == first["commit"]
 
 
+async def test_gitops_never_moves_qa_backwards_an_older_release_is_skipped(
+    make_repo: Any, make_request: Requests, gitops_repo: GitRepo
+) -> None:
+    """An older run's gitops step after a newer one's (a real git repo): the step ends
+    skipped, naming both versions, and QA keeps the newer version."""
+    from handlers.base import StepSkipped
+
+    app = make_repo()
+    newer, _ = await run_step(make_request, app, app.initial, "gitops", inputs=released("0.0.5"))
+    assert newer["changed"] is True
+    request = make_request(app, app.initial, "gitops", inputs=released("0.0.3"))
+    with pytest.raises(StepSkipped) as info:
+        await handlers.load("gitops")(request)
+    assert "already holds" in info.value.reason and "0.0.5" in info.value.reason
+    assert "0.0.3" in info.value.reason and "not moved backwards" in info.value.reason
+    assert info.value.outputs["commit"] == newer["commit"]
+    assert git(gitops_repo.bare, "rev-parse", "qa") == newer["commit"]
+    requirements = yaml.safe_load(show(gitops_repo, "qa", f"qa/{APP}/requirements.yaml"))
+    assert requirements["dependencies"][0]["version"] == "0.0.5"
+
+
 async def test_gitops_keeps_other_dependencies_of_an_existing_requirements_file(
     make_repo: Any, make_request: Requests, gitops_repo: GitRepo
 ) -> None:

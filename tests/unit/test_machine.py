@@ -99,9 +99,11 @@ def test_a_live_step_can_be_cancelled(step: m.StepMachine, state: str) -> None:
     assert step.next_state(state, m.CANCEL) == "cancelled"
 
 
-def test_only_a_pending_step_is_skipped(step: m.StepMachine) -> None:
+def test_a_pending_step_is_skipped_and_a_running_one_when_its_handler_says_so(
+        step: m.StepMachine) -> None:
     assert step.next_state("pending", m.SKIP) == "skipped"
-    for state in STEP_STATES[1:]:
+    assert step.next_state("running", m.SKIP) == "skipped"
+    for state in set(STEP_STATES) - {"pending", "running"}:
         with pytest.raises(m.IllegalTransition):
             step.next_state(state, m.SKIP)
 

@@ -250,3 +250,25 @@ def test_the_backoff_of_a_retry_is_the_same_every_time_it_is_decided() -> None:
     base = pipeline.step("b").backoff.initial
     assert delay[0] != base  # jittered, not the bare base (0.2 of it either way)
     assert abs(delay[0] - base) <= base * 0.2 + 1e-9
+
+
+# -- a handler that finds nothing to do
+
+
+def test_a_step_its_handler_skips_ends_skipped_and_the_run_goes_on() -> None:
+    h = Harness(r.Decider(parse(LINE)))
+    h.send(push())
+    skipped = h.ok("a").model_copy(update={"status": "skipped",
+                                           "reason": "QA already holds 0.0.5",
+                                           "outputs": {"held_version": "0.0.5"}})
+    decision = h.send(skipped)
+    assert types(decision) == ["step.skipped", "step.started"]
+    assert decision.events[0].data["reason"] == "QA already holds 0.0.5"
+    assert h.state.steps["a"].state == "skipped"
+    assert h.state.steps["a"].outputs == {"held_version": "0.0.5",
+                                          "skipped_reason": "QA already holds 0.0.5"}
+    assert types(h.send(h.ok("b")))[-1] == "run.succeeded"
+    assert r.fold(h.run_id, h.log).to_json() == h.state.to_json()
+    # a result saying skipped for a step that is not running is refused like any other
+    with pytest.raises(r.Rejected):
+        h.decide(skipped)

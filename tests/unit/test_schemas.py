@@ -97,7 +97,7 @@ def test_result_and_control_validation() -> None:
     run_id = str(uuid.uuid4())
     with pytest.raises(ValidationError):
         StepResult.model_validate({"run_id": run_id, "step": "a", "attempt": 1,
-                                   "status": "skipped"})
+                                   "status": "paused"})
     with pytest.raises(ValidationError):
         StepResult.model_validate({"run_id": "not-a-uuid", "step": "a", "attempt": 1,
                                    "status": "failed"})
