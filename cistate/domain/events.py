@@ -27,6 +27,9 @@ class EventType(StrEnum):
     RUN_REQUESTED = "run.requested"
     RUN_PIPELINE_PINNED = "run.pipeline_pinned"  # the repository's own pipeline, once read
     STEP_STARTED = "step.started"
+    STEP_WAITING = "step.waiting"  # an approval step holds the run for a person
+    STEP_APPROVED = "step.approved"
+    STEP_REJECTED = "step.rejected"
     STEP_SUCCEEDED = "step.succeeded"
     STEP_FAILED = "step.failed"
     STEP_RETRY_SCHEDULED = "step.retry_scheduled"

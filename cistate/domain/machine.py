@@ -31,7 +31,7 @@ CANCELLED = RunStatus.CANCELLED.value
 # a step's states, likewise
 PENDING, STEP_RUNNING = StepStatus.PENDING.value, StepStatus.RUNNING.value
 RETRYING, TIMED_OUT = StepStatus.RETRYING.value, StepStatus.TIMED_OUT.value
-SKIPPED = StepStatus.SKIPPED.value
+SKIPPED, WAITING = StepStatus.SKIPPED.value, StepStatus.WAITING.value
 STEP_STATES = tuple(status.value for status in StepStatus)
 
 # the run's triggers
@@ -46,6 +46,9 @@ FAIL = "fail"
 TIME_OUT = "time_out"
 SKIP = "skip"
 RESET = "reset"  # a retry of the run runs the step again
+WAIT = "wait"  # an approval step starts: it waits for a person
+APPROVE = "approve"
+REJECT = "reject"
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,8 @@ class RunMachine(_Judge):
     kind = "the run"
 
     def __init__(self, pipeline: Pipeline) -> None:
-        super().__init__(RUN_STATES, QUEUED)
+        # waiting is how a running run shows (RunState.status), not a state of its own
+        super().__init__([s for s in RUN_STATES if s != RunStatus.WAITING], QUEUED)
         self.pipeline = pipeline
         self._add(START, QUEUED, RUNNING)
         for outcome in (SUCCEEDED, FAILED, CANCELLED):
@@ -163,7 +167,11 @@ class StepMachine(_Judge):
         for trigger, ended in ((FAIL, FAILED), (TIME_OUT, TIMED_OUT)):
             self._add(trigger, STEP_RUNNING, RETRYING, conditions=[_retry_left])
             self._add(trigger, STEP_RUNNING, ended, unless=[_retry_left])
-        self._add(CANCEL, [STEP_RUNNING, RETRYING], CANCELLED)
+        self._add(CANCEL, [STEP_RUNNING, WAITING, RETRYING], CANCELLED)
+        self._add(WAIT, [PENDING, RETRYING], WAITING)
+        self._add(APPROVE, WAITING, SUCCEEDED)
+        self._add(REJECT, WAITING, FAILED)
+        self._add(TIME_OUT, WAITING, TIMED_OUT)  # nobody decided in time
         self._add(SKIP, PENDING, SKIPPED)  # the run's rules: when:, needs that cannot run
         self._add(SKIP, STEP_RUNNING, SKIPPED)  # its handler found nothing to do
         # pending too: runs recorded before the graph left the steps after a failure pending

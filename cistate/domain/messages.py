@@ -199,14 +199,15 @@ def outputs_size(outputs: dict[str, Any]) -> int:
     return len(json.dumps(outputs, separators=(",", ":"), default=str).encode())
 
 
-ControlAction = Literal["retry", "cancel", "retry_due", "timeout"]
+ControlAction = Literal["retry", "cancel", "retry_due", "timeout", "approve", "reject"]
 
 
 class Control(_Message):
     """Operator requests and timers for one run (routing key `control`).
 
     `retry_due` and `timeout` are timers cistate sends itself through the outbox with a due
-    time; `retry` and `cancel` come from operators. Who asked is the message's signed sender
+    time; `retry`, `cancel`, `approve` and `reject` (of an approval step) come from
+    operators. Who asked is the message's signed sender
     (cistate.adapters.rabbitmq.signing), never a field of the body.
     """
 

@@ -56,6 +56,10 @@ DEFAULT_TIMEOUT_SECONDS = 3600.0
 REPO_PIPELINE_STEP = "pipeline"
 REPO_PIPELINE_HANDLER = "repo-pipeline"
 REPO_PIPELINE_FILE = ".cistate/pipeline.yaml"
+# `uses: approval`: the orchestrator holds the run for a person (no worker runs it);
+# `with: {approvers: [names], timeout: 24h}`
+APPROVAL_HANDLER = "approval"
+DEFAULT_APPROVAL_TIMEOUT = 24 * 3600.0
 Origin = Literal["deployment", "repo"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -146,6 +150,8 @@ class Step(_Spec):
             raise ValueError("`uses: script` needs a `run:` command")
         if self.uses != "script" and self.run is not None:
             raise ValueError(f"`run:` is only for `uses: script`, not `uses: {self.uses}`")
+        if self.uses == APPROVAL_HANDLER:
+            _check_approval(self.with_)
         unknown = self.retry_on - {"error", "timeout"}
         if unknown:
             raise ValueError(f"retry_on takes error and timeout, not {sorted(unknown)}")
@@ -168,6 +174,23 @@ class Step(_Spec):
     def max_attempts(self) -> int:
         return self.retries + 1
 
+    @property
+    def is_approval(self) -> bool:
+        return self.uses == APPROVAL_HANDLER
+
+    @property
+    def approvers(self) -> tuple[str, ...]:
+        """Who may approve or reject it (the names of API tokens, CLI users); none: any
+        operator."""
+        return tuple(self.with_.get("approvers") or ())
+
+    @property
+    def wait_seconds(self) -> float | None:
+        """How long an approval step waits for a person before it fails."""
+        if "timeout" in self.with_:
+            return float(parse_duration(self.with_["timeout"]))
+        return self.timeout
+
     def runs_on(self, branch: str | None) -> bool:
         return self.enabled and (self.when is None or self.when.matches(branch))
 
@@ -185,6 +208,20 @@ class _PipelineSpec(_Spec):
     steps: list[Step] = Field(min_length=1)
     finally_: list[Step] = Field(default_factory=list, alias="finally")
     fail_fast: bool = True
+
+
+def _check_approval(settings: dict[str, Any]) -> None:
+    extra = sorted(set(settings) - {"approvers", "timeout"})
+    if extra:
+        raise ValueError(f"an approval step takes with: approvers and timeout, not {extra}")
+    approvers = settings.get("approvers", [])
+    if not isinstance(approvers, list) or not all(
+            isinstance(name, str) and name for name in approvers):
+        raise ValueError("with.approvers is a list of names (API token names, CLI users)")
+    if "timeout" in settings:
+        seconds = parse_duration(settings["timeout"])
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+            raise ValueError("with.timeout is a duration such as 24h or 30m")
 
 
 @dataclass(frozen=True)
@@ -317,7 +354,7 @@ def parse(text: str, source: str, known_handlers: Iterable[str],
         spec = _PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         raise PipelineError(_describe(exc, source, raw)) from None
-    known = frozenset(known_handlers)
+    known = frozenset(known_handlers) | {APPROVAL_HANDLER}  # the orchestrator's own
     _check_steps(spec.steps, spec.finally_, source, known)
     if origin == "repo":
         _check_repo_steps(spec, source)

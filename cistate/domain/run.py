@@ -38,7 +38,8 @@ PENDING, RUNNING = StepStatus.PENDING.value, StepStatus.RUNNING.value
 SUCCEEDED, FAILED = StepStatus.SUCCEEDED.value, StepStatus.FAILED.value
 RETRYING, TIMED_OUT = StepStatus.RETRYING.value, StepStatus.TIMED_OUT.value
 SKIPPED, CANCELLED = StepStatus.SKIPPED.value, StepStatus.CANCELLED.value
-LIVE = frozenset({RUNNING, RETRYING})
+WAITING = StepStatus.WAITING.value
+LIVE = frozenset({RUNNING, WAITING, RETRYING})
 
 # what a finally step's processes are told about the run so far
 OUTCOME_VARIABLE = "CISTATE_RUN_OUTCOME"
@@ -101,10 +102,21 @@ class RunState:
 
     @property
     def status(self) -> str:
-        """queued | running | succeeded | failed | cancelled"""
+        """queued | running | waiting | succeeded | failed | cancelled (waiting: running, and
+        nothing but approval steps live: it waits for a person)"""
         if self.machine_state in TERMINAL or self.machine_state == m.QUEUED:
             return self.machine_state
+        live = [step.state for step in self.steps.values() if step.state in LIVE]
+        if live and all(state == WAITING for state in live):
+            return "waiting"
         return "running"
+
+    @property
+    def machine_status(self) -> str:
+        """The run machine's state: queued | running | succeeded | failed | cancelled."""
+        if self.machine_state in TERMINAL or self.machine_state == m.QUEUED:
+            return self.machine_state
+        return m.RUNNING
 
     @property
     def exists(self) -> bool:
@@ -196,6 +208,27 @@ def _started(s: RunState, d: dict[str, Any], at: datetime) -> None:
     s.machine_state, s.step = m.RUNNING, d["step"]
 
 
+def _waiting(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    step = s.steps[d["step"]]
+    step.state, step.attempts, step.error = WAITING, d["attempt"], None
+    step.started_at, step.finished_at = at, None
+    s.machine_state, s.step = m.RUNNING, d["step"]
+
+
+def _approved(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    step = s.steps[d["step"]]
+    step.state, step.finished_at = SUCCEEDED, at
+    step.outputs = {"approved_by": d["actor"], "reason": d.get("reason")}
+
+
+def _rejected(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    step = s.steps[d["step"]]
+    reason = f": {d['reason']}" if d.get("reason") else ""
+    step.state, step.finished_at = FAILED, at
+    step.error = {"message": f"rejected by {d['actor']}{reason}", "kind": "rejected",
+                  "retryable": False, "actor": d["actor"]}
+
+
 def _succeeded(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
     step.state, step.outputs, step.finished_at = SUCCEEDED, d.get("outputs") or {}, at
@@ -262,6 +295,9 @@ _APPLY: dict[str, Any] = {
     E.RUN_REQUESTED: _requested,
     E.RUN_PIPELINE_PINNED: _pinned,
     E.STEP_STARTED: _started,
+    E.STEP_WAITING: _waiting,
+    E.STEP_APPROVED: _approved,
+    E.STEP_REJECTED: _rejected,
     E.STEP_SUCCEEDED: _succeeded,
     E.STEP_FAILED: _failed,
     E.STEP_TIMED_OUT: _timed_out,
@@ -387,6 +423,8 @@ class Decider:
             build.retry(message)
         elif message.action == "retry_due":
             build.retry_due(message)
+        elif message.action in ("approve", "reject"):
+            build.decide_approval(message)
         else:
             build.timeout(message)
         return build.decision
@@ -426,7 +464,7 @@ class _Builder:
         self.now = now
         self.actor = actor
         self.decision = Decision()
-        self.run_state = state.status  # the run machine's state as this decision leads it
+        self.run_state = state.machine_status  # the run machine's, as this decision leads it
         self.cancel_reason: str | None = None
 
     # -- helpers
@@ -472,6 +510,9 @@ class _Builder:
     def start(self, name: str, attempt: int) -> None:
         """Start an attempt: step.started, its command, and its timeout timer."""
         spec = self.pipeline.step(name)
+        if spec.is_approval:
+            self.wait_for_approval(name, attempt)
+            return
         self.step_to(name, m.START)
         token = self.decider.token(self.run.id, name, attempt)
         started: dict[str, Any] = {"step": name, "attempt": attempt}
@@ -495,6 +536,20 @@ class _Builder:
             timer = Control(run_id=self.run.id, action="timeout", step=name, attempt=attempt)
             self.out("control", timer, derived_id(self.run.id, "timeout", name, attempt),
                      delay=spec.timeout)
+
+    def wait_for_approval(self, name: str, attempt: int) -> None:
+        """An approval step holds the run for a person: an event and a timer, no command;
+        the run costs a row while it waits, not a worker or a task."""
+        spec = self.pipeline.step(name)
+        self.step_to(name, m.WAIT)
+        seconds = spec.wait_seconds
+        self.event(E.STEP_WAITING, {"step": name, "attempt": attempt,
+                                    "approvers": list(spec.approvers),
+                                    "timeout": seconds}, attempt=attempt)
+        if seconds:
+            timer = Control(run_id=self.run.id, action="timeout", step=name, attempt=attempt)
+            self.out("control", timer, derived_id(self.run.id, "timeout", name, attempt),
+                     delay=seconds)
 
     def stop(self, name: str, message: str, reason: str | None = None) -> None:
         """Stop a live step: the worker running it is told, and its end is recorded as the
@@ -706,9 +761,46 @@ class _Builder:
                 self.skip(step.name, reason)
         self.advance()
 
+    def decide_approval(self, control: Control) -> None:
+        """A person approves or rejects an approval step that waits for them; who they are
+        is the message's signed sender (`api:<token name>`, `cli:<user>`)."""
+        name = control.step
+        step = self.run.steps.get(name) if name else None
+        if name is None or step is None or name not in self.graph.needs:
+            raise Rejected(f"cannot {control.action} step {name!r}: the run has no such step")
+        spec = self.pipeline.step(name)
+        if not spec.is_approval:
+            raise Rejected(f"cannot {control.action} step {name!r}: it is not an approval "
+                           f"step (uses: {spec.uses})")
+        if step.state != WAITING or self.run_state != m.RUNNING:
+            raise Rejected(f"cannot {control.action} step {name!r}: it is {step.state}, not "
+                           "waiting for approval")
+        who = self.actor.split(":", 1)[-1]
+        if spec.approvers and who not in spec.approvers:
+            raise Rejected(f"{self.actor} may not {control.action} step {name!r}: its "
+                           f"approvers are {', '.join(spec.approvers)}")
+        data = {"step": name, "attempt": step.attempts, "actor": self.actor,
+                "reason": control.reason}
+        if control.action == "approve":
+            self.step_to(name, m.APPROVE)
+            self.event(E.STEP_APPROVED, data, attempt=step.attempts)
+        else:
+            self.step_to(name, m.REJECT)
+            self.event(E.STEP_REJECTED, data, attempt=step.attempts)
+        self.advance()
+
     def timeout(self, timer: Control) -> None:
         if timer.step is None or timer.attempt is None:
             raise Rejected(f"a {timer.action} timer must name its step and attempt")
+        waiting = self.run.steps.get(timer.step)
+        if (waiting is not None and waiting.state == WAITING
+                and waiting.attempts == timer.attempt and self.run_state == m.RUNNING):
+            spec = self.pipeline.step(timer.step)
+            error = {"message": f"step {timer.step!r} was neither approved nor rejected "
+                                f"within {spec.wait_seconds:g}s", "kind": "timeout",
+                     "retryable": False}
+            self.after_failure(timer.step, timer.attempt, E.STEP_TIMED_OUT, error, "timeout")
+            return
         if not self.running_attempt(timer.step, timer.attempt):
             self.decision.ignored = "stale timeout: that attempt already ended"
             return

@@ -15,6 +15,7 @@ class StepStatus(StrEnum):
 
     PENDING = "pending"
     RUNNING = "running"
+    WAITING = "waiting"  # an approval step: held for a person, by no worker or process
     RETRYING = "retrying"  # an attempt failed and another one is scheduled
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # the last attempt failed: no retry is left
@@ -24,10 +25,12 @@ class StepStatus(StrEnum):
 
 
 class RunStatus(StrEnum):
-    """A run's state."""
+    """A run's state. `waiting` is how a running run shows while it only waits for a person
+    (an approval step, nothing else live); the run's machine stays `running`."""
 
     QUEUED = "queued"
     RUNNING = "running"
+    WAITING = "waiting"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -45,7 +48,7 @@ RUN_STATES = tuple(status.value for status in RunStatus)
 TERMINAL = frozenset(outcome.value for outcome in Outcome)  # a run in one changes no more
 
 # what a step's state means for the steps that need it
-LIVE = frozenset({StepStatus.RUNNING, StepStatus.RETRYING})
+LIVE = frozenset({StepStatus.RUNNING, StepStatus.WAITING, StepStatus.RETRYING})
 ENDED = frozenset({StepStatus.SUCCEEDED, StepStatus.FAILED, StepStatus.TIMED_OUT,
                    StepStatus.SKIPPED, StepStatus.CANCELLED})
 SATISFIED = frozenset({StepStatus.SUCCEEDED, StepStatus.SKIPPED})  # ended well

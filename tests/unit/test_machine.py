@@ -12,8 +12,8 @@ from ._support import default_pipeline
 pytestmark = pytest.mark.unit
 
 PIPELINE = default_pipeline()
-STEP_STATES = ["pending", "running", "retrying", "succeeded", "failed", "timed_out", "skipped",
-               "cancelled"]
+STEP_STATES = ["pending", "running", "waiting", "retrying", "succeeded", "failed", "timed_out",
+               "skipped", "cancelled"]
 RETRY_LEFT = m.Situation(retry_left=True)
 
 
@@ -94,7 +94,19 @@ def test_a_failed_attempt_retries_while_its_policy_allows(
     assert step.next_state("running", trigger) == ended
 
 
-@pytest.mark.parametrize("state", ["running", "retrying"])
+def test_an_approval_step_waits_then_is_approved_rejected_or_timed_out(
+        step: m.StepMachine) -> None:
+    assert step.next_state("pending", m.WAIT) == "waiting"
+    assert step.next_state("waiting", m.APPROVE) == "succeeded"
+    assert step.next_state("waiting", m.REJECT) == "failed"
+    assert step.next_state("waiting", m.TIME_OUT) == "timed_out"
+    for state in set(STEP_STATES) - {"waiting"}:
+        for trigger in (m.APPROVE, m.REJECT):
+            with pytest.raises(m.IllegalTransition):
+                step.next_state(state, trigger)
+
+
+@pytest.mark.parametrize("state", ["running", "waiting", "retrying"])
 def test_a_live_step_can_be_cancelled(step: m.StepMachine, state: str) -> None:
     assert step.next_state(state, m.CANCEL) == "cancelled"
 

@@ -448,6 +448,30 @@ def runs_cancel(
              as_json, "run {id} {state}")
 
 
+@runs_cli.command("approve")
+def runs_approve(
+    run: str,
+    step: Annotated[str, typer.Argument(help="The approval step that waits.")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Approve an approval step that holds the run (you must be one of its approvers)."""
+    _operate(run, lambda o, rid: o.control(rid, "approve", _actor(), reason=reason, step=step),
+             as_json, "run {id} {state}: step " + step + " approved")
+
+
+@runs_cli.command("reject")
+def runs_reject(
+    run: str,
+    step: Annotated[str, typer.Argument(help="The approval step that waits.")],
+    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Reject an approval step that holds the run: the step fails, and so does the run."""
+    _operate(run, lambda o, rid: o.control(rid, "reject", _actor(), reason=reason, step=step),
+             as_json, "run {id} {state}: step " + step + " rejected")
+
+
 @runs_cli.command("rerun")
 def runs_rerun(run: str, as_json: JsonFlag = False) -> None:
     """Start a new run for the same push."""

@@ -68,6 +68,7 @@ def make_app(app: App) -> web.Application:
         web.get("/api/v1/runs/{id}/verify", verify_run),
         web.post("/api/v1/runs/{id}/retry", retry),
         web.post("/api/v1/runs/{id}/cancel", cancel),
+        web.post("/api/v1/runs/{id}/steps/{step}/{decision}", approval),
         web.post("/api/v1/runs/{id}/rerun", rerun),
         web.get("/api/v1/events", list_events),
         web.post("/api/v1/webhooks/{provider}", webhook),
@@ -297,6 +298,21 @@ async def cancel(request: web.Request) -> web.Response:
     outcome = await request.app[APP_KEY].orchestrator.control(
         run_id, "cancel", request[ACTOR_KEY], reason=reason)
     return _answer(outcome, 202)
+
+
+async def approval(request: web.Request) -> web.Response:
+    """An approval step's decision (approve or reject); the token's name must be one of its
+    approvers."""
+    decision = request.match_info["decision"]
+    if decision not in ("approve", "reject"):
+        raise ApiError(404, f"no such decision {decision!r}: approve or reject")
+    action: ControlAction = "approve" if decision == "approve" else "reject"
+    body = await _json_body(request)
+    run_id, reason, step = _run_id(request), _str(body, "reason"), request.match_info["step"]
+    _check_control(run_id, action, request[ACTOR_KEY], reason, step)
+    outcome = await request.app[APP_KEY].orchestrator.control(
+        run_id, action, request[ACTOR_KEY], reason=reason, step=step)
+    return _answer(outcome, 200)
 
 
 async def rerun(request: web.Request) -> web.Response:
