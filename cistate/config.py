@@ -7,12 +7,23 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cistate.domain.repos import RepoPolicy
 
 ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
+
+
+def split_commas(value: Any) -> Any:
+    """`a, b,c` from the environment -> ["a", "b", "c"]; a list is left as it is."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+# a setting given as comma-separated values (not JSON, as pydantic-settings reads lists)
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
 
 
 class ConfigError(ValueError):
@@ -31,7 +42,7 @@ class Settings(BaseSettings):
     pipelines: Path | None = None
     # URL globs (comma-separated) of the repositories whose own .cistate/pipeline.yaml, at
     # the pushed commit, is the pipeline of their runs; default none.
-    repo_pipelines: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    repo_pipelines: CommaList = Field(default_factory=list)
     workdir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "cistate")
     listen: str = "127.0.0.1:8080"
     bus_prefix: str = Field(default="cistate", pattern=r"^[a-zA-Z0-9_.-]{1,100}$")
@@ -60,13 +71,6 @@ class Settings(BaseSettings):
     @classmethod
     def _tokens(cls, value: str | None) -> str | None:
         parse_api_tokens(value or "")  # refuse a bad scope at start, not at the first call
-        return value
-
-    @field_validator("repo_pipelines", mode="before")
-    @classmethod
-    def _globs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("database_url")
@@ -147,14 +151,7 @@ class RepoSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
 
     allow_local_repos: bool = False
-    repo_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
-
-    @field_validator("repo_allow", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    repo_allow: CommaList = Field(default_factory=list)
 
     @property
     def policy(self) -> RepoPolicy:

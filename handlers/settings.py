@@ -20,11 +20,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cistate.config import CommaList
 from handlers.base import StepFailed, StepRequest
 
 SECRET_KEYS = frozenset({"registry_username", "registry_password", "registry_auth_file"})
@@ -45,7 +46,7 @@ class HandlerSettings(BaseSettings):
     registry_insecure: bool = False
     """Talk plain http to the registries (a local or in-cluster registry)"""
     # branches whose pushes are released (tag-release, img-release); fnmatch patterns
-    release_branches: Annotated[list[str], NoDecode] = Field(
+    release_branches: CommaList = Field(
         default_factory=lambda: ["main", "master"]
     )
     """Branches whose pushes are released by tag-release and img-release (comma-separated fnmatch
@@ -113,13 +114,6 @@ class HandlerSettings(BaseSettings):
     """Author email of the release tags"""
     tag_attempts: int = Field(default=10, ge=1, le=100)
     """Tries of tag-release when another run pushes a tag at the same time"""
-
-    @field_validator("release_branches", mode="before")
-    @classmethod
-    def _split_branches(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
 
     @field_validator("registry_auth_file", mode="before")
     @classmethod

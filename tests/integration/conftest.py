@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -18,6 +18,7 @@ from cistate.adapters.rabbitmq.signing import SENDER_HEADER, SIGNATURE_HEADER
 from cistate.config import ROLES, Settings
 from cistate.domain.run import RunState, run_id_for
 from tests.conftest import wait_until
+from tests.integration.processes import ServeProcess
 
 Serve = Callable[..., Awaitable[Settings]]
 
@@ -50,6 +51,15 @@ async def serve(make_settings: Callable[..., Settings]) -> AsyncIterator[Serve]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+def processes() -> Iterator[list[ServeProcess]]:
+    """`cistate serve` subprocesses a test starts (ServeProcess); stopped after it."""
+    started: list[ServeProcess] = []
+    yield started
+    for proc in started:
+        proc.stop()
 
 
 class Producer:

@@ -1,6 +1,6 @@
 """`schema/openapi.yaml` against the live service: schemathesis generates requests for every
 operation and checks that none gets a 5xx and every answer matches the schema; and every
-route of `cistate.adapters.http.api.make_app` is in the spec and the other way round, so it cannot drift.
+route of the API (`make_app`) is in the spec and the other way round, so it cannot drift.
 
 The service runs in this process on the test's event loop, and schemathesis calls it with
 blocking `requests`, so every schemathesis call runs in a worker thread (`asyncio.to_thread`)

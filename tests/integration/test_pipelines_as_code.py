@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -98,14 +98,6 @@ def local_repos(monkeypatch: pytest.MonkeyPatch) -> None:
     """The repos of these tests are paths on this machine (a git host stand-in is not
     needed to read a file at a commit)."""
     monkeypatch.setenv("CISTATE_ALLOW_LOCAL_REPOS", "1")
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 async def test_a_run_finishes_on_its_pinned_pipeline_after_the_file_is_edited_and_restarted(

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -166,14 +166,6 @@ WIDE = "\n".join([
     "",
 ])
 WIDE_STEPS = ["split", *(f"t{n}" for n in range(8)), "join", "report"]
-
-
-@pytest.fixture
-def processes() -> Iterator[list[ServeProcess]]:
-    started: list[ServeProcess] = []
-    yield started
-    for proc in started:
-        proc.stop()
 
 
 async def test_two_orchestrator_processes_decide_a_wide_fan_out_without_duplicates(

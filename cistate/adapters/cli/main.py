@@ -25,7 +25,7 @@ from rich.table import Table
 from cistate import SOURCE_ROOT
 from cistate.adapters.postgres.store import EventQuery, RunCheck, RunQuery, VerifyReport, connect
 from cistate.config import ROLES, ConfigError, Settings, redact
-from cistate.domain.messages import MESSAGE_MODELS, Push, message_uuid
+from cistate.domain.messages import MESSAGE_MODELS, ControlAction, Push, message_uuid
 from cistate.domain.pipeline import PipelineError
 from cistate.domain.run import RunState, run_id_for
 from cistate.domain.status import TERMINAL
@@ -456,8 +456,7 @@ def runs_approve(
     as_json: JsonFlag = False,
 ) -> None:
     """Approve an approval step that holds the run (you must be one of its approvers)."""
-    _operate(run, lambda o, rid: o.control(rid, "approve", _actor(), reason=reason, step=step),
-             as_json, "run {id} {state}: step " + step + " approved")
+    _decide(run, step, "approve", reason, as_json)
 
 
 @runs_cli.command("reject")
@@ -468,8 +467,13 @@ def runs_reject(
     as_json: JsonFlag = False,
 ) -> None:
     """Reject an approval step that holds the run: the step fails, and so does the run."""
-    _operate(run, lambda o, rid: o.control(rid, "reject", _actor(), reason=reason, step=step),
-             as_json, "run {id} {state}: step " + step + " rejected")
+    _decide(run, step, "reject", reason, as_json)
+
+
+def _decide(run: str, step: str, action: ControlAction, reason: str | None,
+            as_json: bool) -> None:
+    _operate(run, lambda o, rid: o.control(rid, action, _actor(), reason=reason, step=step),
+             as_json, "run {id} {state}: step " + step + f" {action}d")
 
 
 @runs_cli.command("rerun")
