@@ -35,7 +35,7 @@ log = structlog.get_logger("cistate")
 
 
 
-def load_default(known_handlers: Iterable[str]) -> p.Pipeline:
+def load_default(known_handlers: Iterable[str] | p.HandlerInputs) -> p.Pipeline:
     """The packaged pipeline (cistate/pipelines/nodejs.yaml)."""
     path = resources.files("cistate") / "pipelines" / f"{p.DEFAULT_PIPELINE}.yaml"
     return p.parse(path.read_text(encoding="utf-8"), f"<packaged {p.DEFAULT_PIPELINE}.yaml>",

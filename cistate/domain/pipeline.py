@@ -1,14 +1,22 @@
 """Pipeline spec: YAML -> validated steps, their policies, and the graph of their needs.
 
-Parsing is pure: `parse(text, source, known_handlers)` takes the file's text and the handler
-names a worker can run, so the core never imports a handler. Every error names the file, the
-step and the field, because the person reading it has to go and fix that file.
+Parsing is pure: `parse(text, source, known_handlers)` takes the file's text and the handlers
+a worker can run (each with the `Input`s it reads of earlier steps), so the core never imports a
+handler. Every error names the file, the step and the field, because the person reading it has
+to go and fix that file.
 
 A pipeline has `steps:` (a step without `needs:` needs the one before it, so a list is a line)
 and, optionally, `finally:` steps that run once every step has ended, whatever the outcome;
 `fail_fast: true` (the default) stops the other steps when one fails. What those rules mean
 for a run is cistate.domain.graph's; the graph is built here, once, so a pipeline that cannot run
 stops start-up with its file named.
+
+Step inputs name their source by handler, never by step name: a handler declares what it reads
+(gitops: `app_name` of a step that uses setup), and at load each step's `inputs:` is resolved
+to a step name per handler it reads: the one step upstream of it (cistate.domain.graph.upstream)
+that uses that handler, unless the file names one (`inputs: {setup: prepare}`). Renaming a step
+therefore changes nothing a later step reads, and a step whose producer is missing, ambiguous or
+not upstream stops the load, not the run.
 
 A run pins its pipeline: `Pipeline.spec` is the parsed spec as plain JSON (every field, its
 defaults too, so a later cistate with other defaults decides the same) and `sha256` its hash;
@@ -20,6 +28,8 @@ pipeline whose `repos:` globs match, else the default one.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -78,6 +88,14 @@ def _needs_list(value: Any) -> Any:
     return value
 
 
+def _inputs_map(value: Any) -> Any:
+    """`inputs: [prepare]` where a mapping was meant: say which one."""
+    if value is not None and not isinstance(value, dict):
+        raise ValueError("inputs maps a handler to the step whose outputs it reads: write "
+                         "`inputs: {setup: prepare}`")
+    return value
+
+
 def parse_duration(value: Any) -> Any:
     """Accept 30, 2.5, "30s", "10m", "1h", "500ms"; leave anything else for pydantic to reject."""
     if isinstance(value, str):
@@ -93,6 +111,29 @@ Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 class PipelineError(ValueError):
     """A pipeline file that cannot be used, with a message that says where and why."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """Outputs a handler reads of an earlier step, named by the handler that makes them
+    (`setup`), never by a step's name: which step that is, each pipeline says (Step.inputs)."""
+
+    producer: str  # the `uses:` of the step that makes them
+    keys: tuple[str, ...]  # the outputs read (for messages)
+    # read when a step upstream uses `producer`, done without otherwise (helm-release reads
+    # img-release's image when it ran before, else setup's): never a reason to refuse a file
+    optional: bool = False
+
+
+# what each known handler reads: `uses:` name -> its inputs
+HandlerInputs = Mapping[str, Sequence[Input]]
+
+
+def declared_inputs(known_handlers: Iterable[str] | HandlerInputs) -> dict[str, tuple[Input, ...]]:
+    """Each known handler's inputs; a plain list of names declares none."""
+    if isinstance(known_handlers, Mapping):
+        return {name: tuple(inputs) for name, inputs in known_handlers.items()}
+    return {name: () for name in known_handlers}
 
 
 class _Spec(BaseModel):
@@ -139,6 +180,11 @@ class Step(_Spec):
     network: Network = "default"
     # the steps it waits for; None: the step before it in the file (the first: none)
     needs: Annotated[list[str], BeforeValidator(_needs_list)] | None = None
+    # where its handler's inputs come from: producing handler -> step. Written in the file
+    # only to choose (`inputs: {setup: prepare}`); after parse, every input its handler reads
+    # (the rest found upstream), which is what a run pins. None: a spec pinned before inputs
+    # were resolved, whose handlers read earlier outputs by step name.
+    inputs: Annotated[dict[str, str], BeforeValidator(_inputs_map)] | None = None
 
     @field_serializer("retry_on")
     def _sorted(self, value: frozenset[str]) -> list[str]:
@@ -324,9 +370,11 @@ def from_spec(spec: Mapping[str, Any], source: str, origin: Origin = "deployment
     valid spec (a damaged event: the chain check says more)."""
     try:
         parsed = _PipelineSpec.model_validate(dict(spec))
-        return _pipeline(parsed, source, origin)
-    except (ValidationError, step_graph.GraphError) as exc:
+        pipeline = _pipeline(parsed, source, origin)
+        _check_inputs(pipeline)
+    except (ValidationError, step_graph.GraphError, PipelineError) as exc:
         raise PipelineError(f"{source}: the pinned pipeline is not valid: {exc}") from None
+    return pipeline
 
 
 def _pipeline(spec: _PipelineSpec, source: str, origin: Origin) -> Pipeline:
@@ -342,8 +390,11 @@ def _pipeline(spec: _PipelineSpec, source: str, origin: Origin) -> Pipeline:
     )
 
 
-def parse(text: str, source: str, known_handlers: Iterable[str],
+def parse(text: str, source: str, known_handlers: Iterable[str] | HandlerInputs,
           origin: Origin = "deployment") -> Pipeline:
+    """The pipeline in `text` (the file `source`), for the handlers `known_handlers` names
+    (with what each reads, HandlerInputs; names alone read nothing); PipelineError saying
+    where it is wrong."""
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -354,17 +405,19 @@ def parse(text: str, source: str, known_handlers: Iterable[str],
         spec = _PipelineSpec.model_validate(raw)
     except ValidationError as exc:
         raise PipelineError(_describe(exc, source, raw)) from None
-    known = frozenset(known_handlers) | {APPROVAL_HANDLER}  # the orchestrator's own
-    _check_steps(spec.steps, spec.finally_, source, known)
+    known = {**declared_inputs(known_handlers), APPROVAL_HANDLER: ()}  # the orchestrator's own
+    _check_steps(spec.steps, spec.finally_, source, frozenset(known))
     if origin == "repo":
         _check_repo_steps(spec, source)
     try:
-        return _pipeline(spec, source, origin)
+        pipeline = _pipeline(spec, source, origin)
     except step_graph.GraphError as exc:
         raise PipelineError(f"{source}: {exc}") from None
+    return _resolve_inputs(pipeline, known)
 
 
-def parse_repo_file(text: str, source: str, known_handlers: Iterable[str]) -> Pipeline:
+def parse_repo_file(text: str, source: str,
+                    known_handlers: Iterable[str] | HandlerInputs) -> Pipeline:
     """A repository's own pipeline, as its run pins it: the built-in step that read it
     first (succeeded by then), every step that would start with the run after it."""
     pipeline = parse(text, source, known_handlers, origin="repo")
@@ -456,6 +509,96 @@ def _check_steps(steps: Sequence[Step], finally_steps: Sequence[Step], source: s
                 f"{where}: field 'uses': no handler named {step.uses!r} "
                 f"(known: {', '.join(sorted(known))})"
             )
+
+
+def _numbered(pipeline: Pipeline) -> list[tuple[str, Step]]:
+    """Each step, in order, with how errors name it: `step 'build' (#3)`, `finally step
+    'clean' (#1)` (numbered within its list, as in the file)."""
+    counts = {"step": 0, "finally step": 0}
+    numbered = []
+    for step in pipeline.steps:
+        kind = "finally step" if pipeline.is_finally(step.name) else "step"
+        counts[kind] += 1
+        numbered.append((f"{kind} {step.name!r} (#{counts[kind]})", step))
+    return numbered
+
+
+def _check_inputs(pipeline: Pipeline) -> None:
+    """The steps each `inputs:` names exist, run before it, and use the handler they are
+    named for (what a handler reads is _resolve_inputs' question)."""
+    for where, step in _numbered(pipeline):
+        _check_step_inputs(pipeline, where, step)
+
+
+def _check_step_inputs(pipeline: Pipeline, where: str, step: Step) -> None:
+    upstream = step_graph.upstream(pipeline.graph, step.name)
+    for producer, name in (step.inputs or {}).items():
+        at = f"{pipeline.source}: {where}: field 'inputs.{producer}'"
+        if name not in pipeline.step_names:
+            close = difflib.get_close_matches(name, pipeline.step_names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PipelineError(f"{at}: there is no step named {name!r} (steps: "
+                                f"{', '.join(pipeline.step_names)}){hint}")
+        if name not in upstream:
+            raise PipelineError(
+                f"{at}: step {name!r} does not run before {step.name!r}, so its outputs "
+                f"are not there yet; add {name!r} to the needs of {step.name!r} "
+                "(directly or through a step it needs)")
+        uses = pipeline.step(name).uses
+        if uses != producer:
+            raise PipelineError(f"{at}: step {name!r} uses {uses}, not {producer}; name "
+                                f"a step that uses {producer}")
+
+
+def _resolve_inputs(pipeline: Pipeline, known: Mapping[str, tuple[Input, ...]]) -> Pipeline:
+    """`pipeline` with each step's `inputs` naming the step of every input its handler
+    reads: the one the file names, else the one step upstream that uses its producer. A
+    required input without such a step, two such steps and no choice, or a choice of an input
+    the handler does not read: PipelineError naming file, step and field."""
+    steps: list[Step] = []
+    for where, step in _numbered(pipeline):
+        at = f"{pipeline.source}: {where}"
+        reads = known.get(step.uses, ())
+        chosen = step.inputs or {}
+        producers = [read.producer for read in reads]
+        for producer in chosen:
+            if producer not in producers:
+                what = (f"it reads those of {', '.join(producers)}" if producers
+                        else "it reads no other step's outputs")
+                raise PipelineError(
+                    f"{at}: field 'inputs.{producer}': {step.uses} reads no outputs of a step "
+                    f"that uses {producer} ({what}); drop it from inputs:")
+        _check_step_inputs(pipeline, where, step)
+        upstream = step_graph.upstream(pipeline.graph, step.name)
+        resolved: dict[str, str] = {}
+        for read in reads:
+            if read.producer in chosen:
+                resolved[read.producer] = chosen[read.producer]
+                continue
+            found = [name for name in upstream if pipeline.step(name).uses == read.producer]
+            what = (f"{step.uses} reads {', '.join(read.keys)} of a step that uses "
+                    f"{read.producer}")
+            if len(found) == 1:
+                resolved[read.producer] = found[0]
+            elif found:
+                raise PipelineError(
+                    f"{at}: field 'inputs': {what}, and {len(found)} steps before it use "
+                    f"it ({', '.join(found)}); say which: "
+                    f"`inputs: {{{read.producer}: {found[0]}}}`")
+            elif not read.optional:
+                elsewhere = [s.name for s in pipeline.steps
+                             if s.uses == read.producer and s.name != step.name]
+                if elsewhere:
+                    raise PipelineError(
+                        f"{at}: field 'needs': {what}, and {', '.join(elsewhere)}, which "
+                        f"use{'s' if len(elsewhere) == 1 else ''} it, "
+                        f"do{'es' if len(elsewhere) == 1 else ''} not run before it; add "
+                        f"{elsewhere[0]!r} to its needs (directly or through a step it needs)")
+                raise PipelineError(
+                    f"{at}: field 'uses': {what}, and no step of the pipeline uses "
+                    f"{read.producer}; add one (`uses: {read.producer}`) before it")
+        steps.append(step.model_copy(update={"inputs": resolved}))
+    return dataclasses.replace(pipeline, steps=tuple(steps))
 
 
 def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:

@@ -370,19 +370,19 @@ class Decider:
     (pure tests of the rules) attempts have none and results are not asked for one.
 
     The machines and each step's upstream steps are worked out here, once per pipeline.
-    `known_handlers` are those a repository's own pipeline may use (its file is parsed
-    here, when the step that read it succeeds).
+    `known_handlers` are those a repository's own pipeline may use, with what each reads
+    (its file is parsed here, when the step that read it succeeds).
     """
 
     def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None,
-                 known_handlers: Iterable[str] = (),
+                 known_handlers: Iterable[str] | p.HandlerInputs = (),
                  served: frozenset[tuple[str, str]] | None = None) -> None:
         self.pipeline = pipeline
         self.graph = pipeline.graph
         self.machine = m.RunMachine(pipeline)
         self.step_machine = m.StepMachine(pipeline)
         self.tokens = tokens
-        self.known_handlers = frozenset(known_handlers)
+        self.known_handlers = p.declared_inputs(known_handlers)
         # (step, uses) pairs the deployment's workers serve by step name; None: all
         self.served = served
         self.upstream = {name: tuple(step_graph.upstream(self.graph, name))

@@ -32,10 +32,10 @@ class PinnedPipelineMissing(Exception):
 
 class Deciders:
     def __init__(self, catalog: p.Catalog, tokens: AttemptTokens | None = None,
-                 known_handlers: Iterable[str] = ()) -> None:
+                 known_handlers: Iterable[str] | p.HandlerInputs = ()) -> None:
         self.catalog = catalog
         self.tokens = tokens
-        self.known_handlers = frozenset(known_handlers)
+        self.known_handlers = p.declared_inputs(known_handlers)
         self._by_hash: OrderedDict[str, Decider] = OrderedDict()
         # deployment pipeline's hash -> the decider of it with the step reading the repo's
         self._reading: dict[str, Decider] = {}
