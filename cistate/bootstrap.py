@@ -44,12 +44,12 @@ def load_default(known_handlers: Iterable[str] | p.HandlerInputs) -> p.Pipeline:
 
 def load_pipeline(path: Path | None) -> p.Pipeline:
     if path is None:
-        return load_default(handlers.names())
+        return load_default(handlers.inputs())
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise p.PipelineError(f"{path}: cannot read pipeline file: {exc.strerror}") from None
-    return p.parse(text, str(path), handlers.names())
+    return p.parse(text, str(path), handlers.inputs())
 
 
 def load_catalog(settings: Settings) -> p.Catalog:
@@ -129,7 +129,8 @@ def deciders_for(settings: Settings, catalog: p.Catalog | None = None,
                  signer: Signer | None = None) -> Deciders:
     """Who decides each run: the pipeline it pinned (CLI actions, the orchestrator)."""
     signer = signer or signer_for(settings)
-    return Deciders(catalog or load_catalog(settings), signer.attempt_token, handlers.names())
+    return Deciders(catalog or load_catalog(settings), signer.attempt_token,
+                    handlers.inputs())
 
 
 def worker_problems(settings: Settings, steps: Iterable[str] | None = None) -> list[str]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+import handlers
 from cistate.bootstrap import load_default
 from cistate.domain import run as r
 from cistate.domain.messages import Control, Push, StepError, StepResult
@@ -32,7 +33,7 @@ def default_handler_names() -> set[str]:
 def default_pipeline() -> Pipeline:
     """The packaged pipeline with its disabled steps (qa-sync) left out: the steps every run
     of it goes through. test_disabled_step_is_skipped_by_every_run covers the disabled one."""
-    packaged = load_default(default_handler_names())
+    packaged = load_default(handlers.inputs())
     return dataclasses.replace(packaged, steps=tuple(s for s in packaged.steps if s.enabled))
 
 
