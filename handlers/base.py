@@ -1,7 +1,9 @@
 """The contract between the worker and a handler.
 
 A handler receives a `StepRequest` (everything the step needs, including the outputs of the
-steps before it) and returns its outputs as a JSON-able dict, or raises `StepFailed`.
+steps before it) and returns its outputs as a JSON-able dict, or raises `StepFailed`. It reads
+earlier outputs by the handler that made them (`output_of("setup", "app_name")`), as it
+declares in handlers.REGISTRY; which step that was, the pipeline says (`sources`).
 Handlers never touch the event store or the bus: the worker turns what they return into a
 result message. They must be idempotent: the same request may run more than once.
 """
@@ -38,17 +40,35 @@ class StepRequest:
     log: StepLog = field(repr=False)
     # where the repo's code runs (handlers.process.run_sandboxed); its workdir is `workdir`
     sandbox: Sandbox = field(repr=False, kw_only=True)
+    # which step of `inputs` each handler this one reads made (the pipeline resolved it:
+    # StepCommand.sources); None, in commands of runs pinned before: read by step name
+    sources: Mapping[str, str] | None = field(default=None, kw_only=True)
 
-    def output_of(self, step: str, key: str) -> Any:
-        """An earlier step's output, or a StepFailed that says which one is missing."""
-        try:
-            return self.inputs[step][key]
-        except KeyError:
+    def outputs_from(self, producer: str) -> Mapping[str, Any]:
+        """The outputs of the earlier step that used handler `producer` (`setup`), whatever
+        the pipeline named it; empty when there is none (a handler's optional input)."""
+        name = producer if self.sources is None else self.sources.get(producer)
+        return self.inputs.get(name, {}) if name is not None else {}
+
+    def output_of(self, producer: str, key: str) -> Any:
+        """An output of the earlier step that used handler `producer`, or a StepFailed that
+        says which one is missing."""
+        outputs = self.outputs_from(producer)
+        if key in outputs:
+            return outputs[key]
+        name = producer if self.sources is None else self.sources.get(producer)
+        if name is None:
             raise StepFailed(
-                f"step {self.step!r} needs output {key!r} of step {step!r}, which the run "
-                "does not have (did that step run before this one?)",
+                f"step {self.step!r} needs output {key!r} of a step that uses {producer}, and "
+                f"none runs before it: add one to its needs (directly or through another step)",
                 retryable=False,
-            ) from None
+            )
+        which = f"step {name!r}" + (f" (uses: {producer})" if name != producer else "")
+        raise StepFailed(
+            f"step {self.step!r} needs output {key!r} of {which}, which the run does not have "
+            "(did that step run before this one?)",
+            retryable=False,
+        )
 
     def env(self) -> dict[str, str]:
         """The run's identity as environment variables, the only way push data reaches a shell."""

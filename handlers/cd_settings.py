@@ -211,7 +211,7 @@ class DeliverySettings(BaseSettings):
         """`dev_namespace` rendered for the run: `${branch}` is setup's branch (else the
         pushed ref's), `${app}` setup's app name, `${short_sha}` setup's short sha (else the
         commit's first 7 characters)."""
-        setup = request.inputs.get("setup", {})
+        setup = request.outputs_from("setup")
         names = set(_VARIABLE.findall(self.dev_namespace))
         values = {}
         if "branch" in names:

@@ -175,10 +175,10 @@ async def run(request: StepRequest) -> dict[str, Any]:
     git.validate_request(request)
     settings = for_request(request)
     app_name = str(request.output_of("setup", "app_name"))
-    built = request.inputs.get("build", {}).get("image_url")
+    built = request.outputs_from("build").get("image_url")
     image_url = str(built or request.output_of("setup", "image_url"))
     repository, tag = image_values(image_url)
-    branch = str(request.inputs.get("setup", {}).get("branch") or git.branch_of(request.ref))
+    branch = str(request.outputs_from("setup").get("branch") or git.branch_of(request.ref))
     namespace = settings.namespace_for(request)
 
     source = await git.checkout(request)

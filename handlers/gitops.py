@@ -121,7 +121,7 @@ def update_app_dir(
 
 async def run(request: StepRequest) -> dict[str, Any]:
     settings = for_request(request)
-    released = request.inputs.get("helm-release", {})
+    released = request.outputs_from("helm-release")
     if "chart_version" in released and not released.get("chart_version"):
         reason = released.get("skipped_reason") or "helm-release released no chart"
         request.log.line(f"not updating the GitOps repo: {reason}")

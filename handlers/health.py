@@ -62,7 +62,7 @@ async def app_url(request: StepRequest, settings: DeliverySettings) -> URL:
 def deployed_namespace(request: StepRequest, settings: DeliverySettings) -> str:
     """Where the app is: deploy's `namespace` output, else `dev_namespace` rendered for the
     run as deploy renders it (a template like `dev-${branch}` names the branch's own)."""
-    deployed = request.inputs.get("deploy", {}).get("namespace")
+    deployed = request.outputs_from("deploy").get("namespace")
     return str(deployed) if deployed else settings.namespace_for(request)
 
 

@@ -45,11 +45,11 @@ async def run(request: StepRequest) -> dict[str, Any]:
     tag = request.output_of("tag-release", "tag")
     # img-release may run beside this step (both need only tag-release): the image it
     # releases is setup's release_image_repo at the tag, known before it is copied
-    release_image = request.inputs.get("img-release", {}).get("release_image_url") or (
+    release_image = request.outputs_from("img-release").get("release_image_url") or (
         tag and _release_image(request, str(tag)))
     if not tag or not release_image:
         reason = (
-            request.inputs.get("tag-release", {}).get("skipped_reason")
+            request.outputs_from("tag-release").get("skipped_reason")
             or "no release tag or release image"
         )
         request.log.line(f"not releasing the chart: {reason}")
@@ -158,5 +158,5 @@ async def _push_oci(
 
 
 def _release_image(request: StepRequest, tag: str) -> str | None:
-    repo = request.inputs.get("setup", {}).get("release_image_repo")
+    repo = request.outputs_from("setup").get("release_image_repo")
     return f"{repo}:{tag}" if repo else None

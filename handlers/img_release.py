@@ -34,7 +34,7 @@ async def run(request: StepRequest) -> dict[str, Any]:
     settings = for_request(request)
     tag = request.output_of("tag-release", "tag")
     if not tag:
-        reason = request.inputs.get("tag-release", {}).get("skipped_reason") or "no release tag"
+        reason = request.outputs_from("tag-release").get("skipped_reason") or "no release tag"
         request.log.line(f"not releasing the image: {reason}")
         return {"release_image_url": None, "release_image_digest": None, "skipped_reason": reason}
     if git.parse_version(str(tag)) is None:

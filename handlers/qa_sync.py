@@ -47,7 +47,7 @@ async def run(request: StepRequest) -> dict[str, Any]:
     settings = for_request(request)
     commit = request.output_of("gitops", "commit")
     if not commit:
-        reason = request.inputs.get("gitops", {}).get("skipped_reason") or "no GitOps commit"
+        reason = request.outputs_from("gitops").get("skipped_reason") or "no GitOps commit"
         request.log.line(f"not waiting for Argo CD: {reason}")
         return {
             "application": None,

@@ -153,7 +153,12 @@ class StepCommand(_Message):
     repo: str
     ref: str
     commit: str
-    inputs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    inputs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="the outputs of the steps upstream, by step name")
+    sources: dict[str, StepName] | None = Field(
+        default=None, description="which step of `inputs` made what each handler the step's "
+        "handler reads: producing handler -> step (the pipeline's resolved `inputs:`); "
+        "absent in commands of runs pinned before, whose handlers read `inputs` by step name")
     token: Annotated[str, StringConstraints(max_length=64)] = Field(
         default="", description="the attempt's token; its result must bring it back")
     env: dict[EnvName, str] = Field(default_factory=dict, description="the step's `env:`")

@@ -527,6 +527,7 @@ class _Builder:
             settings=spec.with_, script=spec.run, timeout=spec.timeout,
             repo=self.run.repo, ref=self.run.ref, commit=self.run.commit,
             inputs=self.run.outputs_of(self.decider.upstream.get(name, ())),
+            sources=dict(spec.inputs) if spec.inputs is not None else None,
             env=env, secrets=spec.secrets, network=spec.network,
             origin=self.pipeline.origin,
         )

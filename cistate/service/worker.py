@@ -186,7 +186,7 @@ class Worker:
             run_id=str(command.run_id), repo=command.repo, ref=command.ref,
             commit=command.commit, step=command.step, attempt=command.attempt,
             settings=command.settings, script=command.script, inputs=command.inputs,
-            workdir=sandbox.work, log=step_log, sandbox=sandbox,
+            workdir=sandbox.work, log=step_log, sandbox=sandbox, sources=command.sources,
         )
         try:
             if failure is not None:

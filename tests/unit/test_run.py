@@ -87,7 +87,7 @@ def _assert_started(decision: r.Decision, h: Harness, step: str, attempt: int,
     assert command.body == StepCommand(
         run_id=h.run_id, step=step, attempt=attempt, uses=spec.uses, settings=spec.with_,
         timeout=spec.timeout, repo=REPO, ref=h.state.ref or "refs/heads/main", commit=SHA,
-        inputs=inputs,
+        inputs=inputs, sources=spec.inputs,
     )
     timer = _only(decision, "control")
     assert timer.body == Control(run_id=h.run_id, action="timeout", step=step, attempt=attempt)
@@ -259,6 +259,12 @@ def test_the_image_and_the_chart_are_released_at_once_and_gitops_waits_for_both(
     for name in ("img-release", "helm-release"):
         command = _only(decision, f"step.{name}.run").body
         assert isinstance(command, StepCommand) and command.inputs == inputs
+    # helm-release runs beside img-release, so it reads none of its outputs (it names the
+    # image from setup's release_image_repo); img-release reads build's
+    assert _only(decision, "step.helm-release.run").body.sources == {
+        "setup": "setup", "tag-release": "tag-release"}
+    assert _only(decision, "step.img-release.run").body.sources == {
+        "setup": "setup", "build": "build", "tag-release": "tag-release"}
     assert types(h.send(h.ok("helm-release", {"chart_version": "1.2.3"}))) == [
         "step.succeeded"]
     decision = h.send(h.ok("img-release", {"release_image_url": "r/shop:1.2.3"}))
