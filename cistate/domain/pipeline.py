@@ -315,9 +315,7 @@ class Pipeline:
     def reading_repo_file(self) -> Pipeline:
         """This pipeline with the built-in step that reads the repository's own pipeline
         first: every step that would start with the run waits for it."""
-        builtin = Step(name=REPO_PIPELINE_STEP, uses=REPO_PIPELINE_HANDLER, retries=2,
-                       timeout=300.0)
-        return _with_first_step(self, builtin, self.origin, self.source)
+        return _with_first_step(self, _repo_file_step(), self.origin, self.source)
 
     def step(self, name: str) -> Step:
         for step in self.steps:
@@ -347,6 +345,12 @@ def _step_spec(step: Step) -> dict[str, Any]:
 def spec_sha256(spec: Mapping[str, Any]) -> str:
     canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _repo_file_step() -> Step:
+    """The built-in step that reads the repository's pipeline file (it reads no outputs)."""
+    return Step(name=REPO_PIPELINE_STEP, uses=REPO_PIPELINE_HANDLER, retries=2, timeout=300.0,
+                inputs={})
 
 
 def _with_first_step(pipeline: Pipeline, first: Step, origin: Origin, source: str) -> Pipeline:
@@ -421,9 +425,7 @@ def parse_repo_file(text: str, source: str,
     """A repository's own pipeline, as its run pins it: the built-in step that read it
     first (succeeded by then), every step that would start with the run after it."""
     pipeline = parse(text, source, known_handlers, origin="repo")
-    builtin = Step(name=REPO_PIPELINE_STEP, uses=REPO_PIPELINE_HANDLER, retries=2,
-                   timeout=300.0)
-    return _with_first_step(pipeline, builtin, "repo", source)
+    return _with_first_step(pipeline, _repo_file_step(), "repo", source)
 
 
 def _check_repo_steps(spec: _PipelineSpec, source: str) -> None:
