@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import handlers
+from cistate.bootstrap import load_default
 from cistate.domain import pipeline as p
 from cistate.domain import run as r
 from cistate.domain.messages import StepCommand
@@ -338,7 +339,7 @@ def test_each_handler_declares_exactly_the_handlers_whose_outputs_it_reads() -> 
 
 
 def test_the_packaged_and_example_pipelines_load_with_the_handlers_inputs() -> None:
-    default = p.load_default(KNOWN)
+    default = load_default(KNOWN)
     assert default.step("gitops").inputs == {"setup": "setup", "helm-release": "helm-release"}
     examples = Path(__file__).resolve().parents[2] / "examples"
     for path in sorted(examples.glob("*.yaml")):
