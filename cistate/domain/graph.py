@@ -36,6 +36,7 @@ import difflib
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 from cistate.domain.status import (
@@ -75,9 +76,27 @@ class Graph:
     finally_steps: tuple[str, ...]  # in file order
     needs: Mapping[str, tuple[str, ...]]
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         return self.steps + self.finally_steps
+
+    # Worked out once per graph (a decision asks the scheduling questions several times):
+    # the topological order of each list, as _topological gives it.
+    @cached_property
+    def steps_order(self) -> tuple[str, ...]:
+        return tuple(_topological(self.steps, self.needs))
+
+    @cached_property
+    def finally_order(self) -> tuple[str, ...]:
+        return tuple(_topological(self.finally_steps, self.needs))
+
+    def order(self, names: tuple[str, ...]) -> Sequence[str]:
+        """_topological(names, needs) for the graph's own lists, without working it out."""
+        if names is self.steps:
+            return self.steps_order
+        if names is self.finally_steps:
+            return self.finally_order
+        return _topological(names, self.needs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,8 +226,7 @@ def _topological(names: tuple[str, ...], needs: Mapping[str, tuple[str, ...]]) -
 def topological_order(graph: Graph) -> list[str]:
     """Every step so that each comes after its needs: the main steps, then the finally steps
     (which run after all of them); ties go in file order. For drawing and for walking."""
-    return (_topological(graph.steps, graph.needs)
-            + _topological(graph.finally_steps, graph.needs))
+    return [*graph.steps_order, *graph.finally_order]
 
 
 def ready(graph: Graph, states: Mapping[str, str], fail_fast: bool = True) -> list[str]:
@@ -243,7 +261,7 @@ def unreachable(graph: Graph, states: Mapping[str, str], fail_fast: bool = True)
     status = _statuses(graph, states)
     stopped = _first_failure(graph, status) if fail_fast else None
     blocked: dict[str, str] = {}  # skipped steps too: they pass on what blocks their needs
-    for name in _topological(graph.steps, graph.needs):
+    for name in graph.steps_order:
         if status[name] not in (StepStatus.PENDING, StepStatus.SKIPPED):
             continue
         for need in graph.needs[name]:
@@ -364,7 +382,7 @@ def _cleared(
     """The steps whose dependents may go on: those in a `done` state, and skipped ones whose
     needs are all cleared, so that skipping a step never lets the next one jump ahead."""
     cleared: set[str] = set()
-    for name in _topological(names, graph.needs):
+    for name in graph.order(names):
         if status[name] is StepStatus.SKIPPED:
             if all(need in cleared for need in graph.needs[name]):
                 cleared.add(name)
@@ -380,14 +398,16 @@ def _first_failure(graph: Graph, status: Mapping[str, StepStatus]) -> str | None
 def _statuses(graph: Graph, states: Mapping[str, str]) -> dict[str, StepStatus]:
     """Every step's state as a StepStatus; a missing step or an unknown state is a caller's
     mistake that would otherwise read as "not ready" and leave a run hanging."""
+    try:
+        return {name: _BY_VALUE[states[name]] for name in graph.names}
+    except KeyError:
+        pass
     missing = [name for name in graph.names if name not in states]
     if missing:
         raise ValueError(f"no state given for step(s) {', '.join(missing)}")
-    status: dict[str, StepStatus] = {}
-    for name in graph.names:
-        try:
-            status[name] = StepStatus(states[name])
-        except ValueError:
-            raise ValueError(f"step {name!r} has state {states[name]!r}, not one of "
-                             f"{', '.join(StepStatus)}") from None
-    return status
+    wrong = next(name for name in graph.names if states[name] not in _BY_VALUE)
+    raise ValueError(f"step {wrong!r} has state {states[wrong]!r}, not one of "
+                     f"{', '.join(StepStatus)}")
+
+
+_BY_VALUE: dict[str, StepStatus] = {status.value: status for status in StepStatus}

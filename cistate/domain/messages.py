@@ -55,6 +55,62 @@ class _Message(BaseModel):
 
 def storable_problem(data: Any, where: str = "", depth: int = 0) -> str | None:
     """Why `data` (a JSON value) cannot be stored as it is, naming where; None if it can."""
+    if _fits(data, depth):
+        return None  # the usual case, without building a path for every value
+    return _problem(data, where, depth)
+
+
+def _fits(data: Any, depth: int) -> bool:
+    """Whether _problem would find nothing in `data`: the same rules, without the names.
+    Every message passes here (each hop validates a few), so the plain values of a container
+    are checked in its loop instead of by a call each."""
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(data, str):
+        return _text_fits(data)
+    if isinstance(data, dict):
+        if data and depth >= _MAX_DEPTH:
+            return False  # its values would be nested too deep
+        for key, value in data.items():
+            if isinstance(key, str) and not _text_fits(key):
+                return False
+            if not _value_fits(value, depth + 1):
+                return False
+        return True
+    if isinstance(data, list | tuple):
+        if data and depth >= _MAX_DEPTH:
+            return False
+        return all(_value_fits(value, depth + 1) for value in data)
+    if isinstance(data, int) and not isinstance(data, bool):
+        return -_INT_LIMIT <= data < _INT_LIMIT
+    return True
+
+
+def _value_fits(value: Any, depth: int) -> bool:
+    kind = type(value)
+    if kind is str:
+        return "\x00" not in value and (value.isascii() or _encodes(value))
+    if kind is int:
+        return bool(-_INT_LIMIT <= value < _INT_LIMIT)
+    if kind is float or kind is bool or value is None:
+        return True
+    return _fits(value, depth)
+
+
+def _text_fits(text: str) -> bool:
+    return "\x00" not in text and (text.isascii() or _encodes(text))
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _problem(data: Any, where: str = "", depth: int = 0) -> str | None:
+    """storable_problem's walk, naming where the first problem is."""
     if depth > _MAX_DEPTH:
         return f"{where or 'body'}: nested deeper than {_MAX_DEPTH} levels"
     if isinstance(data, str):
@@ -75,7 +131,7 @@ def storable_problem(data: Any, where: str = "", depth: int = 0) -> str | None:
         return None
     if isinstance(data, list | tuple):
         for index, value in enumerate(data):
-            problem = storable_problem(value, f"{where}[{index}]", depth + 1)
+            problem = _problem(value, f"{where}[{index}]", depth + 1)
             if problem:
                 return problem
     return None

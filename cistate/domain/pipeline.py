@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import hashlib
 import json
 import random
@@ -318,10 +319,11 @@ class Pipeline:
         return _with_first_step(self, _repo_file_step(), self.origin, self.source)
 
     def step(self, name: str) -> Step:
-        for step in self.steps:
-            if step.name == name:
-                return step
-        raise KeyError(name)
+        return self._by_name[name]
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, Step]:
+        return {step.name: step for step in self.steps}
 
     @property
     def step_names(self) -> tuple[str, ...]:

@@ -66,6 +66,11 @@ class StepState:
             "finished_at": _iso(self.finished_at),
         }
 
+    def copy(self) -> StepState:
+        """A shallow copy (dataclasses.replace, without its look at the fields each time)."""
+        return StepState(self.name, self.state, self.attempts, self.outputs, self.error,
+                         self.started_at, self.finished_at)
+
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StepState:
         return cls(
@@ -158,7 +163,7 @@ class RunState:
         """A copy that events may be applied to without touching this state: its steps are
         copied, their outputs and errors shared (apply replaces those, never changes them)."""
         return dataclasses.replace(
-            self, steps={name: dataclasses.replace(step) for name, step in self.steps.items()},
+            self, steps={name: step.copy() for name, step in self.steps.items()},
             active=list(self.active))
 
 
@@ -466,12 +471,12 @@ class _Builder:
         self.decision = Decision()
         self.run_state = state.machine_status  # the run machine's, as this decision leads it
         self.cancel_reason: str | None = None
+        self.meta = _meta(message_id, state.id, actor)  # every event's, before its own
 
     # -- helpers
 
     def event(self, type_: E, data: dict[str, Any], **meta: Any) -> None:
-        self.decision.events.append(
-            NewEvent(type_, data, _meta(self.message_id, self.run.id, self.actor, **meta)))
+        self.decision.events.append(NewEvent(type_, data, {**self.meta, **meta}))
         apply(self.run, type_, data, self.now)
 
     def fire(self, trigger: str, situation: m.Situation | None = None) -> str:

@@ -10,10 +10,12 @@ from typing import Any, cast
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cistate.adapters.postgres.store import Append, OutboxRow
 from cistate.config import RepoSettings
-from cistate.domain.messages import storable_problem
+from cistate.domain.messages import _problem, storable_problem
 from cistate.domain.repos import RepoPolicy
 from cistate.service.orchestrator import GroupCommit
 
@@ -95,3 +97,29 @@ async def test_one_bad_message_in_a_group_commit_fails_alone() -> None:
     assert outcomes[:3] == [[], [], []]
     assert isinstance(outcomes[3], asyncpg.DataError)
     assert store.committed == good
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False)
+    | st.integers(min_value=-(2**65), max_value=2**65) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=12)
+
+
+@given(_JSONISH)
+def test_the_fast_check_refuses_exactly_what_the_named_walk_refuses(data: Any) -> None:
+    assert (storable_problem(data) is None) == (_problem(data) is None)
+
+
+@pytest.mark.parametrize("levels", [63, 64, 65, 66])
+def test_nesting_is_refused_past_the_same_depth_either_way(levels: int) -> None:
+    for leaf in (1, "x", [], {}):
+        data: Any = leaf
+        for _ in range(levels):
+            data = [data]
+        assert (storable_problem(data) is None) == (_problem(data) is None)
+        wrapped: Any = leaf
+        for _ in range(levels):
+            wrapped = {"k": wrapped}
+        assert (storable_problem(wrapped) is None) == (_problem(wrapped) is None)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cistate"
 # it is built on: pydantic for the specs, transitions for the machines, yaml/orjson parsing)
 DOMAIN_MAY_IMPORT = {
     "__future__", "collections", "copy", "dataclasses", "datetime", "difflib", "enum",
-    "fnmatch", "hashlib", "heapq", "hmac", "json", "random", "re", "typing", "uuid",
+    "fnmatch", "functools", "hashlib", "heapq", "hmac", "json", "random", "re", "typing", "uuid",
     "orjson", "pydantic", "transitions", "yaml", "cistate.domain",
 }
 
