@@ -70,6 +70,7 @@ class Worker:
             load_scopes(self.sandbox.secret_scopes, self.sandbox.secret_scopes_file))
         # the worker's own credentials, masked in every result should a tool print one
         self.own_credentials = worker_credentials(os.environ)
+        self._own_masker = Masker(self.own_credentials)  # a step without secrets gets it
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._running: dict[tuple[str, str, int], asyncio.Task[StepResult]] = {}
         self._cancelled: set[tuple[str, str, int]] = set()
@@ -146,7 +147,7 @@ class Worker:
         try:
             await self.bus.publish(
                 f"step.{command.step}.result",
-                result.model_dump(mode="json"),
+                result.model_dump_json().encode(),
                 derived_id(command_id, "result"),
                 sender=f"handler:{self.worker_id}",
             )
@@ -174,7 +175,8 @@ class Worker:
                                            repo_pipeline=command.origin == "repo")
         except StepFailed as exc:
             failure = exc  # before anything runs
-        masker = Masker([*(secret.value for secret in secrets), *self.own_credentials])
+        masker = (Masker([*(secret.value for secret in secrets), *self.own_credentials])
+                  if secrets else self._own_masker)
         step_log = StepLog(masker=masker)  # in memory: the result carries it to the store
         sandbox = Sandbox(
             settings=self.sandbox, attempt=attempt_dir,

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+from pydantic import BaseModel
 
 from cistate import SOURCE_ROOT
 from cistate.domain.events import (
@@ -145,10 +146,19 @@ def _violation(exc: asyncpg.UniqueViolationError, item: Append) -> Conflict | Du
 
 @dataclass(frozen=True)
 class OutboxRow:
+    """A row to publish: its body as stored (a dict, read back by the relay), or as the JSON
+    text it was stored from (bytes: the orchestrator's own rows, encoded once for both)."""
+
     id: int
     message_id: uuid.UUID
     routing_key: str
-    body: dict[str, Any]
+    body: dict[str, Any] | bytes
+
+
+def encoded_body(body: BaseModel) -> bytes:
+    """An outgoing message's body as JSON, as it is stored and published (aliases: `with`,
+    `run`), serialised once by pydantic for both."""
+    return body.model_dump_json(by_alias=True).encode()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -281,7 +291,7 @@ class Store:
         runs: list[list[Any]] = [[] for _ in range(15)]
         logs: list[list[Any]] = [[], [], [], []]
         out: list[list[Any]] = [[], [], [], []]
-        bodies: list[list[dict[str, Any]]] = []
+        bodies: list[list[bytes]] = []
         notify = False
         for item in items:
             s, first = item.state, item.expected_version + 1
@@ -296,10 +306,10 @@ class Store:
             if item.log is not None:
                 for column, value in zip(logs, (s.id, *item.log), strict=True):
                     column.append(value)
-            item_bodies = [o.body.model_dump(mode="json", by_alias=True) for o in item.outgoing]
+            item_bodies = [encoded_body(o.body) for o in item.outgoing]
             bodies.append(item_bodies)
             for o, body in zip(item.outgoing, item_bodies, strict=True):
-                for column, value in zip(out, (o.message_id, o.routing_key, body,
+                for column, value in zip(out, (o.message_id, o.routing_key, body.decode(),
                                                o.not_before or item.outbox_grace), strict=True):
                     column.append(value)
             notify = notify or bool(item.outgoing and item.outbox_grace is None)
@@ -720,7 +730,8 @@ WITH RECURSIVE new AS (
   ON CONFLICT DO NOTHING
 )
 INSERT INTO outbox (message_id, routing_key, body, not_before)
-SELECT * FROM unnest($27::uuid[], $28::text[], $29::jsonb[], $30::timestamptz[])
+SELECT m, k, b::jsonb, t FROM unnest($27::uuid[], $28::text[], $29::text[], $30::timestamptz[])
+  AS o(m, k, b, t)
 RETURNING id, message_id
 """
 
