@@ -52,6 +52,7 @@ from cistate.domain.events import dumps
 log = structlog.get_logger("cistate.bus")
 
 REASON_HEADER = "x-cistate-reason"
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # A message redelivered this often (a handler that crashes its process every time) is
 # dead-lettered by the broker instead of looping forever.
 DELIVERY_LIMIT = 20
@@ -379,16 +380,23 @@ class Bus:
             all_headers[SENDER_HEADER] = sender
             all_headers[SIGNATURE_HEADER] = self.signer.sign(
                 routing_key, str(message_id), sender, payload)
+        robust = self._chan  # the exchange's channel
+        if robust.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{robust!r} closed")
         try:
-            await self._exchange.publish(
-                aio_pika.Message(
-                    payload,
-                    message_id=str(message_id),
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    headers=all_headers,
-                ),
+            # What aio-pika's Exchange.publish does, without building an aio_pika.Message
+            # to turn into these properties: this runs for every command and result.
+            channel = await robust.get_underlay_channel()
+            await channel.basic_publish(
+                payload,
+                exchange=self._exchange.name,
                 routing_key=routing_key,
+                properties=aiormq.spec.Basic.Properties(
+                    content_type="application/json",
+                    delivery_mode=PERSISTENT,
+                    headers=all_headers,
+                    message_id=str(message_id),
+                ),
                 mandatory=mandatory,
             )
         except aiormq.exceptions.PublishError:
