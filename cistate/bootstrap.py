@@ -179,9 +179,11 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 channel = await app.bus.consumer_channel(prefetch=64)
                 queue = await app.bus.declare_orchestrator(channel=channel)
                 await queue.consume(app.orchestrator.on_message, no_ack=False)
-                relay = Relay(app.store, app.bus)
+                relay = Relay(app.store, app.bus, held=app.orchestrator.held)
                 background.append(asyncio.create_task(relay.run_forever()))
                 background.append(asyncio.create_task(app.orchestrator.flush_sent_forever()))
+                background.append(asyncio.create_task(
+                    app.orchestrator.renew_leases_forever()))
             if "worker" in roles:
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)

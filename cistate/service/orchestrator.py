@@ -44,8 +44,13 @@ log = structlog.get_logger("cistate.orchestrator")
 
 MAX_CONFLICT_RETRIES = 20
 CACHE_SIZE = 10_000
-# How long the relay leaves an orchestrator's own rows alone before publishing them itself.
+# How long the relay leaves an orchestrator's own rows alone before publishing them itself:
+# a lease, renewed while this process still publishes them (a confirm may take longer under
+# load), so that only the rows of a process that stopped, or failed to publish, are
+# published again. A row held this long in all is left to the relay anyway.
 OUTBOX_GRACE = timedelta(seconds=5)
+OUTBOX_RENEW_SECONDS = 1.0
+OUTBOX_MAX_HOLD = timedelta(seconds=60)
 REQUEUE_PAUSE_SECONDS = 1.0
 
 
@@ -99,6 +104,9 @@ class Orchestrator:
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
         self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
         self._sent: list[int] = []
+        # outbox rows this process publishes, or published and has not marked sent yet:
+        # id -> (when it took them, when their lease in the table ends)
+        self._held: dict[int, tuple[datetime, datetime]] = {}
         self._commits = GroupCommit(store)
         self._flusher: asyncio.Task[None] | None = None
         self.outcomes: Counter[str] = Counter()  # messages handled, by outcome (metrics)
@@ -231,7 +239,7 @@ class Orchestrator:
             self._remember(state)
             if decision.pinned is not None and state.pipeline_sha256 is not None:
                 self.deciders.remember(state.pipeline_sha256, decision.pinned)
-            await self._publish(rows)
+            await self._publish(rows, now, now + OUTBOX_GRACE)
             return Outcome(run_id, status, decision.events[-1].type, state)
         raise RuntimeError(f"run {run_id}: gave up after {MAX_CONFLICT_RETRIES} conflicts")
 
@@ -251,15 +259,61 @@ class Orchestrator:
         while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
 
-    async def _publish(self, rows: list[OutboxRow]) -> None:
+    async def _publish(self, rows: list[OutboxRow], since: datetime, lease: datetime) -> None:
         if self.bus is None or not rows:
             return
-        if len(rows) == 1:  # the usual case: no task for gather to wrap it in
-            await self.bus.publish(rows[0].routing_key, rows[0].body, rows[0].message_id)
-        else:
-            await asyncio.gather(*(
-                self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
+        for row in rows:
+            self._held[row.id] = (since, lease)
+        try:
+            if len(rows) == 1:  # the usual case: no task for gather to wrap it in
+                await self.bus.publish(rows[0].routing_key, rows[0].body, rows[0].message_id)
+            else:
+                await asyncio.gather(*(
+                    self.bus.publish(row.routing_key, row.body, row.message_id)
+                    for row in rows))
+        except BaseException:
+            for row in rows:  # not published: the relay's, once their lease ends
+                self._held.pop(row.id, None)
+            raise
         self._sent.extend(row.id for row in rows)
+
+    def held(self) -> list[int]:
+        """The outbox rows this process is publishing (or published and has not marked sent
+        yet), which the relay of this process leaves alone however long their confirms
+        take; none that it has held longer than OUTBOX_MAX_HOLD."""
+        oldest = datetime.now(UTC) - OUTBOX_MAX_HOLD
+        return [row for row, (since, _) in self._held.items() if since > oldest]
+
+    # -- background: keeping the lease of rows still being published
+
+    async def renew_leases_forever(self, interval: float = OUTBOX_RENEW_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.renew_leases()
+
+    async def renew_leases(self) -> int:
+        """Move the lease of held rows whose lease ends within half the grace on by
+        OUTBOX_GRACE, so that another process's relay does not publish them again while
+        this one still waits for their confirms; returns how many. A process that stops
+        renews nothing: its rows fall due within OUTBOX_GRACE, and any relay publishes them."""
+        now = datetime.now(UTC)
+        soon, oldest = now + OUTBOX_GRACE / 2, now - OUTBOX_MAX_HOLD
+        ids = [row for row, (since, lease) in self._held.items()
+               if lease <= soon and since > oldest]
+        if not ids:
+            return 0
+        lease = now + OUTBOX_GRACE
+        try:
+            await self.store.renew_outbox_lease(ids, lease)
+        except Exception:
+            log.warning("could not renew the lease of outbox rows being published; the relay "
+                        "may publish them again", count=len(ids), exc_info=True)
+            return 0
+        for row in ids:
+            held = self._held.get(row)
+            if held is not None:
+                self._held[row] = (held[0], lease)
+        return len(ids)
 
     # -- operator requests (API and CLI): rejections are answered, not recorded
 
@@ -295,6 +349,9 @@ class Orchestrator:
             except Exception:
                 # Unmarked rows get published again by the relay; consumers dedupe them.
                 log.warning("could not mark outbox rows sent", count=len(ids), exc_info=True)
+            finally:
+                for row in ids:
+                    self._held.pop(row, None)
 
 
 class GroupCommit:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -23,10 +24,16 @@ log = structlog.get_logger("cistate.relay")
 
 
 class Relay:
-    def __init__(self, store: Store, bus: Bus, poll_interval: float = 0.5) -> None:
+    """`held`: the outbox rows an orchestrator of this process is still publishing (it
+    renews their lease in the table for the relays of other processes); this relay leaves
+    them alone even when their lease has ended, as it may on a loaded machine."""
+
+    def __init__(self, store: Store, bus: Bus, poll_interval: float = 0.5,
+                 held: Callable[[], Sequence[int]] | None = None) -> None:
         self.store = store
         self.bus = bus
         self.poll_interval = poll_interval
+        self.held = held
         self._wake = asyncio.Event()
         self.published = 0
 
@@ -54,7 +61,8 @@ class Relay:
 
     async def publish_due(self, limit: int = 500) -> int:
         """Publish one batch of due rows; returns how many."""
-        async with self.store.due_outbox(limit) as rows:
+        skip = self.held() if self.held is not None else ()
+        async with self.store.due_outbox(limit, skip) as rows:
             await asyncio.gather(*(
                 self.bus.publish(row.routing_key, row.body, row.message_id) for row in rows))
         self.published += len(rows)

@@ -331,16 +331,27 @@ class Store:
             await self.pool.execute(
                 "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", list(ids))
 
+    async def renew_outbox_lease(self, ids: Sequence[int], until: datetime) -> None:
+        """Unsent rows of `ids` are not due before `until` (their publisher still waits for
+        their confirms); rows a relay has locked are skipped: it is publishing them."""
+        await self.pool.execute(
+            "UPDATE outbox SET not_before = $2 WHERE id IN (SELECT id FROM outbox"
+            " WHERE id = ANY($1::bigint[]) AND sent_at IS NULL FOR UPDATE SKIP LOCKED)",
+            list(ids), until)
+
     @asynccontextmanager
-    async def due_outbox(self, limit: int = 500) -> AsyncIterator[list[OutboxRow]]:
-        """Rows due for publishing, locked for this relay until the block exits; the caller
-        publishes them and they are marked sent when the block exits without error."""
+    async def due_outbox(self, limit: int = 500, skip: Sequence[int] = ()
+                         ) -> AsyncIterator[list[OutboxRow]]:
+        """Rows due for publishing but those in `skip`, locked for this relay until the
+        block exits; the caller publishes them and they are marked sent when the block
+        exits without error."""
         async with self.pool.acquire() as conn, conn.transaction():
             records = await conn.fetch(
                 "SELECT id, message_id, routing_key, body FROM outbox"
                 " WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())"
+                " AND NOT id = ANY($2::bigint[])"
                 " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                limit,
+                limit, list(skip),
             )
             rows = [OutboxRow(r["id"], r["message_id"], r["routing_key"], r["body"])
                     for r in records]
