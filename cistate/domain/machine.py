@@ -73,6 +73,9 @@ class _Probe:
     state: str
 
 
+_ILLEGAL = "\x00illegal"  # never a state: the trigger may not fire there
+
+
 class _Judge:
     """One `transitions` Machine over a probe model; `next_state` asks it."""
 
@@ -80,6 +83,8 @@ class _Judge:
 
     def __init__(self, states: Sequence[str], initial: str) -> None:
         self.states = list(states)
+        self._known = frozenset(states)
+        self._answers: dict[tuple[str, str, Situation], str] = {}
         self._probe = _Probe()
         self._machine = Machine(
             model=self._probe,
@@ -99,16 +104,30 @@ class _Judge:
 
     def next_state(self, state: str, trigger: str, situation: Situation | None = None,
                    what: str | None = None) -> str:
-        """Where `trigger` takes a model in `state`; IllegalTransition if it may not fire."""
+        """Where `trigger` takes a model in `state`; IllegalTransition if it may not fire.
+
+        The machine has no callbacks and its conditions look only at the situation, so its
+        answer for a (state, trigger, situation) never changes: each is asked once and
+        remembered (a decision asks a few; there are a few dozen of them in all)."""
+        situation = situation or Situation()
+        key = (state, trigger, situation)
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._ask(state, trigger, situation)
+            if state in self._known:
+                self._answers[key] = answer
+        if answer is _ILLEGAL:
+            raise IllegalTransition(state, trigger, what or self.kind)
+        return answer
+
+    def _ask(self, state: str, trigger: str, situation: Situation) -> str:
         probe = self._probe
         probe.state = state
         try:
-            fired = probe.trigger(trigger, situation or Situation())  # type: ignore[attr-defined]
+            fired = probe.trigger(trigger, situation)  # type: ignore[attr-defined]
         except (MachineError, AttributeError, ValueError):
-            raise IllegalTransition(state, trigger, what or self.kind) from None
-        if not fired:
-            raise IllegalTransition(state, trigger, what or self.kind)
-        return probe.state
+            return _ILLEGAL
+        return probe.state if fired else _ILLEGAL
 
     def transitions(self) -> list[tuple[str, str, str]]:
         """(trigger, source, dest) for every transition, for diagrams and docs."""
