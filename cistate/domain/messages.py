@@ -92,9 +92,13 @@ def _value_fits(value: Any, depth: int) -> bool:
         return "\x00" not in value and (value.isascii() or _encodes(value))
     if kind is int:
         return bool(-_INT_LIMIT <= value < _INT_LIMIT)
-    if kind is float or kind is bool or value is None:
+    if kind in _PLAIN:
         return True
     return _fits(value, depth)
+
+
+# values with nothing to check (a model's own fields, as the orchestrator builds commands)
+_PLAIN = frozenset({float, bool, type(None), uuid.UUID, datetime})
 
 
 def _text_fits(text: str) -> bool:

@@ -13,7 +13,6 @@ every step has ended, the run's end, judged by the run machine.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hmac
 import random
 import uuid
@@ -162,9 +161,13 @@ class RunState:
     def working_copy(self) -> RunState:
         """A copy that events may be applied to without touching this state: its steps are
         copied, their outputs and errors shared (apply replaces those, never changes them)."""
-        return dataclasses.replace(
-            self, steps={name: step.copy() for name, step in self.steps.items()},
-            active=list(self.active))
+        return RunState(
+            id=self.id, repo=self.repo, ref=self.ref, commit=self.commit,
+            pipeline=self.pipeline, pipeline_sha256=self.pipeline_sha256,
+            machine_state=self.machine_state, step=self.step,
+            steps={name: step.copy() for name, step in self.steps.items()},
+            active=list(self.active), push=self.push, version=self.version,
+            created_at=self.created_at, updated_at=self.updated_at)
 
 
 # ---------------------------------------------------------------------------------------
