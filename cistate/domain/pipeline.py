@@ -480,8 +480,10 @@ class Catalog:
 
     @property
     def step_names(self) -> tuple[str, ...]:
-        """Every step any deployment pipeline has, each once (what a worker serves)."""
-        return tuple(dict.fromkeys(name for p in self.all for name in p.step_names))
+        """Every step a worker runs in any deployment pipeline, each once (what a worker
+        serves; approval steps are the orchestrator's, no worker's)."""
+        return tuple(dict.fromkeys(s.name for p in self.all for s in p.steps
+                                   if not s.is_approval))
 
     @property
     def served(self) -> frozenset[tuple[str, str]]:
@@ -491,8 +493,9 @@ class Catalog:
 
     @property
     def handlers(self) -> tuple[str, ...]:
-        """The handlers the deployment's pipelines use, each once."""
-        return tuple(dict.fromkeys(s.uses for p in self.all for s in p.steps))
+        """The handlers the deployment's pipelines have workers run, each once."""
+        return tuple(dict.fromkeys(s.uses for p in self.all for s in p.steps
+                                   if not s.is_approval))
 
 
 def _check_steps(steps: Sequence[Step], finally_steps: Sequence[Step], source: str,

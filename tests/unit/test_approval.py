@@ -105,3 +105,11 @@ def test_approval_settings_are_checked_at_load() -> None:
     with pytest.raises(PipelineError, match="approvers is a list of names"):
         parse("name: x\nsteps:\n  - {name: g, uses: approval, with: {approvers: alice}}\n",
               "x.yaml", set())
+
+
+def test_no_worker_serves_an_approval_step() -> None:
+    from cistate.domain.pipeline import Catalog
+
+    catalog = Catalog(parse(GATED, "gated.yaml", {"noop"}))
+    assert catalog.step_names == ("build", "release")
+    assert catalog.handlers == ("noop",)
