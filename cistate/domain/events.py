@@ -41,6 +41,16 @@ class EventType(StrEnum):
     RUN_CANCELLED = "run.cancelled"
     RUN_RETRIED = "run.retried"
     MESSAGE_REJECTED = "message.rejected"
+    # a run's claims on a concurrency group or a lock (cistate.domain.resource)
+    CLAIM_REQUESTED = "claim.requested"
+    CLAIM_GRANTED = "claim.granted"
+    CLAIM_RELEASED = "claim.released"
+    # a resource's own stream
+    RESOURCE_QUEUED = "resource.queued"  # a claim waits behind the holder
+    RESOURCE_GRANTED = "resource.granted"  # a claim holds it now
+    RESOURCE_RELEASED = "resource.released"  # the holder handed it back
+    RESOURCE_WITHDRAWN = "resource.withdrawn"  # a waiting claim was given up
+    RESOURCE_SUPERSEDED = "resource.superseded"  # a newer run of the group replaces it
 
 
 @dataclass(frozen=True)

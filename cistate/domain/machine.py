@@ -46,7 +46,7 @@ FAIL = "fail"
 TIME_OUT = "time_out"
 SKIP = "skip"
 RESET = "reset"  # a retry of the run runs the step again
-WAIT = "wait"  # an approval step starts: it waits for a person
+WAIT = "wait"  # an approval step starts (it waits for a person), or a step waits for a lock
 APPROVE = "approve"
 REJECT = "reject"
 
@@ -181,7 +181,8 @@ class StepMachine(_Judge):
     def __init__(self, pipeline: Pipeline) -> None:
         super().__init__(STEP_STATES, PENDING)
         self.pipeline = pipeline
-        self._add(START, [PENDING, RETRYING], STEP_RUNNING)  # retrying: its timer is due
+        # retrying: its timer is due; waiting: the lock it waited for is its run's now
+        self._add(START, [PENDING, RETRYING, WAITING], STEP_RUNNING)
         self._add(SUCCEED, STEP_RUNNING, SUCCEEDED)
         for trigger, ended in ((FAIL, FAILED), (TIME_OUT, TIMED_OUT)):
             self._add(trigger, STEP_RUNNING, RETRYING, conditions=[_retry_left])

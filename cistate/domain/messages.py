@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -266,16 +267,22 @@ def outputs_size(outputs: dict[str, Any]) -> int:
     return len(json.dumps(outputs, separators=(",", ":"), default=str).encode())
 
 
-ControlAction = Literal["retry", "cancel", "retry_due", "timeout", "approve", "reject"]
+ControlAction = Literal["retry", "cancel", "retry_due", "timeout", "approve", "reject",
+                        "lock_timeout", "granted", "superseded"]
+# what only cistate itself sends a run (timers, and a resource's answers to its claims)
+INTERNAL_ACTIONS = frozenset({"retry_due", "timeout", "lock_timeout", "granted", "superseded"})
+ResourceName = Annotated[str, StringConstraints(min_length=6, max_length=512,
+                                                pattern=r"^(group|lock):")]
 
 
 class Control(_Message):
-    """Operator requests and timers for one run (routing key `control`).
+    """Operator requests, timers and resource answers for one run (routing key `control`).
 
-    `retry_due` and `timeout` are timers cistate sends itself through the outbox with a due
-    time; `retry`, `cancel`, `approve` and `reject` (of an approval step) come from
-    operators. Who asked is the message's signed sender
-    (cistate.adapters.rabbitmq.signing), never a field of the body.
+    `retry_due`, `timeout` and `lock_timeout` are timers cistate sends itself through the
+    outbox with a due time; `granted` and `superseded` are a concurrency group's or a lock's
+    answers to the run's claim on it (`resource`, `claim`); `retry`, `cancel`, `approve` and
+    `reject` (of an approval step) come from operators. Who asked is the message's signed
+    sender (cistate.adapters.rabbitmq.signing), never a field of the body.
     """
 
     run_id: uuid.UUID
@@ -283,6 +290,32 @@ class Control(_Message):
     step: StepName | None = None
     attempt: int | None = Field(default=None, ge=1, le=MAX_ATTEMPT)
     reason: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    resource: ResourceName | None = None
+    claim: uuid.UUID | None = None
+
+
+class ClaimRequest(_Message):
+    """A run asks for a concurrency group or a lock, or hands it back (routing key `claim`,
+    from cistate's own outbox). `claim` names this one request: a redelivery or a late
+    release of an older claim never touches a newer one."""
+
+    resource: ResourceName
+    action: Literal["acquire", "release"]
+    run_id: uuid.UUID
+    claim: uuid.UUID
+    step: StepName | None = None
+    supersede: bool = Field(default=False, description="cancel_in_progress: the group's "
+                            "older runs are cancelled (running) or superseded (waiting)")
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish once the events that decided it are stored (an outbox row)."""
+
+    routing_key: str
+    body: BaseModel
+    message_id: uuid.UUID
+    not_before: datetime | None = None
 
 
 class CancelStep(_Message):
@@ -298,5 +331,6 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "step-command": StepCommand,
     "step-result": StepResult,
     "control": Control,
+    "claim": ClaimRequest,
     "cancel-step": CancelStep,
 }

@@ -49,6 +49,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
 
@@ -108,6 +109,10 @@ def parse_duration(value: Any) -> Any:
 
 
 Seconds = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+LockName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
+DEFAULT_LOCK_TIMEOUT_SECONDS = 3600.0
+GROUP_VARIABLES = ("repo", "branch", "pipeline")
+_TEMPLATE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class PipelineError(ValueError):
@@ -181,6 +186,10 @@ class Step(_Spec):
     network: Network = "default"
     # the steps it waits for; None: the step before it in the file (the first: none)
     needs: Annotated[list[str], BeforeValidator(_needs_list)] | None = None
+    # a lock (`lock: dev-deploy`): one run at a time runs the steps that name it; the others
+    # wait (in arrival order) up to lock_timeout, then fail
+    lock: LockName | None = None
+    lock_timeout: Seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
     # where its handler's inputs come from: producing handler -> step. Written in the file
     # only to choose (`inputs: {setup: prepare}`); after parse, every input its handler reads
     # (the rest found upstream), which is what a run pins. None: a spec pinned before inputs
@@ -199,6 +208,9 @@ class Step(_Spec):
             raise ValueError(f"`run:` is only for `uses: script`, not `uses: {self.uses}`")
         if self.uses == APPROVAL_HANDLER:
             _check_approval(self.with_)
+            if self.lock is not None:
+                raise ValueError("an approval step cannot take a lock: it would hold it for "
+                                 "as long as a person takes; put `lock:` on the steps after it")
         unknown = self.retry_on - {"error", "timeout"}
         if unknown:
             raise ValueError(f"retry_on takes error and timeout, not {sorted(unknown)}")
@@ -247,6 +259,29 @@ class Step(_Spec):
         return f"branch {branch!r} does not match when.branches"
 
 
+class Concurrency(_Spec):
+    """`concurrency: {group: "${repo}/${branch}", cancel_in_progress: true}`: one run of a
+    group at a time; a newer run waits for the older one, or (cancel_in_progress) cancels
+    it and supersedes the older ones still waiting."""
+
+    group: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    cancel_in_progress: bool = False
+
+    @field_validator("group")
+    @classmethod
+    def _known_variables(cls, value: str) -> str:
+        unknown = sorted(set(_TEMPLATE_VARIABLE.findall(value)) - set(GROUP_VARIABLES))
+        if unknown:
+            raise ValueError(f"the group template knows ${{{'}, ${'.join(GROUP_VARIABLES)}}}, "
+                             f"not ${{{'}, ${'.join(unknown)}}}")
+        return value
+
+    def group_for(self, repo: str, branch: str | None, pipeline: str) -> str:
+        """The group's name for a run: the template with its variables filled in."""
+        values = {"repo": repo, "branch": branch or "", "pipeline": pipeline}
+        return _TEMPLATE_VARIABLE.sub(lambda match: values[match.group(1)], self.group)
+
+
 class _PipelineSpec(_Spec):
     name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
     # which repositories' pushes run it, as URL globs (a file in CISTATE_PIPELINES); none: any
@@ -255,6 +290,7 @@ class _PipelineSpec(_Spec):
     steps: list[Step] = Field(min_length=1)
     finally_: list[Step] = Field(default_factory=list, alias="finally")
     fail_fast: bool = True
+    concurrency: Concurrency | None = None
 
 
 def _check_approval(settings: dict[str, Any]) -> None:
@@ -286,6 +322,7 @@ class Pipeline:
     repos: tuple[str, ...] | None = None  # the repos whose pushes it is for (None: any)
     # deployment: a file of the deployment's; repo: read from the pushed repository
     origin: Origin = "deployment"
+    concurrency: Concurrency | None = None
     graph: step_graph.Graph = field(init=False, repr=False, compare=False)
     spec: Mapping[str, Any] = field(init=False, repr=False, compare=False)
     sha256: str = field(init=False, repr=False)
@@ -295,7 +332,7 @@ class Pipeline:
         graph = step_graph.build([s for s in self.steps if s.name not in final],
                                  [s for s in self.steps if s.name in final])
         object.__setattr__(self, "graph", graph)
-        spec = {
+        spec: dict[str, Any] = {
             "name": self.name,
             "repos": list(self.repos) if self.repos else None,
             "branches": list(self.branches) if self.branches else None,
@@ -303,6 +340,8 @@ class Pipeline:
             "finally": [_step_spec(s) for s in self.steps if s.name in final],
             "fail_fast": self.fail_fast,
         }
+        if self.concurrency is not None:  # absent otherwise: older pins keep their hashes
+            spec["concurrency"] = self.concurrency.model_dump(mode="json")
         object.__setattr__(self, "spec", spec)
         object.__setattr__(self, "sha256", spec_sha256(spec))
 
@@ -341,6 +380,8 @@ class Pipeline:
 
 def _step_spec(step: Step) -> dict[str, Any]:
     dumped: dict[str, Any] = step.model_dump(mode="json", by_alias=True)
+    if step.lock is None:  # absent: the specs (and hashes) of steps without a lock as before
+        del dumped["lock"], dumped["lock_timeout"]
     return dumped
 
 
@@ -368,7 +409,8 @@ def _with_first_step(pipeline: Pipeline, first: Step, origin: Origin, source: st
             steps.append(step)
     return Pipeline(name=pipeline.name, steps=tuple(steps), branches=pipeline.branches,
                     source=source, finally_steps=pipeline.finally_steps,
-                    fail_fast=pipeline.fail_fast, repos=pipeline.repos, origin=origin)
+                    fail_fast=pipeline.fail_fast, repos=pipeline.repos, origin=origin,
+                    concurrency=pipeline.concurrency)
 
 
 def from_spec(spec: Mapping[str, Any], source: str, origin: Origin = "deployment") -> Pipeline:
@@ -393,6 +435,7 @@ def _pipeline(spec: _PipelineSpec, source: str, origin: Origin) -> Pipeline:
         fail_fast=spec.fail_fast,
         repos=tuple(spec.repos) if spec.repos else None,
         origin=origin,
+        concurrency=spec.concurrency,
     )
 
 
@@ -437,6 +480,10 @@ def _check_repo_steps(spec: _PipelineSpec, source: str) -> None:
     if spec.repos is not None:
         raise PipelineError(f"{source}: field 'repos': a repository's own pipeline is for "
                             "that repository only; `repos:` is for the deployment's files")
+    if spec.concurrency is not None:
+        raise PipelineError(f"{source}: field 'concurrency': concurrency groups are the "
+                            "deployment's (its pipeline files), since they order the runs of "
+                            "every repository that shares one")
     steps = [("step", n, s) for n, s in enumerate(spec.steps, 1)]
     steps += [("finally step", n, s) for n, s in enumerate(spec.finally_, 1)]
     for kind, number, step in steps:
@@ -446,6 +493,10 @@ def _check_repo_steps(spec: _PipelineSpec, source: str) -> None:
                                 "that reads this file; choose another name")
         if step.uses == REPO_PIPELINE_HANDLER:
             raise PipelineError(f"{where}: field 'uses': {step.uses!r} is cistate's own")
+        if step.lock is not None:
+            raise PipelineError(
+                f"{where}: field 'lock': locks are the deployment's (a pushed pipeline could "
+                "hold one every other run waits for); the deployment's pipeline sets them")
         if step.with_:
             raise PipelineError(
                 f"{where}: field 'with': a repository's pipeline cannot set handler "

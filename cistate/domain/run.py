@@ -26,9 +26,19 @@ from pydantic import BaseModel
 from cistate.domain import graph as step_graph
 from cistate.domain import machine as m
 from cistate.domain import pipeline as p
+from cistate.domain import resource as res
 from cistate.domain.events import EventType as E
 from cistate.domain.events import NewEvent, derived_id
-from cistate.domain.messages import CancelStep, Control, Push, StepCommand, StepResult
+from cistate.domain.messages import (
+    INTERNAL_ACTIONS,
+    CancelStep,
+    ClaimRequest,
+    Control,
+    Outgoing,
+    Push,
+    StepCommand,
+    StepResult,
+)
 from cistate.domain.pipeline import Pipeline
 from cistate.domain.status import TERMINAL, StepStatus
 
@@ -39,6 +49,9 @@ RETRYING, TIMED_OUT = StepStatus.RETRYING.value, StepStatus.TIMED_OUT.value
 SKIPPED, CANCELLED = StepStatus.SKIPPED.value, StepStatus.CANCELLED.value
 WAITING = StepStatus.WAITING.value
 LIVE = frozenset({RUNNING, WAITING, RETRYING})
+
+# a run's hold on a concurrency group or a lock (RunState.holds)
+HOLD_WAITING, HOLD_HELD, HOLD_RELEASED = "waiting", "held", "released"
 
 # what a finally step's processes are told about the run so far
 OUTCOME_VARIABLE = "CISTATE_RUN_OUTCOME"
@@ -100,15 +113,22 @@ class RunState:
     steps: dict[str, StepState] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     push: dict[str, Any] = field(default_factory=dict)
+    # resource (group:<name> | lock:<name>) -> {claim, state: waiting | held | released, n}:
+    # the run's latest claim on each concurrency group and lock it asked for
+    holds: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
     @property
     def status(self) -> str:
-        """queued | running | waiting | succeeded | failed | cancelled (waiting: running, and
-        nothing but approval steps live: it waits for a person)"""
-        if self.machine_state in TERMINAL or self.machine_state == m.QUEUED:
+        """queued | running | waiting | succeeded | failed | cancelled (waiting: it waits for
+        its concurrency group, or nothing but steps waiting for a person or a lock live)"""
+        if self.machine_state in TERMINAL:
+            return self.machine_state
+        if self.waits_for_group() is not None:
+            return "waiting"
+        if self.machine_state == m.QUEUED:
             return self.machine_state
         live = [step.state for step in self.steps.values() if step.state in LIVE]
         if live and all(state == WAITING for state in live):
@@ -125,6 +145,18 @@ class RunState:
     @property
     def exists(self) -> bool:
         return self.version > 0
+
+    def waits_for_group(self) -> str | None:
+        """The concurrency group the run waits its turn in, if it does: no step starts
+        until the group is granted."""
+        for resource, hold in self.holds.items():
+            if res.kind_of(resource) == res.GROUP and hold["state"] == HOLD_WAITING:
+                return resource
+        return None
+
+    def hold_state(self, resource: str) -> str | None:
+        hold = self.holds.get(resource)
+        return hold["state"] if hold else None
 
     def outputs_of(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The outputs of those of `names` that succeeded: a step's inputs, given the steps
@@ -150,6 +182,7 @@ class RunState:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "rerun_of": self.push.get("rerun_of"),
+            "holds": {name: hold["state"] for name, hold in self.holds.items()},
         }
         if with_steps:
             body["steps"] = [s.to_json() for s in self.steps.values()]
@@ -166,7 +199,8 @@ class RunState:
             pipeline=self.pipeline, pipeline_sha256=self.pipeline_sha256,
             machine_state=self.machine_state, step=self.step,
             steps={name: step.copy() for name, step in self.steps.items()},
-            active=list(self.active), push=self.push, version=self.version,
+            active=list(self.active), push=self.push, holds=dict(self.holds),
+            version=self.version,
             created_at=self.created_at, updated_at=self.updated_at)
 
 
@@ -299,7 +333,22 @@ def _retried(s: RunState, d: dict[str, Any], at: datetime) -> None:
     s.machine_state, s.step = m.RUNNING, None
 
 
+def _claim_requested(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    s.holds[d["resource"]] = {"claim": d["claim"], "state": HOLD_WAITING, "n": d["n"]}
+
+
+def _claim_changed(state: str) -> Callable[[RunState, dict[str, Any], datetime], None]:
+    def change(s: RunState, d: dict[str, Any], at: datetime) -> None:
+        hold = s.holds.get(d["resource"])
+        if hold is not None and hold["claim"] == d["claim"]:
+            s.holds[d["resource"]] = {**hold, "state": state}  # a new dict: copies share them
+    return change
+
+
 _APPLY: dict[str, Any] = {
+    E.CLAIM_REQUESTED: _claim_requested,
+    E.CLAIM_GRANTED: _claim_changed(HOLD_HELD),
+    E.CLAIM_RELEASED: _claim_changed(HOLD_RELEASED),
     E.RUN_REQUESTED: _requested,
     E.RUN_PIPELINE_PINNED: _pinned,
     E.STEP_STARTED: _started,
@@ -320,16 +369,6 @@ _APPLY: dict[str, Any] = {
 
 # ---------------------------------------------------------------------------------------
 # decide
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message to publish once the events are stored (an outbox row)."""
-
-    routing_key: str
-    body: BaseModel
-    message_id: uuid.UUID
-    not_before: datetime | None = None
 
 
 @dataclass
@@ -425,6 +464,9 @@ class Decider:
             build.push(message)
         elif isinstance(message, StepResult):
             build.result(message)
+        elif message.action in INTERNAL_ACTIONS and actor != "system":
+            raise Rejected(f"{message.action!r} is cistate's own message (a timer or a "
+                           f"resource's answer); {actor} may not send it")
         elif message.action == "cancel":
             build.cancel(message)
         elif message.action == "retry":
@@ -433,8 +475,16 @@ class Decider:
             build.retry_due(message)
         elif message.action in ("approve", "reject"):
             build.decide_approval(message)
+        elif message.action == "granted":
+            build.granted(message)
+        elif message.action == "superseded":
+            build.superseded(message)
+        elif message.action == "lock_timeout":
+            build.lock_timeout(message)
         else:
             build.timeout(message)
+        if not build.decision.ignored:
+            build.let_go()
         return build.decision
 
     def rejection(
@@ -521,6 +571,9 @@ class _Builder:
         if spec.is_approval:
             self.wait_for_approval(name, attempt)
             return
+        if spec.lock is not None and self.run.hold_state(res.lock_resource(spec.lock)) != HOLD_HELD:
+            self.wait_for_lock(name, attempt)
+            return
         self.step_to(name, m.START)
         token = self.decider.token(self.run.id, name, attempt)
         started: dict[str, Any] = {"step": name, "attempt": attempt}
@@ -560,6 +613,23 @@ class _Builder:
             self.out("control", timer, derived_id(self.run.id, "timeout", name, attempt),
                      delay=seconds)
 
+    def wait_for_lock(self, name: str, attempt: int) -> None:
+        """A step whose lock another run holds waits for it: the run asks the lock (once for
+        all its steps that name it), and a timer fails the step if it waits too long."""
+        spec = self.pipeline.step(name)
+        assert spec.lock is not None
+        resource = res.lock_resource(spec.lock)
+        self.step_to(name, m.WAIT)
+        if self.run.hold_state(resource) != HOLD_WAITING:
+            self.claim(resource, name)
+        self.event(E.STEP_WAITING, {"step": name, "attempt": attempt, "lock": spec.lock,
+                                    "timeout": spec.lock_timeout}, attempt=attempt)
+        if spec.lock_timeout:
+            timer = Control(run_id=self.run.id, action="lock_timeout", step=name,
+                            attempt=attempt)
+            self.out("control", timer, derived_id(self.run.id, "lock_timeout", name, attempt),
+                     delay=spec.lock_timeout)
+
     def stop(self, name: str, message: str, reason: str | None = None) -> None:
         """Stop a live step: the worker running it is told, and its end is recorded as the
         worker would report it (a failure of kind `cancelled`), now, without waiting."""
@@ -591,11 +661,129 @@ class _Builder:
             return m.FAILED
         return m.CANCELLED if CANCELLED in ended else m.SUCCEEDED
 
+    # -- concurrency groups and locks: claims on resources (cistate.domain.resource)
+
+    def claim(self, resource: str, step: str | None, supersede: bool = False) -> None:
+        """Ask `resource` for a turn: claim.requested, and the request to the resource."""
+        hold = self.run.holds.get(resource)
+        n = hold["n"] + 1 if hold else 1
+        claim = derived_id(self.run.id, "claim", resource, n)
+        data: dict[str, Any] = {"resource": resource, "claim": str(claim), "n": n}
+        if step is not None:
+            data["step"] = step
+        if supersede:
+            data["supersede"] = True
+        self.event(E.CLAIM_REQUESTED, data)
+        request = ClaimRequest(resource=resource, action="acquire", run_id=self.run.id,
+                               claim=claim, step=step, supersede=supersede)
+        self.out("claim", request, derived_id(claim, "acquire"))
+
+    def lock_of(self, name: str) -> str | None:
+        if name not in self.graph.needs:
+            return None
+        lock = self.pipeline.step(name).lock
+        return res.lock_resource(lock) if lock is not None else None
+
+    def let_go(self) -> None:
+        """Hand back what the run no longer needs, whatever ended its need (a result, a
+        cancel, a timeout, a lock wait timing out, the run ending): a lock once no step
+        naming it is live, a concurrency group once the run has ended. A claim still
+        waiting is withdrawn the same way. Each claim is let go once (claim.released)."""
+        ended = self.run.machine_state in TERMINAL
+        for resource, hold in list(self.run.holds.items()):
+            if hold["state"] == HOLD_RELEASED:
+                continue
+            if not ended and (res.kind_of(resource) == res.GROUP
+                              or self.lock_needed(resource)):
+                continue
+            claim = uuid.UUID(hold["claim"])
+            self.event(E.CLAIM_RELEASED, {"resource": resource, "claim": hold["claim"],
+                                          "was": hold["state"]})
+            request = ClaimRequest(resource=resource, action="release", run_id=self.run.id,
+                                   claim=claim)
+            self.out("claim", request, derived_id(claim, "release"))
+
+    def lock_needed(self, resource: str) -> bool:
+        return any(step.state in LIVE and self.lock_of(name) == resource
+                   for name, step in self.run.steps.items())
+
+    def granted(self, control: Control) -> None:
+        """The group or lock the run waited for is its turn now: its steps go on."""
+        resource, claim = control.resource, control.claim
+        hold = self.run.holds.get(resource) if resource else None
+        if (resource is not None and claim is not None and hold is not None
+                and self.let_go_before(resource, claim, hold)):
+            # its release reached the resource before its request did (two relays or
+            # orchestrators) and changed nothing there: hand it back again, or nobody else
+            # ever gets a turn
+            self.event(E.CLAIM_RELEASED, {"resource": resource, "claim": str(claim),
+                                          "was": "granted late"})
+            request = ClaimRequest(resource=resource, action="release", run_id=self.run.id,
+                                   claim=claim)
+            self.out("claim", request, derived_id(claim, "release", self.message_id))
+            return
+        if (resource is None or claim is None or hold is None
+                or hold["claim"] != str(claim) or hold["state"] != HOLD_WAITING):
+            self.decision.ignored = ("stale grant: the run no longer waits for that claim "
+                                     "(it let go of it, or was granted it before)")
+            return
+        self.event(E.CLAIM_GRANTED, {"resource": resource, "claim": str(claim)})
+        if self.run.machine_state in TERMINAL:
+            return  # let_go hands it straight back
+        if res.kind_of(resource) == res.GROUP:
+            if self.run_state == m.QUEUED:
+                self.fire(m.START)
+            self.advance()
+            return
+        for name in self.graph.names:
+            step = self.run.steps.get(name)
+            if step is not None and step.state == WAITING and self.lock_of(name) == resource:
+                self.start(name, step.attempts)
+        self.advance()
+
+    def let_go_before(self, resource: str, claim: uuid.UUID, hold: dict[str, Any]) -> bool:
+        """`claim` is one of the run's claims on `resource` that it has let go: its latest
+        one, released, or an older one (a claim is replaced only once released)."""
+        if hold["claim"] == str(claim):
+            return bool(hold["state"] == HOLD_RELEASED)
+        return any(claim == derived_id(self.run.id, "claim", resource, n)
+                   for n in range(1, hold["n"]))
+
+    def superseded(self, control: Control) -> None:
+        """A newer run of the group (cancel_in_progress) takes this one's place."""
+        hold = self.run.holds.get(control.resource) if control.resource else None
+        if hold is None or control.claim is None or hold["claim"] != str(control.claim):
+            self.decision.ignored = "stale supersede: it names an older claim of the run"
+            return
+        if self.run.machine_state in TERMINAL:
+            self.decision.ignored = "superseded after the run had ended"
+            return
+        self.cancel(Control(run_id=self.run.id, action="cancel",
+                            reason=control.reason or "superseded"))
+
+    def lock_timeout(self, timer: Control) -> None:
+        if timer.step is None or timer.attempt is None:
+            raise Rejected(f"a {timer.action} timer must name its step and attempt")
+        step = self.run.steps.get(timer.step)
+        lock = self.lock_of(timer.step)
+        if (step is None or lock is None or step.state != WAITING
+                or step.attempts != timer.attempt or self.run_state != m.RUNNING):
+            self.decision.ignored = "stale lock timer: the step got its lock, or ended"
+            return
+        spec = self.pipeline.step(timer.step)
+        error = {"message": f"step {timer.step!r} waited {spec.lock_timeout:g}s for lock "
+                            f"{spec.lock!r} (lock_timeout) and another run still holds it",
+                 "kind": "lock_timeout", "retryable": False}
+        self.after_failure(timer.step, timer.attempt, E.STEP_TIMED_OUT, error, "lock_timeout")
+
     # -- what follows from the graph
 
     def advance(self) -> None:
         """Stop, skip and start what the graph says, until it says nothing more; then end
-        the run if every step has ended."""
+        the run if every step has ended. Nothing starts while the run waits its turn in its
+        concurrency group."""
+        if self.run.waits_for_group() is not None:
+            return
         graph, fail_fast = self.graph, self.pipeline.fail_fast
         while True:
             states = self.states()
@@ -676,12 +864,17 @@ class _Builder:
             return
         pipeline = self.pipeline
         active = [s.name for s in pipeline.steps if s.runs_on(push.branch)]
-        self.fire(m.START)
         self.event(E.RUN_REQUESTED, {
             "repo": push.repo, "ref": push.ref, "commit": push.commit,
             **pipeline.pinned(), "steps": list(pipeline.step_names), "active": active,
             "push": push.model_dump(mode="json", exclude_none=True),
         })
+        concurrency = pipeline.concurrency
+        if concurrency is not None:  # it starts when the group grants it its turn
+            group = concurrency.group_for(push.repo, push.branch, pipeline.name)
+            self.claim(res.group_resource(group), None, concurrency.cancel_in_progress)
+        else:
+            self.fire(m.START)
         for step in pipeline.steps:
             if step.name not in active:
                 self.skip(step.name, step.skip_reason(push.branch))
@@ -803,7 +996,9 @@ class _Builder:
             raise Rejected(f"a {timer.action} timer must name its step and attempt")
         waiting = self.run.steps.get(timer.step)
         if (waiting is not None and waiting.state == WAITING
-                and waiting.attempts == timer.attempt and self.run_state == m.RUNNING):
+                and waiting.attempts == timer.attempt and self.run_state == m.RUNNING
+                and timer.step in self.graph.needs
+                and self.pipeline.step(timer.step).is_approval):
             spec = self.pipeline.step(timer.step)
             error = {"message": f"step {timer.step!r} was neither approved nor rejected "
                                 f"within {spec.wait_seconds:g}s", "kind": "timeout",
@@ -868,6 +1063,15 @@ class _Builder:
         self.fire(m.CANCEL)
         self.event(E.RUN_CANCEL_REQUESTED, {"reason": control.reason})
         self.cancel_reason = control.reason
+        group = self.run.waits_for_group()
+        if group is not None:
+            # nothing of it has started (its finally steps neither): it ends now
+            for name, state in self.states().items():
+                if state == PENDING and name in self.run.steps:
+                    self.skip(name, f"the run was cancelled while it waited for {group}")
+            self.fire(m.FINISH, m.Situation(outcome=m.CANCELLED))
+            self.event(E.RUN_CANCELLED, {"step": None, "reason": control.reason})
+            return
         states = self.states()
         cleaning_up = all(states[name] in step_graph.ENDED for name in self.graph.steps)
         message = f"cancelled by {self.actor}" + (f": {control.reason}" if control.reason
@@ -919,6 +1123,10 @@ class _Builder:
             "from_step": targets[0], "actor": self.actor, "reason": control.reason,
             "steps": rerun,
         })
+        # it waits its turn in its group again; a retry never cancels a newer run
+        for resource, hold in list(self.run.holds.items()):
+            if res.kind_of(resource) == res.GROUP and hold["state"] == HOLD_RELEASED:
+                self.claim(resource, None)
         self.advance()
 
     def retry_targets(self) -> list[str]:

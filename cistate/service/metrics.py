@@ -37,6 +37,8 @@ class StoreState:
     runs: dict[str, int]  # by state
     outbox_due: int  # due and not yet published
     outbox_oldest_due_seconds: float  # 0 when none is due
+    # concurrency groups and locks that are held or waited for: name -> (held, waiting)
+    resources: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Snapshot(Collector):
@@ -60,8 +62,17 @@ class _Snapshot(Collector):
                                  labels=["state"])
         for state in RUN_STATES:
             runs.add_metric([state], self.store.runs.get(state, 0))
+        held = GaugeMetricFamily("cistate_resource_held", "Whether a run holds the "
+                                 "concurrency group or lock (1) or not (0)",
+                                 labels=["kind", "name"])
+        waiting = GaugeMetricFamily("cistate_resource_waiting", "Runs waiting for the "
+                                    "concurrency group or lock", labels=["kind", "name"])
+        for resource, (holders, waiters) in sorted(self.store.resources.items()):
+            kind, _, name = resource.partition(":")
+            held.add_metric([kind, name], holders)
+            waiting.add_metric([kind, name], waiters)
         return [
-            messages, attempts,
+            messages, attempts, held, waiting,
             CounterMetricFamily("cistate_ack_frames", "Ack and nack frames sent to RabbitMQ",
                                 value=self.counts.ack_frames),
             CounterMetricFamily("cistate_deliveries_finished",

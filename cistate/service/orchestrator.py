@@ -11,9 +11,11 @@ the dead-letter queue with a reason; messages that arrive in the wrong state bec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,9 +28,11 @@ from pydantic import BaseModel, ValidationError
 from cistate.adapters.postgres.store import Append, Conflict, Duplicate, OutboxRow, Store
 from cistate.adapters.rabbitmq.bus import Bus
 from cistate.adapters.rabbitmq.signing import BadSignature
+from cistate.domain import resource as res
 from cistate.domain import run as r
 from cistate.domain.events import loads
 from cistate.domain.messages import (
+    ClaimRequest,
     Control,
     ControlAction,
     Push,
@@ -66,13 +70,18 @@ class Outcome:
     state: r.RunState | None = None
 
 
-def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
+Message = Push | StepResult | Control | ClaimRequest
+
+
+def parse(routing_key: str, body: bytes) -> Message:
     """The message for a routing key; Unprocessable (with a reason a person can use) if not."""
     model: type[BaseModel]
     if routing_key == "push":
         model = Push
     elif routing_key == "control":
         model = Control
+    elif routing_key == "claim":
+        model = ClaimRequest
     elif routing_key.startswith("step.") and routing_key.endswith(".result"):
         model = StepResult
     else:
@@ -89,7 +98,7 @@ def parse(routing_key: str, body: bytes) -> Push | StepResult | Control:
         )
         raise Unprocessable(f"{routing_key} message does not match its schema: {problems}"
                             ) from None
-    assert isinstance(message, Push | StepResult | Control)
+    assert isinstance(message, Push | StepResult | Control | ClaimRequest)
     return message
 
 
@@ -102,7 +111,8 @@ class Orchestrator:
         self.bus = bus
         self.repos = repos or RepoPolicy()
         self._cache: OrderedDict[uuid.UUID, r.RunState] = OrderedDict()
-        self._locks: dict[uuid.UUID, tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[uuid.UUID | str, tuple[asyncio.Lock, int]] = {}
+        self._resources: OrderedDict[str, res.ResourceState] = OrderedDict()
         self._sent: list[int] = []
         # outbox rows this process publishes, or published and has not marked sent yet:
         # id -> (when it took them, when their lease in the table ends)
@@ -121,7 +131,10 @@ class Orchestrator:
             # signature names who acted. A push comes from a producer and names no actor.
             sender = None if routing_key == "push" else self._verified(message)
             body = parse(routing_key, message.body)
-            outcome = await self.submit(body, message_id, actor=sender or _actor(body))
+            if isinstance(body, ClaimRequest):
+                outcome = await self.claim(body, message_id, sender or "")
+            else:
+                outcome = await self.submit(body, message_id, actor=sender or _actor(body))
         except (Unprocessable, asyncpg.DataError) as exc:
             # A data error is the message's own (a value PostgreSQL cannot store), not the
             # database being away: redelivering it would fail the same way every time.
@@ -177,18 +190,74 @@ class Orchestrator:
             if reason is not None:
                 return Outcome(run_id, "ignored", reason)
         # One decision at a time per run in this process (other processes: Conflict).
-        lock, users = self._locks.get(run_id) or (asyncio.Lock(), 0)
-        self._locks[run_id] = (lock, users + 1)
+        async with self._one_at_a_time(run_id):
+            return await self._submit_locked(run_id, message, message_id, actor,
+                                             record_rejection)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, key: uuid.UUID | str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
         try:
             async with lock:
-                return await self._submit_locked(run_id, message, message_id, actor,
-                                                 record_rejection)
+                yield
         finally:
-            lock, users = self._locks[run_id]
+            lock, users = self._locks[key]
             if users == 1:
-                del self._locks[run_id]
+                del self._locks[key]
             else:
-                self._locks[run_id] = (lock, users - 1)
+                self._locks[key] = (lock, users - 1)
+
+    # -- resources: a run's claims on concurrency groups and locks
+
+    async def claim(self, request: ClaimRequest, message_id: uuid.UUID,
+                    sender: str) -> Outcome:
+        """Decide and store what a run's claim does to its resource (cistate.domain.resource):
+        the resource's events and the messages that tell runs their turn, in one
+        transaction. Only cistate itself asks (a run's decision, through the outbox)."""
+        if sender != "system":
+            raise Unprocessable(f"claim messages are cistate's own (a run's decision); "
+                                f"{sender or 'an unsigned sender'} may not send one")
+        name = request.resource
+        async with self._one_at_a_time(name):
+            for _ in range(MAX_CONFLICT_RETRIES):
+                cached = self._resources.get(name)
+                state = cached or await self.store.load_resource(name)
+                now = datetime.now(UTC)
+                decision = res.decide(state, request, message_id)
+                if (decision.ignored or decision.after is None) and cached is not None:
+                    # another orchestrator may have appended since: never drop a request
+                    # (a release above all) on what this process last saw
+                    self._resources.pop(name, None)
+                    continue
+                if decision.ignored or decision.after is None:
+                    return Outcome(request.run_id, "ignored", decision.ignored)
+                try:
+                    rows = await self.store.append_resource(
+                        decision.after, state.version, decision, message_id, now,
+                        now + OUTBOX_GRACE if self.bus else None)
+                except Conflict:
+                    self._resources.pop(name, None)
+                    continue
+                except Duplicate:
+                    self._resources.pop(name, None)
+                    return Outcome(request.run_id, "duplicate", "message already handled")
+                except BaseException:
+                    self._resources.pop(name, None)
+                    raise
+                self._remember_resource(decision.after)
+                await self._publish(rows, now, now + OUTBOX_GRACE)
+                return Outcome(request.run_id, "recorded", decision.events[-1].type)
+        raise RuntimeError(f"resource {name}: gave up after {MAX_CONFLICT_RETRIES} conflicts")
+
+    def _remember_resource(self, state: res.ResourceState) -> None:
+        if state.holder is None:
+            self._resources.pop(state.name, None)  # free: nothing worth keeping
+            return
+        self._resources[state.name] = state
+        self._resources.move_to_end(state.name)
+        while len(self._resources) > CACHE_SIZE:
+            self._resources.popitem(last=False)
 
     async def _submit_locked(
         self, run_id: uuid.UUID, message: Push | StepResult | Control,

@@ -25,7 +25,14 @@ from hypothesis import strategies as st
 from cistate.domain import graph as step_graph
 from cistate.domain import machine as m
 from cistate.domain import run as r
-from cistate.domain.messages import Control, Push, StepCommand, StepError, StepResult
+from cistate.domain.messages import (
+    INTERNAL_ACTIONS,
+    Control,
+    Push,
+    StepCommand,
+    StepError,
+    StepResult,
+)
 from cistate.domain.pipeline import Pipeline, parse
 from cistate.domain.status import TERMINAL
 
@@ -207,8 +214,10 @@ def _send_checked(h: Harness, message: Push | StepResult | Control) -> r.Decisio
     """Decide as the orchestrator does (a rejection is recorded), check, and commit."""
     message_id = uuid.uuid4()
     before = h.state.clone()
+    # timers come from cistate's own outbox; an operator's requests carry their name
+    internal = isinstance(message, Control) and message.action in INTERNAL_ACTIONS
     try:
-        decision = h.decide(message, message_id, actor="op")
+        decision = h.decide(message, message_id, actor="system" if internal else "op")
     except r.Rejected as exc:
         assert h.state == before
         kind = "step-result" if isinstance(message, StepResult) else "control"

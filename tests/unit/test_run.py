@@ -15,6 +15,7 @@ from cistate.domain.messages import (
     ZERO_SHA,
     CancelStep,
     Control,
+    Outgoing,
     Push,
     StepCommand,
     StepError,
@@ -51,7 +52,7 @@ def _commands(decision: r.Decision) -> list[StepCommand]:
     return [o.body for o in decision.outgoing if isinstance(o.body, StepCommand)]
 
 
-def _only(decision: r.Decision, routing_key: str) -> r.Outgoing:
+def _only(decision: r.Decision, routing_key: str) -> Outgoing:
     found = [o for o in decision.outgoing if o.routing_key == routing_key]
     assert len(found) == 1, decision.outgoing
     return found[0]

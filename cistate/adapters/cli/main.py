@@ -23,7 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from cistate import SOURCE_ROOT
-from cistate.adapters.postgres.store import EventQuery, RunCheck, RunQuery, VerifyReport, connect
+from cistate.adapters.postgres.store import (
+    EventQuery,
+    RunCheck,
+    RunQuery,
+    Store,
+    VerifyReport,
+    connect,
+)
 from cistate.config import ROLES, ConfigError, Settings, redact
 from cistate.domain.messages import MESSAGE_MODELS, ControlAction, Push, message_uuid
 from cistate.domain.pipeline import PipelineError
@@ -341,11 +348,16 @@ def runs_show(
 ) -> None:
     """One run and its steps (now, or --at an earlier event)."""
     run_id = parse_run_id(run)
-    state = _with_store(lambda st: st.state_at(run_id, at) if at else st.load(run_id))
+
+    async def load(st: Store) -> tuple[RunState | None, list[dict[str, Any]]]:
+        found = await (st.state_at(run_id, at) if at else st.load(run_id))
+        return found, (await st.waits_of(found) if found is not None and not at else [])
+
+    state, waits = _with_store(load)
     if state is None:
         fail(f"no run {run_id}")
     if as_json:
-        print_json(state.to_json())
+        print_json({**state.to_json(), "waiting_for": waits})
         return
     out.print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
               f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
@@ -359,6 +371,11 @@ def runs_show(
         table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
                       _time(step.started_at), _time(step.finished_at))
     out.print(table)
+    for wait in waits:
+        holder = wait["holder_run_id"] or "nobody (its turn is on the way)"
+        place = f", place {wait['position']} in its queue" if wait["position"] else ""
+        out.print(f"waits for {wait['kind']} {wait['name']!r}: held by run {holder}{place}",
+                  highlight=False)
 
 
 @runs_cli.command("events")

@@ -194,7 +194,10 @@ async def show_run(request: web.Request) -> web.Response:
         state = await app.store.load(run_id)
     if state is None:
         raise ApiError(404, f"no run {run_id}")
-    return web.json_response(state.to_json())
+    body = state.to_json()
+    # what it waits for now: the holder of each group or lock its claims wait for
+    body["waiting_for"] = await app.store.waits_of(state) if at is None else []
+    return web.json_response(body)
 
 
 async def run_events(request: web.Request) -> web.Response:

@@ -34,7 +34,9 @@ from cistate.domain.events import (
     dumps,
     loads,
 )
-from cistate.domain.run import Outgoing, RunState, StepState, fold
+from cistate.domain.messages import Outgoing
+from cistate.domain.resource import Claim, ResourceDecision, ResourceState
+from cistate.domain.run import RunState, StepState, fold
 from cistate.service.metrics import StoreState
 
 MIGRATIONS = SOURCE_ROOT / "schema" / "migrations"
@@ -184,7 +186,10 @@ SELECT (SELECT COALESCE(jsonb_object_agg(state, n), '{}')
         FROM (SELECT state, count(*) AS n FROM runs GROUP BY state) s) AS runs,
        count(*)::int AS due,
        COALESCE(EXTRACT(EPOCH FROM now() - min(COALESCE(not_before, created_at))),
-                0)::float8 AS oldest
+                0)::float8 AS oldest,
+       (SELECT jsonb_object_agg(name, jsonb_build_array(
+                 (holder IS NOT NULL)::int, jsonb_array_length(waiting)))
+        FROM resources WHERE holder IS NOT NULL) AS resources
 FROM outbox WHERE sent_at IS NULL AND (not_before IS NULL OR not_before <= now())
 """
 
@@ -239,7 +244,9 @@ class Store:
         row = await self.pool.fetchrow(_GAUGES_SQL)
         assert row is not None
         return StoreState(runs=row["runs"], outbox_due=row["due"],
-                          outbox_oldest_due_seconds=max(0.0, row["oldest"]))
+                          outbox_oldest_due_seconds=max(0.0, row["oldest"]),
+                          resources={name: (int(held), int(waiting)) for name, (held, waiting)
+                                     in (row["resources"] or {}).items()})
 
     # -- writing
 
@@ -289,7 +296,7 @@ class Store:
 
     async def _append_all(self, items: Sequence[Append]) -> list[list[OutboxRow]]:
         ev: list[list[Any]] = [[], [], [], [], [], [], []]
-        runs: list[list[Any]] = [[] for _ in range(15)]
+        runs: list[list[Any]] = [[] for _ in range(16)]
         logs: list[list[Any]] = [[], [], [], []]
         out: list[list[Any]] = [[], [], [], []]
         bodies: list[list[bytes]] = []
@@ -324,6 +331,85 @@ class Store:
              if o.not_before is None]
             for item, item_bodies in zip(items, bodies, strict=True)
         ]
+
+    # -- resources: concurrency groups and locks (cistate.domain.resource)
+
+    async def append_resource(self, state: ResourceState, expected_version: int,
+                              decision: ResourceDecision, message_id: uuid.UUID,
+                              now: datetime, outbox_grace: datetime | None
+                              ) -> list[OutboxRow]:
+        """Store a resource's events decided on `expected_version`, its row, and the
+        messages that tell runs, in one statement. Conflict: another process appended to
+        the resource first (decide again); Duplicate: this request was handled before."""
+        first = expected_version + 1
+        events = decision.events
+        mids = [message_id] + [derived_id(message_id, i) for i in range(1, len(events))]
+        bodies = [encoded_body(o.body) for o in decision.outgoing]
+        holder = state.holder.to_json() if state.holder else None
+        try:
+            records = await self.pool.fetch(
+                _APPEND_RESOURCE_SQL, state.name, [first + n for n in range(len(events))],
+                [str(e.type) for e in events], [e.data for e in events],
+                [e.meta for e in events], mids, now, state.version, holder,
+                [c.to_json() for c in state.waiting], state.holder_superseded,
+                [o.message_id for o in decision.outgoing],
+                [o.routing_key for o in decision.outgoing], [b.decode() for b in bodies],
+                [o.not_before or outbox_grace for o in decision.outgoing])
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "resource_events_message_id_key":
+                raise Duplicate(str(message_id)) from None
+            if exc.constraint_name in ("resource_events_resource_seq_key",
+                                       "outbox_message_id_key"):
+                raise Conflict(state.name) from None
+            raise
+        if decision.outgoing and outbox_grace is None:
+            await self.pool.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+        ids = {r["message_id"]: r["id"] for r in records}
+        return [OutboxRow(ids[o.message_id], o.message_id, o.routing_key, body)
+                for o, body in zip(decision.outgoing, bodies, strict=True)
+                if o.not_before is None]
+
+    async def load_resource(self, name: str) -> ResourceState:
+        """A resource's state from its row (none yet: free, nobody waiting)."""
+        record = await self.pool.fetchrow("SELECT * FROM resources WHERE name = $1", name)
+        return _resource_from_row(record) if record else ResourceState(name)
+
+    async def resources(self, names: Sequence[str] | None = None) -> list[ResourceState]:
+        """The resources named (every one when None), by name: who holds each and who
+        waits for it, for runs show, the API and metrics."""
+        if names is None:
+            records = await self.pool.fetch("SELECT * FROM resources ORDER BY name")
+        else:
+            records = await self.pool.fetch(
+                "SELECT * FROM resources WHERE name = ANY($1::text[]) ORDER BY name",
+                list(names))
+        return [_resource_from_row(r) for r in records]
+
+    async def waits_of(self, state: RunState) -> list[dict[str, Any]]:
+        """What the run waits for: each concurrency group or lock its claim still waits
+        for, with the run that holds it now and the claim's place in the queue (1: next)."""
+        waiting = {name: hold for name, hold in state.holds.items()
+                   if hold["state"] == "waiting"}
+        if not waiting:
+            return []
+        found = {r.name: r for r in await self.resources(list(waiting))}
+        waits: list[dict[str, Any]] = []
+        for name, hold in waiting.items():
+            resource = found.get(name)
+            place = next((n for n, c in enumerate(resource.waiting, 1)
+                          if str(c.claim) == hold["claim"]), None) if resource else None
+            holder = resource.holder if resource else None
+            kind, _, label = name.partition(":")
+            waits.append({"resource": name, "kind": kind, "name": label,
+                          "holder_run_id": str(holder.run_id) if holder else None,
+                          "position": place})
+        return waits
+
+    async def resource_events(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """A resource's events in order, as (type, data), for folds and audits."""
+        records = await self.pool.fetch(
+            "SELECT type, data FROM resource_events WHERE resource = $1 ORDER BY seq", name)
+        return [(r["type"], r["data"]) for r in records]
 
     # -- outbox relay
 
@@ -655,26 +741,28 @@ def _broken_chain(mismatched: list[int] | None, n: int, first: int, last: int) -
 _FIX_RUNS_SQL = """
 WITH f AS (
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
-         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256
+         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256,
+         holds::jsonb
   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
               $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
-              $13::timestamptz[], $14::timestamptz[], $15::text[])
+              $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at, pipeline_sha256))
+         version, created_at, updated_at, pipeline_sha256, holds))
 INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps, active,
-                  push, version, created_at, updated_at, pipeline_sha256)
+                  push, version, created_at, updated_at, pipeline_sha256, holds)
 SELECT f.* FROM f LEFT JOIN runs r ON r.id = f.id
 WHERE r.id IS NULL OR (r.version <= f.version AND
   (r.repo, r.ref, r.commit, r.pipeline, r.state, r.step, r.machine_state, r.steps, r.active,
-   r.push, r.version, r.created_at, r.updated_at, r.pipeline_sha256) IS DISTINCT FROM
+   r.push, r.version, r.created_at, r.updated_at, r.pipeline_sha256, r.holds)
+  IS DISTINCT FROM
   (f.repo, f.ref, f.commit, f.pipeline, f.state, f.step, f.machine_state, f.steps, f.active,
-   f.push, f.version, f.created_at, f.updated_at, f.pipeline_sha256))
+   f.push, f.version, f.created_at, f.updated_at, f.pipeline_sha256, f.holds))
 ON CONFLICT (id) DO UPDATE SET repo = EXCLUDED.repo, ref = EXCLUDED.ref,
   commit = EXCLUDED.commit, pipeline = EXCLUDED.pipeline, state = EXCLUDED.state,
   step = EXCLUDED.step, machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
   active = EXCLUDED.active, push = EXCLUDED.push, version = EXCLUDED.version,
   created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-  pipeline_sha256 = EXCLUDED.pipeline_sha256
+  pipeline_sha256 = EXCLUDED.pipeline_sha256, holds = EXCLUDED.holds
 WHERE runs.version <= EXCLUDED.version
 RETURNING id
 """
@@ -685,7 +773,7 @@ def _run_row(s: RunState) -> tuple[Any, ...]:
     jsonb columns as JSON text)."""
     return (s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
             steps_json(s.steps.values()), dumps(s.active), dumps(s.push),
-            s.version, s.created_at, s.updated_at, s.pipeline_sha256)
+            s.version, s.created_at, s.updated_at, s.pipeline_sha256, dumps(s.holds))
 
 
 def steps_json(steps: Iterable[StepState]) -> str:
@@ -702,7 +790,7 @@ def steps_json(steps: Iterable[StepState]) -> str:
 
 
 _SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, pipeline_sha256, state, step,"
-                    " machine_state, active, push, version, created_at, updated_at")
+                    " machine_state, active, push, version, created_at, updated_at, holds")
 
 # Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
 # runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
@@ -735,27 +823,28 @@ WITH RECURSIVE new AS (
   SELECT run_id, seq, type, data, meta, message_id, recorded_at, hash FROM chain ORDER BY i
 ), run AS (
   INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
-                    active, push, version, created_at, updated_at, pipeline_sha256)
+                    active, push, version, created_at, updated_at, pipeline_sha256, holds)
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
-         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256
+         active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256,
+         holds::jsonb
   FROM unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int[],
-              $20::timestamptz[], $21::timestamptz[], $22::text[])
+              $20::timestamptz[], $21::timestamptz[], $22::text[], $23::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at, pipeline_sha256)
+         version, created_at, updated_at, pipeline_sha256, holds)
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, step = EXCLUDED.step,
     machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
-    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
+    version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, holds = EXCLUDED.holds,
     -- a repository's pipeline, once read, pins the run anew (run.pipeline_pinned)
     pipeline = EXCLUDED.pipeline, pipeline_sha256 = EXCLUDED.pipeline_sha256,
     active = EXCLUDED.active
 ), lg AS (
   INSERT INTO step_logs (run_id, step, attempt, log)
-  SELECT * FROM unnest($23::uuid[], $24::text[], $25::int[], $26::text[])
+  SELECT * FROM unnest($24::uuid[], $25::text[], $26::int[], $27::text[])
   ON CONFLICT DO NOTHING
 )
 INSERT INTO outbox (message_id, routing_key, body, not_before)
-SELECT m, k, b::jsonb, t FROM unnest($27::uuid[], $28::text[], $29::text[], $30::timestamptz[])
+SELECT m, k, b::jsonb, t FROM unnest($28::uuid[], $29::text[], $30::text[], $31::timestamptz[])
   AS o(m, k, b, t)
 RETURNING id, message_id
 """
@@ -768,8 +857,37 @@ def _state_from_row(r: asyncpg.Record) -> RunState:
         machine_state=r["machine_state"], step=r["step"],
         steps={s.name: s for s in steps}, active=list(r["active"]), push=r["push"],
         version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
-        pipeline_sha256=r.get("pipeline_sha256"),
+        pipeline_sha256=r.get("pipeline_sha256"), holds=r.get("holds") or {},
     )
+
+
+_APPEND_RESOURCE_SQL = """
+WITH ev AS (
+  INSERT INTO resource_events (resource, seq, type, data, meta, message_id, recorded_at)
+  SELECT $1, seq, type, data, meta, message_id, $7
+  FROM unnest($2::int[], $3::text[], $4::jsonb[], $5::jsonb[], $6::uuid[])
+    AS e(seq, type, data, meta, message_id)
+), res AS (
+  INSERT INTO resources (name, version, holder, waiting, holder_superseded, updated_at)
+  VALUES ($1, $8, $9::jsonb, to_jsonb($10::jsonb[]), $11, $7)
+  ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version, holder = EXCLUDED.holder,
+    waiting = EXCLUDED.waiting, holder_superseded = EXCLUDED.holder_superseded,
+    updated_at = EXCLUDED.updated_at
+)
+INSERT INTO outbox (message_id, routing_key, body, not_before)
+SELECT m, k, b::jsonb, t FROM unnest($12::uuid[], $13::text[], $14::text[], $15::timestamptz[])
+  AS o(m, k, b, t)
+RETURNING id, message_id
+"""
+
+
+def _resource_from_row(r: asyncpg.Record) -> ResourceState:
+    holder = r["holder"]
+    return ResourceState(
+        name=r["name"], version=r["version"],
+        holder=Claim.from_json(holder) if holder else None,
+        waiting=[Claim.from_json(c) for c in r["waiting"]],
+        holder_superseded=r["holder_superseded"])
 
 
 def _event(r: asyncpg.Record) -> Event:

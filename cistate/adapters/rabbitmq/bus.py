@@ -1,11 +1,11 @@
 """RabbitMQ (aio-pika): topology, publishing with confirms, consuming with manual ack.
 
 Topology (names start with the configured prefix, `cistate` by default):
-  exchange  <p>                 topic; routing keys push, control, cancel,
+  exchange  <p>                 topic; routing keys push, control, claim, cancel,
                                 step.<name>.run, step.<name>.result
   exchange  <p>.dead            fanout; messages that cannot be handled, reason in the
                                 `x-cistate-reason` header
-  queue     <p>.orchestrator    quorum; push, control, step.*.result
+  queue     <p>.orchestrator    quorum; push, control, claim, step.*.result
   queue     <p>.step.<name>     quorum; step.<name>.run
   queue     <p>.dead            quorum; everything dead-lettered
   queue     <p>.cancel.<id>     one per worker, exclusive; cancel (a broadcast)
@@ -342,7 +342,7 @@ class Bus:
 
     async def declare_orchestrator(self, channel: AbstractChannel | None = None) -> AbstractQueue:
         queue = await self._declare_queue(self.queue_name("orchestrator"), channel=channel)
-        for key in ("push", "control", "step.*.result"):
+        for key in ("push", "control", "claim", "step.*.result"):
             await queue.bind(self.exchange_name, key)
         return queue
 
