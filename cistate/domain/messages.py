@@ -306,6 +306,8 @@ class ClaimRequest(_Message):
     step: StepName | None = None
     supersede: bool = Field(default=False, description="cancel_in_progress: the group's "
                             "older runs are cancelled (running) or superseded (waiting)")
+    requested_at: datetime | None = Field(default=None, description="when the run's push "
+                                          "was recorded: which run is newer")
 
 
 @dataclass(frozen=True)

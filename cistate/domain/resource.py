@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from cistate.domain.events import EventType as E
@@ -46,13 +47,31 @@ class Claim:
     claim: uuid.UUID
     run_id: uuid.UUID
     step: str | None = None  # the step that asked first (locks); None for a group
+    # when the run's push was recorded (ISO 8601, UTC): which of two runs is newer, whatever
+    # order their claims reach the resource in
+    requested_at: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"claim": str(self.claim), "run_id": str(self.run_id), "step": self.step}
+        body = {"claim": str(self.claim), "run_id": str(self.run_id), "step": self.step}
+        if self.requested_at is not None:
+            body["requested_at"] = self.requested_at
+        return body
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Claim:
-        return cls(uuid.UUID(raw["claim"]), uuid.UUID(raw["run_id"]), raw.get("step"))
+        return cls(uuid.UUID(raw["claim"]), uuid.UUID(raw["run_id"]), raw.get("step"),
+                   raw.get("requested_at"))
+
+    def pushed_after(self, other: Claim) -> bool:
+        """This claim's run was pushed after `other`'s (unknown or equal times: no; then
+        the order the resource recorded them in decides)."""
+        if self.requested_at is None or other.requested_at is None:
+            return False
+        return _instant(self.requested_at) > _instant(other.requested_at)
+
+
+def _instant(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
 
 
 @dataclass
@@ -137,7 +156,8 @@ class _Decide:
             Outgoing("control", body, derived_id(claim.claim, action)))
 
     def request(self, request: ClaimRequest) -> ResourceDecision:
-        claim = Claim(request.claim, request.run_id, request.step)
+        requested_at = request.requested_at.isoformat() if request.requested_at else None
+        claim = Claim(request.claim, request.run_id, request.step, requested_at)
         if request.action == "acquire":
             self.acquire(claim, request.supersede)
         else:
@@ -150,6 +170,16 @@ class _Decide:
             self.decision.ignored = "this claim was made before"
             return
         if supersede:
+            others = [c for c in (self.state.holder, *self.state.waiting)
+                      if c is not None and c.run_id != claim.run_id]
+            newer = [c for c in others if c.pushed_after(claim)]
+            if newer:
+                # a newer run's claim got here first (two relays or orchestrators): this
+                # older run is the one superseded, never the newer
+                newest = newer[-1]
+                self.event(SUPERSEDED, claim, by_run_id=str(newest.run_id))
+                self.tell(claim, "superseded", f"superseded by {newest.run_id}")
+                return
             # cancel_in_progress: the older runs of the group make way for this one; queued
             # ones leave the queue now, the holder keeps it until its run has ended
             by = f"superseded by {claim.run_id}"

@@ -675,7 +675,8 @@ class _Builder:
             data["supersede"] = True
         self.event(E.CLAIM_REQUESTED, data)
         request = ClaimRequest(resource=resource, action="acquire", run_id=self.run.id,
-                               claim=claim, step=step, supersede=supersede)
+                               claim=claim, step=step, supersede=supersede,
+                               requested_at=self.run.created_at)
         self.out("claim", request, derived_id(claim, "acquire"))
 
     def lock_of(self, name: str) -> str | None:

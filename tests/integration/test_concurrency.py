@@ -4,6 +4,8 @@ approval step keeps a run in its group as long as a test needs (it holds no work
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -14,7 +16,7 @@ from cistate.adapters.postgres.store import Store
 from cistate.config import Settings
 from cistate.domain.resource import ResourceState as Resource
 from cistate.domain.run import RunState
-from tests.conftest import wait_until
+from tests.conftest import settings_env, wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 
 pytestmark = pytest.mark.integration
@@ -107,6 +109,12 @@ async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
         "resource": group.name, "kind": "group", "name": group.name.removeprefix("group:"),
         "holder_run_id": str(first), "position": 1}]
     assert group.name == "group:deploy-https://git.example.com/team/app.git-main"
+    shown_cli = subprocess.run(
+        [sys.executable, "-m", "cistate", "runs", "show", str(second)], capture_output=True,
+        text=True, env=settings_env(settings), timeout=60)
+    assert shown_cli.returncode == 0, shown_cli.stderr
+    assert (f"waits for group 'deploy-https://git.example.com/team/app.git-main': held by "
+            f"run {first}, place 1 in its queue") in " ".join(shown_cli.stdout.split())
 
     await approve(settings, first)
     assert (await wait_for_run(store, first)).status == "succeeded"
@@ -116,3 +124,31 @@ async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
     assert (await wait_for_run(store, second)).status == "succeeded"
     [free] = await store.resources([group.name])
     assert free.holder is None and free.waiting == []
+
+
+async def test_a_damaged_resource_row_is_refolded_from_its_events(
+        serve: Serve, producer: Producer, store: Store) -> None:
+    settings = await serve(gated(cancel_in_progress=False), api_token=TOKENS)
+    first = await producer.push()
+    await at_gate(store, first)
+    second = await producer.push()
+
+    async def queued() -> list[Resource] | None:
+        state = await store.load(second)
+        found = await store.resources(list(state.holds)) if state and state.holds else []
+        return found if found and found[0].waiting else None
+    [group] = await wait_until(queued, 30, what="the second run to queue in its group")
+    # someone with the database's password frees the group and the second run's hold
+    await store.pool.execute("UPDATE resources SET holder = NULL, waiting = '[]'")
+    await store.pool.execute("UPDATE runs SET holds = '{}' WHERE id = $1", second)
+
+    report = await store.rebuild_projections()
+    assert report.resources_differed == [group.name]
+    assert second in report.differed
+    [again] = await store.resources([group.name])
+    assert again.to_json() == group.to_json()
+    assert (await store.load(second)).holds == {  # type: ignore[union-attr]
+        group.name: {"claim": str(group.waiting[0].claim), "state": "waiting", "n": 1}}
+    await approve(settings, first)
+    await wait_for_run(store, first)
+    await at_gate(store, second)

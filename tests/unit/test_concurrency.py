@@ -761,9 +761,14 @@ class World:
             if not cancel_in_progress:
                 assert res.SUPERSEDED not in [type_ for type_, _ in log]
             for n, (type_, data) in enumerate(log):
-                if type_ == res.SUPERSEDED:
+                if type_ == res.SUPERSEDED and data["claim"] in arrival:
                     later = [d["claim"] for _, d in log[n:] if d["run_id"] == data["by_run_id"]]
                     assert later and arrival.index(data["claim"]) < arrival.index(later[0])
+                elif type_ == res.SUPERSEDED:
+                    # superseded as it arrived: a claim of a run pushed after its own was
+                    # recorded first (the messages crossed)
+                    newer = [d for _, d in log[:n] if d["run_id"] == data["by_run_id"]]
+                    assert newer and newer[0]["requested_at"] > data["requested_at"]
             # granted one at a time in the order their requests were recorded, but for the
             # claims that left the queue before their turn
             assert granted == [c for c in arrival if c not in left_queue]

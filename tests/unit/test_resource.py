@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -289,3 +290,33 @@ def test_any_requests_keep_one_holder_and_grant_in_arrival_order(
     # each claim is granted once, in arrival order, but for those that left the queue
     assert len(granted) == len(set(granted))
     assert granted == [c for c in arrival if c not in left_queue][:len(granted)]
+
+
+def test_an_older_runs_claim_arriving_after_a_newer_ones_is_superseded_not_the_newer() -> None:
+    # Two orchestrators recorded run `old`'s push before run `new`'s, but new's claim got to
+    # the group first: cancel_in_progress must keep the newer run, whatever order the
+    # messages crossed in.
+    old, new = run_ids(2)
+    pushed = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+    group = Resource()
+    group.send(acquire(new, supersede=True).model_copy(
+        update={"requested_at": pushed + timedelta(milliseconds=5)}))
+    decision = group.send(acquire(old, supersede=True).model_copy(
+        update={"requested_at": pushed}))
+    assert [e.type for e in decision.events] == [res.SUPERSEDED]
+    [told] = [o.body for o in decision.outgoing]
+    assert isinstance(told, Control)
+    assert (told.run_id, told.action, told.reason) == (old, "superseded",
+                                                       f"superseded by {new}")
+    assert group.state.holder is not None and group.state.holder.run_id == new
+    assert group.state.waiting == []
+    # the older run hands back what it never got: nothing changes
+    assert group.send(release(old)).ignored is not None
+    assert group.state.holder.run_id == new
+    # in the usual order the newer one supersedes the older, as before
+    first = Resource()
+    first.send(acquire(old, supersede=True).model_copy(update={"requested_at": pushed}))
+    later = first.send(acquire(new, supersede=True).model_copy(
+        update={"requested_at": pushed + timedelta(milliseconds=5)}))
+    assert [e.type for e in later.events] == [res.SUPERSEDED, res.QUEUED]
+    assert later.events[0].data["run_id"] == str(old)

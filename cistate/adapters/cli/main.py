@@ -617,12 +617,18 @@ def projections_rebuild(as_json: JsonFlag = False) -> None:
                     "unfoldable": [{"run_id": str(run_id), "error": error}
                                    for run_id, error in report.unfoldable],
                     "broken": [{"run_id": str(run_id), "problem": problem}
-                               for run_id, problem in report.broken]})
+                               for run_id, problem in report.broken],
+                    "resources": report.resources,
+                    "resources_differed": report.resources_differed})
     else:
         typer.echo(f"refolded {report.runs} runs from {report.events} events; "
                    f"{len(report.differed)} row(s) differed and were rewritten")
         for run_id in report.differed:
             typer.echo(f"  {run_id}")
+        typer.echo(f"refolded {report.resources} concurrency groups and locks; "
+                   f"{len(report.resources_differed)} row(s) differed and were rewritten")
+        for name in report.resources_differed:
+            typer.echo(f"  {name}")
         for run_id, error in report.unfoldable:
             typer.echo(f"cannot fold run {run_id} (its row was left as it is): {error}",
                        err=True)

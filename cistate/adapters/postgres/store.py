@@ -36,6 +36,7 @@ from cistate.domain.events import (
 )
 from cistate.domain.messages import Outgoing
 from cistate.domain.resource import Claim, ResourceDecision, ResourceState
+from cistate.domain.resource import fold as fold_resource
 from cistate.domain.run import RunState, StepState, fold
 from cistate.service.metrics import StoreState
 
@@ -92,6 +93,8 @@ class RebuildReport:
     # runs whose events break their hash chain (tampered with): not folded, left as they
     # are, with what is wrong
     broken: list[tuple[uuid.UUID, str]] = field(default_factory=list)
+    resources: int = 0  # concurrency groups and locks refolded
+    resources_differed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -356,10 +359,12 @@ class Store:
                 [o.routing_key for o in decision.outgoing], [b.decode() for b in bodies],
                 [o.not_before or outbox_grace for o in decision.outgoing])
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "resource_events_message_id_key":
-                raise Duplicate(str(message_id)) from None
-            if exc.constraint_name in ("resource_events_resource_seq_key",
+            # a message it would send is stored already: the same decision was made and
+            # committed before (a resource tells a claim each answer once)
+            if exc.constraint_name in ("resource_events_message_id_key",
                                        "outbox_message_id_key"):
+                raise Duplicate(str(message_id)) from None
+            if exc.constraint_name == "resource_events_resource_seq_key":
                 raise Conflict(state.name) from None
             raise
         if decision.outgoing and outbox_grace is None:
@@ -632,7 +637,37 @@ class Store:
             report.differed.extend(part.differed)
             report.unfoldable.extend(part.unfoldable)
             report.broken.extend(part.broken)
+        report.resources, report.resources_differed = await self.rebuild_resources()
         return report
+
+    async def rebuild_resources(self) -> tuple[int, list[str]]:
+        """Refold every concurrency group and lock from its events into its row; rewrite
+        the rows that differ (unless the stored one is ahead: appended since). Returns how
+        many were refolded and the names of those rewritten."""
+        records = await self.pool.fetch(
+            "SELECT resource, type, data FROM resource_events ORDER BY resource, seq")
+        streams: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for record in records:
+            streams.setdefault(record["resource"], []).append((record["type"], record["data"]))
+        stored = {r.name: r for r in await self.resources(list(streams))}
+        differed: list[str] = []
+        for name, events in streams.items():
+            folded = fold_resource(name, events)
+            row = stored.get(name)
+            if row is not None and (row.version > folded.version
+                                    or row.to_json() == folded.to_json()):
+                continue
+            await self.pool.execute(
+                "INSERT INTO resources (name, version, holder, waiting, holder_superseded,"
+                " updated_at) VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, now())"
+                " ON CONFLICT (name) DO UPDATE SET version = EXCLUDED.version,"
+                " holder = EXCLUDED.holder, waiting = EXCLUDED.waiting,"
+                " holder_superseded = EXCLUDED.holder_superseded, updated_at = now()"
+                " WHERE resources.version <= EXCLUDED.version",
+                name, folded.version, folded.holder.to_json() if folded.holder else None,
+                [c.to_json() for c in folded.waiting], folded.holder_superseded)
+            differed.append(name)
+        return len(streams), differed
 
     async def _rebuild_range(self, batch: int, first: uuid.UUID, last: uuid.UUID
                              ) -> RebuildReport:
