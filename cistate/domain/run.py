@@ -467,22 +467,8 @@ class Decider:
         elif message.action in INTERNAL_ACTIONS and actor != "system":
             raise Rejected(f"{message.action!r} is cistate's own message (a timer or a "
                            f"resource's answer); {actor} may not send it")
-        elif message.action == "cancel":
-            build.cancel(message)
-        elif message.action == "retry":
-            build.retry(message)
-        elif message.action == "retry_due":
-            build.retry_due(message)
-        elif message.action in ("approve", "reject"):
-            build.decide_approval(message)
-        elif message.action == "granted":
-            build.granted(message)
-        elif message.action == "superseded":
-            build.superseded(message)
-        elif message.action == "lock_timeout":
-            build.lock_timeout(message)
         else:
-            build.timeout(message)
+            _ON_CONTROL[message.action](build, message)
         if not build.decision.ignored:
             build.let_go()
         return build.decision
@@ -1141,6 +1127,20 @@ class _Builder:
         if self.run.step is None or self.run.step not in self.graph.needs:
             raise Rejected("nothing to retry: no step failed or was cancelled; name one")
         return [self.run.step]
+
+
+# what each control action does to a run (operators' requests, timers, resources' answers)
+_ON_CONTROL: dict[str, Callable[[_Builder, Control], None]] = {
+    "cancel": _Builder.cancel,
+    "retry": _Builder.retry,
+    "retry_due": _Builder.retry_due,
+    "approve": _Builder.decide_approval,
+    "reject": _Builder.decide_approval,
+    "timeout": _Builder.timeout,
+    "lock_timeout": _Builder.lock_timeout,
+    "granted": _Builder.granted,
+    "superseded": _Builder.superseded,
+}
 
 
 def _iso(value: datetime | None) -> str | None:

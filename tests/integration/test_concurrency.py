@@ -56,6 +56,17 @@ async def at_gate(store: Store, run_id: uuid.UUID) -> RunState:
     return found
 
 
+async def queued_in_group(store: Store, run_id: uuid.UUID) -> Resource:
+    """The group once the run asked for it (claim.requested) and the group recorded the
+    claim behind its holder."""
+    async def check() -> Resource | None:
+        state = await store.load(run_id)
+        found = await store.resources(list(state.holds)) if state and state.holds else []
+        return found[0] if found and found[0].waiting else None
+    group: Resource = await wait_until(check, 30, what=f"run {run_id} to queue in its group")
+    return group
+
+
 async def show(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
     url = f"http://{settings.listen}/api/v1/runs/{run_id}"
     async with aiohttp.ClientSession() as http, http.get(url) as response:
@@ -92,14 +103,7 @@ async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
     await at_gate(store, first)
     second = await producer.push()
 
-    async def queued() -> list[Resource] | None:
-        # the run asked (claim.requested), and the group recorded it behind the holder
-        state = await store.load(second)
-        if state is None or not state.holds:
-            return None
-        found = await store.resources(list(state.holds))
-        return found if found and found[0].waiting else None
-    [group] = await wait_until(queued, 30, what="the second run to queue in its group")
+    group = await queued_in_group(store, second)
     assert group.holder is not None and group.holder.run_id == first
     assert [c.run_id for c in group.waiting] == [second]
     shown = await show(settings, second)
@@ -133,11 +137,7 @@ async def test_a_damaged_resource_row_is_refolded_from_its_events(
     await at_gate(store, first)
     second = await producer.push()
 
-    async def queued() -> list[Resource] | None:
-        state = await store.load(second)
-        found = await store.resources(list(state.holds)) if state and state.holds else []
-        return found if found and found[0].waiting else None
-    [group] = await wait_until(queued, 30, what="the second run to queue in its group")
+    group = await queued_in_group(store, second)
     # someone with the database's password frees the group and the second run's hold
     await store.pool.execute("UPDATE resources SET holder = NULL, waiting = '[]'")
     await store.pool.execute("UPDATE runs SET holds = '{}' WHERE id = $1", second)

@@ -860,3 +860,11 @@ def test_disabled_step_is_skipped_by_every_run() -> None:
     assert skipped == [{"step": "qa-sync", "attempt": 0,
                         "reason": "disabled in the pipeline (enabled: false)"}]
     assert "qa-sync" not in decision.events[0].data["active"]
+
+
+def test_every_control_action_has_a_rule() -> None:
+    # a new action without one would raise KeyError in the orchestrator, not a rejection
+    from typing import get_args
+
+    from cistate.domain.messages import ControlAction
+    assert set(get_args(ControlAction)) == set(r._ON_CONTROL)
