@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,10 +20,11 @@ import handlers
 from cistate.adapters.postgres.store import Store, connect
 from cistate.adapters.rabbitmq.bus import Bus
 from cistate.adapters.rabbitmq.signing import Signer, load_key
-from cistate.config import ConfigError, RepoSettings, Settings
+from cistate.config import ConfigError, NotifySettings, RepoSettings, Settings
 from cistate.domain import pipeline as p
 from cistate.domain.run import HANDLER_QUEUE_MARK
 from cistate.service.deciders import Deciders
+from cistate.service.notifier import Notifier
 from cistate.service.orchestrator import Orchestrator
 from cistate.service.relay import Relay
 from cistate.service.worker import Worker
@@ -129,8 +130,9 @@ def deciders_for(settings: Settings, catalog: p.Catalog | None = None,
                  signer: Signer | None = None) -> Deciders:
     """Who decides each run: the pipeline it pinned (CLI actions, the orchestrator)."""
     signer = signer or signer_for(settings)
+    # every process that decides tells the outside the same (the deployment's settings)
     return Deciders(catalog or load_catalog(settings), signer.attempt_token,
-                    handlers.inputs())
+                    handlers.inputs(), NotifySettings().policy)
 
 
 def worker_problems(settings: Settings, steps: Iterable[str] | None = None) -> list[str]:
@@ -173,6 +175,7 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
     async with open_app(settings, orchestrating="orchestrator" in roles) as app:
         assert app.bus is not None
         background: list[asyncio.Task[None]] = []
+        closing: list[Callable[[], Awaitable[None]]] = []
         runner: web.AppRunner | None = None
         try:
             if "orchestrator" in roles:
@@ -184,6 +187,11 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 background.append(asyncio.create_task(app.orchestrator.flush_sent_forever()))
                 background.append(asyncio.create_task(
                     app.orchestrator.renew_leases_forever()))
+                notify = NotifySettings()
+                if notify.policy.any:  # commit statuses or notifications to deliver
+                    notifier = Notifier(app.store, app.bus, app.orchestrator, notify)
+                    await notifier.start()
+                    closing.append(notifier.close)
             if "worker" in roles:
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)
@@ -212,5 +220,7 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await app.orchestrator.flush_sent()
+            for close in closing:
+                await close()
             if runner is not None:
                 await runner.cleanup()

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from cistate.domain.notices import NoticePolicy
 from cistate.domain.repos import RepoPolicy
 
 ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
@@ -156,3 +157,74 @@ class RepoSettings(BaseSettings):
     @property
     def policy(self) -> RepoPolicy:
         return RepoPolicy(self.allow_local_repos, tuple(self.repo_allow))
+
+
+class NotifySettings(BaseSettings):
+    """What cistate tells git hosts and webhook receivers about runs (cistate.service.notifier).
+    Commit statuses go out when a host's token is set; notifications when receivers are."""
+
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
+
+    github_api_url: str = "https://api.github.com"
+    github_token: str | None = Field(default=None, repr=False)
+    gitlab_url: str | None = None  # https://gitlab.example.com (the API is <url>/api/v4)
+    gitlab_token: str | None = Field(default=None, repr=False)
+    gitea_url: str | None = None  # https://gitea.example.com (the API is <url>/api/v1)
+    gitea_token: str | None = Field(default=None, repr=False)
+    # where a status's link points: <public_url>/api/v1/runs/<id>
+    public_url: str | None = None
+    status_per_step: bool = False  # a status per step too (context cistate/<pipeline>/<step>)
+    notify_urls: CommaList = Field(default_factory=list, repr=False)
+    notify_secret: str | None = Field(default=None, repr=False)
+    # a token may also come from the secret source: <secrets_dir>/GITHUB_TOKEN, ...
+    secrets_dir: Path | None = None
+    # first pause between two tries of a delivery (doubling, at most 5 minutes)
+    notify_backoff: float = Field(default=2.0, gt=0, le=300)
+    notify_attempts: int = Field(default=8, ge=1, le=100)
+
+    @field_validator("github_api_url", "gitlab_url", "gitea_url", "public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("notify_urls")
+    @classmethod
+    def _receivers(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError(f"{urlsplit(url).scheme or 'a URL without scheme'}: a "
+                                 "receiver must be an http:// or https:// URL")
+        return value
+
+    def token(self, provider: str) -> str | None:
+        """The host's API token: CISTATE_<HOST>_TOKEN, else the secret source's file."""
+        value: str | None = getattr(self, f"{provider}_token", None)
+        if value:
+            return value
+        if self.secrets_dir is not None:
+            path = self.secrets_dir / f"{provider.upper()}_TOKEN"
+            if path.is_file():
+                return path.read_text(encoding="utf-8").strip() or None
+        return None
+
+    def api_url(self, provider: str) -> str | None:
+        """Where the host's API is (GitHub's API URL; GitLab's and Gitea's own URL)."""
+        url: str | None = self.github_api_url if provider == "github" else getattr(
+            self, f"{provider}_url", None)
+        return url
+
+    def hosts(self) -> dict[str, str]:
+        """provider -> URL, for the hosts cistate has a token for."""
+        found: dict[str, str] = {}
+        for provider in ("github", "gitlab", "gitea"):
+            url = self.api_url(provider)
+            if url and self.token(provider):
+                found[provider] = url
+        return found
+
+    @property
+    def policy(self) -> NoticePolicy:
+        return NoticePolicy(statuses=bool(self.hosts()), per_step=self.status_per_step,
+                            webhooks=bool(self.notify_urls))

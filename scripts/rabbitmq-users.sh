@@ -88,7 +88,7 @@ setup producer CISTATE_RABBITMQ_PRODUCER_PASSWORD \
     "$NONE" "^$P\$" "$NONE" '^push$' "$NONE"
 setup api CISTATE_RABBITMQ_API_PASSWORD \
     "$NONE" "^$P\$" "$NONE" '^(control|push)$' "$NONE"
-ALL="^$P(\\.(dead|orchestrator|step\\.[^.]+|cancel\\..+))?\$"
+ALL="^$P(\\.(dead|orchestrator|notify|step\\.[^.]+|cancel\\..+))?\$"
 setup orchestrator CISTATE_RABBITMQ_ORCHESTRATOR_PASSWORD \
     "$ALL" "$ALL" "$ALL" "" ""
 # A worker binds its queues (read on the exchange, topic read on the binding keys), consumes

@@ -45,6 +45,11 @@ class EventType(StrEnum):
     CLAIM_REQUESTED = "claim.requested"
     CLAIM_GRANTED = "claim.granted"
     CLAIM_RELEASED = "claim.released"
+    # what the outside is told of a run (cistate.domain.notices)
+    NOTICE_SENT = "notice.sent"  # a commit status or notification, handed to the notifier
+    NOTICE_DELIVERED = "notice.delivered"  # the host or receiver took it
+    NOTICE_FAILED = "notice.failed"  # it did not (`retrying`: it is tried again)
+    NOTICE_SUPERSEDED = "notice.superseded"  # a newer one of its context went first
     # a resource's own stream
     RESOURCE_QUEUED = "resource.queued"  # a claim waits behind the holder
     RESOURCE_GRANTED = "resource.granted"  # a claim holds it now

@@ -211,6 +211,10 @@ class StepCommand(_Message):
     settings: dict[str, Any] = Field(default_factory=dict, alias="with")
     script: str | None = Field(default=None, alias="run")
     timeout: float | None = None
+    deadline: datetime | None = Field(
+        default=None, description="when the attempt times out (`timeout` after it started): "
+        "a worker does not start a command that reaches it later, since its attempt has "
+        "ended and a lock it held may be another run's by then")
     repo: str
     ref: str
     commit: str
@@ -310,6 +314,51 @@ class ClaimRequest(_Message):
                                           "was recorded: which run is newer")
 
 
+NoticeKind = Literal["status", "run.ended", "approval.requested"]
+
+
+class Notice(_Message):
+    """What the outside is told about a run (routing key `notice`, from cistate's outbox):
+    a commit status for the git host, or a notification for the webhook receivers.
+    `order_at` (when the run's push was recorded) and `seq` (the run's version when it was
+    decided) order the notices of one commit and context: a newer one is never overwritten
+    by an older one (cistate.service.notifier)."""
+
+    run_id: uuid.UUID
+    kind: NoticeKind
+    repo: Text
+    commit: Sha
+    provider: Annotated[str, StringConstraints(max_length=64)] | None = None
+    pipeline: Annotated[str, StringConstraints(max_length=100)]
+    order_at: datetime
+    seq: int = Field(ge=1)
+    context: Annotated[str, StringConstraints(max_length=255)] | None = None
+    state: Literal["pending", "success", "failure", "error"] | None = None
+    description: Annotated[str, StringConstraints(max_length=1024)] = ""
+    step: StepName | None = None
+    # for receivers: the run's state, and the approval's approvers
+    run_state: str | None = None
+    approvers: list[str] = Field(default_factory=list)
+
+
+class NoticeResult(_Message):
+    """What became of a notice (the notifier's report; it reaches the run in-process, never
+    from the bus): delivered, failed (`retrying` when it is tried again), or superseded by a
+    newer notice of its commit and context, never sent."""
+
+    run_id: uuid.UUID
+    notice: uuid.UUID  # the notice's message id
+    kind: NoticeKind
+    target: Annotated[str, StringConstraints(max_length=255)]
+    outcome: Literal["delivered", "failed", "superseded"]
+    retrying: bool = False
+    attempt: int = Field(default=1, ge=1, le=1000)
+    http_status: int | None = Field(default=None, ge=0, le=999)
+    reason: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    context: Annotated[str, StringConstraints(max_length=255)] | None = None
+    state: str | None = None
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """A message to publish once the events that decided it are stored (an outbox row)."""
@@ -334,5 +383,6 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "step-result": StepResult,
     "control": Control,
     "claim": ClaimRequest,
+    "notice": Notice,
     "cancel-step": CancelStep,
 }

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from cistate.domain import graph as step_graph
 from cistate.domain import machine as m
+from cistate.domain import notices as nt
 from cistate.domain import pipeline as p
 from cistate.domain import resource as res
 from cistate.domain.events import EventType as E
@@ -34,6 +35,9 @@ from cistate.domain.messages import (
     CancelStep,
     ClaimRequest,
     Control,
+    Notice,
+    NoticeKind,
+    NoticeResult,
     Outgoing,
     Push,
     StepCommand,
@@ -116,6 +120,10 @@ class RunState:
     # resource (group:<name> | lock:<name>) -> {claim, state: waiting | held | released, n}:
     # the run's latest claim on each concurrency group and lock it asked for
     holds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # what the outside was last told, by commit status context (or notification key):
+    # {notice, kind, state, description, level run | step, delivery sent | delivered |
+    # failed | retrying | superseded, reason}
+    notices: dict[str, dict[str, Any]] = field(default_factory=dict)
     version: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -183,6 +191,7 @@ class RunState:
             "updated_at": _iso(self.updated_at),
             "rerun_of": self.push.get("rerun_of"),
             "holds": {name: hold["state"] for name, hold in self.holds.items()},
+            "notices": self.notices,
         }
         if with_steps:
             body["steps"] = [s.to_json() for s in self.steps.values()]
@@ -200,7 +209,7 @@ class RunState:
             machine_state=self.machine_state, step=self.step,
             steps={name: step.copy() for name, step in self.steps.items()},
             active=list(self.active), push=self.push, holds=dict(self.holds),
-            version=self.version,
+            notices=dict(self.notices), version=self.version,
             created_at=self.created_at, updated_at=self.updated_at)
 
 
@@ -345,7 +354,26 @@ def _claim_changed(state: str) -> Callable[[RunState, dict[str, Any], datetime],
     return change
 
 
+def _notice_sent(s: RunState, d: dict[str, Any], at: datetime) -> None:
+    s.notices[d["key"]] = {"notice": d["notice"], "kind": d["kind"], "state": d.get("state"),
+                           "description": d.get("description"), "level": d["level"],
+                           "delivery": "sent", "reason": None}
+
+
+def _notice_result(delivery: str) -> Callable[[RunState, dict[str, Any], datetime], None]:
+    def change(s: RunState, d: dict[str, Any], at: datetime) -> None:
+        known = s.notices.get(d.get("key") or "")
+        if known is not None and known["notice"] == d["notice"]:
+            now = "retrying" if delivery == "failed" and d.get("retrying") else delivery
+            s.notices[d["key"]] = {**known, "delivery": now, "reason": d.get("reason")}
+    return change
+
+
 _APPLY: dict[str, Any] = {
+    E.NOTICE_SENT: _notice_sent,
+    E.NOTICE_DELIVERED: _notice_result("delivered"),
+    E.NOTICE_FAILED: _notice_result("failed"),
+    E.NOTICE_SUPERSEDED: _notice_result("superseded"),
     E.CLAIM_REQUESTED: _claim_requested,
     E.CLAIM_GRANTED: _claim_changed(HOLD_HELD),
     E.CLAIM_RELEASED: _claim_changed(HOLD_RELEASED),
@@ -423,8 +451,10 @@ class Decider:
 
     def __init__(self, pipeline: Pipeline, tokens: AttemptTokens | None = None,
                  known_handlers: Iterable[str] | p.HandlerInputs = (),
-                 served: frozenset[tuple[str, str]] | None = None) -> None:
+                 served: frozenset[tuple[str, str]] | None = None,
+                 notices: nt.NoticePolicy = nt.QUIET) -> None:
         self.pipeline = pipeline
+        self.notices = notices  # what the deployment tells git hosts and receivers
         self.graph = pipeline.graph
         self.machine = m.RunMachine(pipeline)
         self.step_machine = m.StepMachine(pipeline)
@@ -453,7 +483,7 @@ class Decider:
     def decide(
         self,
         state: RunState,
-        message: Push | StepResult | Control,
+        message: Push | StepResult | Control | NoticeResult,
         message_id: uuid.UUID,
         now: datetime,
         actor: str = "system",
@@ -464,6 +494,10 @@ class Decider:
             build.push(message)
         elif isinstance(message, StepResult):
             build.result(message)
+        elif isinstance(message, NoticeResult):
+            if actor != "system":
+                raise Rejected(f"notice results are the notifier's; {actor} may not send one")
+            build.notice_result(message)
         elif message.action in INTERNAL_ACTIONS and actor != "system":
             raise Rejected(f"{message.action!r} is cistate's own message (a timer or a "
                            f"resource's answer); {actor} may not send it")
@@ -471,6 +505,7 @@ class Decider:
             _ON_CONTROL[message.action](build, message)
         if not build.decision.ignored:
             build.let_go()
+            build.notify()
         return build.decision
 
     def rejection(
@@ -572,6 +607,7 @@ class _Builder:
         command = StepCommand(
             run_id=self.run.id, step=name, attempt=attempt, uses=spec.uses, token=token,
             settings=spec.with_, script=spec.run, timeout=spec.timeout,
+            deadline=self.now + timedelta(seconds=spec.timeout) if spec.timeout else None,
             repo=self.run.repo, ref=self.run.ref, commit=self.run.commit,
             inputs=self.run.outputs_of(self.decider.upstream.get(name, ())),
             sources=dict(spec.inputs) if spec.inputs is not None else None,
@@ -763,6 +799,100 @@ class _Builder:
                  "kind": "lock_timeout", "retryable": False}
         self.after_failure(timer.step, timer.attempt, E.STEP_TIMED_OUT, error, "lock_timeout")
 
+    # -- what the outside is told (cistate.domain.notices)
+
+    def notify(self) -> None:
+        """Commit statuses and notifications for what this decision changed: the run's
+        status when it starts, ends or starts again (and each step's, per_step), a
+        notification when the run ends or an approval starts waiting."""
+        policy = self.decider.notices
+        if not policy.any or not self.decision.events or not self.run.exists:
+            return
+        if policy.statuses:
+            self.status_notices(policy.per_step)
+        if policy.webhooks:
+            self.receiver_notices()
+
+    def run_context(self) -> str:
+        """The run's status context: `cistate/<pipeline>`, named by the pipeline the run
+        started with (a repository's own pipeline, pinned later, keeps it)."""
+        for key, known in self.run.notices.items():
+            if known["kind"] == "status" and known["level"] == "run":
+                return key
+        return f"cistate/{self.run.pipeline}"
+
+    def status_notices(self, per_step: bool) -> None:
+        run = self.run
+        context = self.run_context()
+        state = nt.run_status(run.machine_state)
+        known = run.notices.get(context)
+        if known is None or known["state"] != state:
+            failed = run.step if state in ("failure", "error") else None
+            error = (run.steps[failed].error or {}) if failed in run.steps else {}
+            group = run.waits_for_group()
+            description = nt.describe(state, failed, error.get("message"),
+                                      group.partition(":")[2] if group else None)
+            self.send_notice("status", context, "run", state=state, description=description)
+        if not per_step:
+            return
+        for name, step in run.steps.items():
+            step_state = nt.step_status(step.state)
+            key = f"{context}/{name}"
+            known = run.notices.get(key)
+            if step_state is None or (known is not None and known["state"] == step_state):
+                continue
+            if known is None and step.state == SKIPPED and step.started_at is None:
+                continue  # a step the run never started gets no status of its own
+            message = (step.error or {}).get("message") if step.error else None
+            self.send_notice("status", key, "step", state=step_state, step=name,
+                             description=nt.describe(step_state, name, message))
+
+    def receiver_notices(self) -> None:
+        run, given = self.run, self.given
+        if run.machine_state in TERMINAL and given.machine_state != run.machine_state:
+            self.send_notice("run.ended", "run.ended", "run", run_state=run.machine_state,
+                             description=f"run {run.machine_state}"
+                                         + (f" at {run.step}" if run.step else ""))
+        for name, step in run.steps.items():
+            before = given.steps.get(name)
+            if (step.state == WAITING and (before is None or before.state != WAITING)
+                    and name in self.graph.needs and self.pipeline.step(name).is_approval):
+                spec = self.pipeline.step(name)
+                self.send_notice("approval.requested", f"approval:{name}", "step", step=name,
+                                 approvers=list(spec.approvers),
+                                 description=f"step {name!r} waits for approval")
+
+    def send_notice(self, kind: NoticeKind, key: str, level: str, *,
+                    state: nt.StatusState | None = None,
+                    step: str | None = None, description: str = "",
+                    run_state: str | None = None, approvers: list[str] | None = None) -> None:
+        run = self.run
+        seq = run.version + 1  # the seq notice.sent gets: the run's order of its notices
+        notice_id = derived_id(run.id, "notice", key, seq)
+        self.event(E.NOTICE_SENT, {"key": key, "kind": kind, "level": level, "state": state,
+                                   "description": description, "notice": str(notice_id)})
+        assert run.created_at is not None
+        body = Notice(run_id=run.id, kind=kind, repo=run.repo,
+                      commit=run.commit, provider=run.push.get("provider"),
+                      pipeline=run.pipeline, order_at=run.created_at, seq=seq,
+                      context=key if kind == "status" else None,
+                      state=state,
+                      description=description, step=step,
+                      run_state=run_state or run.status, approvers=approvers or [])
+        self.out("notice", body, notice_id)
+
+    def notice_result(self, result: NoticeResult) -> None:
+        """The notifier's report on a notice: an event each (every delivery and failure
+        is part of the run's history)."""
+        key = next((key for key, known in self.run.notices.items()
+                    if known["notice"] == str(result.notice)), None)
+        type_ = {"delivered": E.NOTICE_DELIVERED, "failed": E.NOTICE_FAILED,
+                 "superseded": E.NOTICE_SUPERSEDED}[result.outcome]
+        self.event(type_, {"notice": str(result.notice), "key": key, "kind": result.kind,
+                           "target": result.target, "attempt": result.attempt,
+                           "retrying": result.retrying, "http_status": result.http_status,
+                           "reason": result.reason, "state": result.state})
+
     # -- what follows from the graph
 
     def advance(self) -> None:
@@ -939,7 +1069,7 @@ class _Builder:
                                            "steps": list(pipeline.step_names),
                                            "active": active})
         decider = Decider(pipeline, self.decider.tokens, self.decider.known_handlers,
-                          self.decider.served)
+                          self.decider.served, self.decider.notices)
         self.decider, self.pipeline, self.graph = decider, pipeline, pipeline.graph
         self.decision.pinned = decider
         for step in pipeline.steps:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from cistate.domain import pipeline as p
+from cistate.domain.notices import QUIET, NoticePolicy
 from cistate.domain.run import AttemptTokens, Decider, RunState
 
 CACHE_SIZE = 256  # pipelines; a deployment has a few, repositories' own add one per version
@@ -32,9 +33,11 @@ class PinnedPipelineMissing(Exception):
 
 class Deciders:
     def __init__(self, catalog: p.Catalog, tokens: AttemptTokens | None = None,
-                 known_handlers: Iterable[str] | p.HandlerInputs = ()) -> None:
+                 known_handlers: Iterable[str] | p.HandlerInputs = (),
+                 notices: NoticePolicy = QUIET) -> None:
         self.catalog = catalog
         self.tokens = tokens
+        self.notices = notices
         self.known_handlers = p.declared_inputs(known_handlers)
         self._by_hash: OrderedDict[str, Decider] = OrderedDict()
         # deployment pipeline's hash -> the decider of it with the step reading the repo's
@@ -43,7 +46,8 @@ class Deciders:
     @classmethod
     def of(cls, decider: Decider) -> Deciders:
         """One pipeline for every repository, with this decider for it."""
-        deciders = cls(p.Catalog(decider.pipeline), decider.tokens, decider.known_handlers)
+        deciders = cls(p.Catalog(decider.pipeline), decider.tokens, decider.known_handlers,
+                       decider.notices)
         deciders.remember(decider.pipeline.sha256, decider)
         return deciders
 
@@ -84,7 +88,8 @@ class Deciders:
                 "(its event was edited); `cistate audit verify` checks the run's events")
         origin: p.Origin = "repo" if data.get("pipeline_origin") == "repo" else "deployment"
         pipeline = p.from_spec(spec, str(data.get("pipeline_source") or "<pinned>"), origin)
-        decider = Decider(pipeline, self.tokens, self.known_handlers, self.catalog.served)
+        decider = Decider(pipeline, self.tokens, self.known_handlers, self.catalog.served,
+                          self.notices)
         self.remember(sha, decider)
         return decider
 
@@ -98,6 +103,7 @@ class Deciders:
         cached = self._by_hash.get(pipeline.sha256)
         if cached is not None:
             return cached
-        decider = Decider(pipeline, self.tokens, self.known_handlers, self.catalog.served)
+        decider = Decider(pipeline, self.tokens, self.known_handlers, self.catalog.served,
+                          self.notices)
         self.remember(pipeline.sha256, decider)
         return decider

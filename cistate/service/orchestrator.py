@@ -35,6 +35,7 @@ from cistate.domain.messages import (
     ClaimRequest,
     Control,
     ControlAction,
+    NoticeResult,
     Push,
     StepResult,
     message_uuid,
@@ -174,7 +175,7 @@ class Orchestrator:
 
     async def submit(
         self,
-        message: Push | StepResult | Control,
+        message: Push | StepResult | Control | NoticeResult,
         message_id: uuid.UUID,
         actor: str = "system",
         record_rejection: bool = True,
@@ -260,13 +261,14 @@ class Orchestrator:
             self._resources.popitem(last=False)
 
     async def _submit_locked(
-        self, run_id: uuid.UUID, message: Push | StepResult | Control,
+        self, run_id: uuid.UUID, message: Push | StepResult | Control | NoticeResult,
         message_id: uuid.UUID, actor: str, record_rejection: bool,
     ) -> Outcome:
         # A push opens a new run: nothing to load. A redelivered one collides on insert
         # (Duplicate or Conflict), and the retry below loads what is there.
         fresh = isinstance(message, Push) and run_id not in self._cache
         for _ in range(MAX_CONFLICT_RETRIES):
+            cached = not fresh and run_id in self._cache
             state = r.RunState(id=run_id) if fresh else await self._load(run_id)
             fresh = False
             if not state.exists and not isinstance(message, Push):
@@ -285,6 +287,14 @@ class Orchestrator:
                 decision = decider.rejection(
                     state, message_id, _kind(message), _rejected_body(message), exc.reason,
                     actor)
+            if decision.ignored and cached:
+                # Another orchestrator may have recorded events of the run since this
+                # process cached it: a decision that stores nothing (a grant, a timer the
+                # run "no longer waits for") is made again on the stored run, never dropped
+                # on a stale copy. (A decision that stores events needs no such care: its
+                # append conflicts on the version.)
+                self._cache.pop(run_id, None)
+                continue
             if decision.ignored:
                 return Outcome(run_id, "ignored", decision.ignored, state)
             expected = state.version
@@ -486,7 +496,7 @@ def raise_into(batch: list[tuple[Append, asyncio.Future[Any]]]) -> None:
             future.set_exception(exc)
 
 
-def _rejected_body(message: Push | StepResult | Control) -> dict[str, Any]:
+def _rejected_body(message: Push | StepResult | Control | NoticeResult) -> dict[str, Any]:
     """What a `message.rejected` event keeps of the message: all of a push or a control
     (small, bounded), but of a result only who sent it and how big it was; a result for a
     step that is not running may be anything up to the bus's size limit."""
@@ -514,9 +524,11 @@ def _actor(push: Push | StepResult | Control) -> str:
     return f"producer:{push.pusher}" if push.pusher else "producer"
 
 
-def _kind(message: Push | StepResult | Control) -> str:
+def _kind(message: Push | StepResult | Control | NoticeResult) -> str:
     if isinstance(message, Push):
         return "push"
+    if isinstance(message, NoticeResult):
+        return "notice-result"
     if isinstance(message, StepResult):
         return "step-result"
     return f"control.{message.action}"

@@ -128,6 +128,16 @@ class Worker:
             await self.bus.dead_letter(message, f"step command does not match its schema: {exc}")
             self.bus.acker.ack(message)
             return
+        if command.deadline is not None and datetime.now(UTC) > command.deadline:
+            # redelivered after its attempt timed out (its worker was killed): the run has
+            # moved on, and a lock the attempt held may be another run's; running it now
+            # would run two of them at once
+            log.warning("did not run a step command that came after its attempt's deadline",
+                        run_id=str(command.run_id), step=command.step,
+                        attempt=command.attempt, deadline=command.deadline.isoformat())
+            self.bus.acker.ack(message)
+            self.attempts[(command.step, "expired")] += 1
+            return
         command_id = message.message_id or str(uuid.uuid4())
         key = (str(command.run_id), command.step, command.attempt)
         task = asyncio.create_task(self.execute(command))

@@ -43,7 +43,8 @@ def test_a_working_copy_keeps_every_field_and_shares_no_step() -> None:
         pipeline_sha256="ab" * 32, machine_state="running", step="a",
         steps={"a": StepState("a", "running", 1, {}, None, now, None)}, active=["a"],
         push={"repo": "r"}, holds={"lock:l": {"claim": "c", "state": "held", "n": 1}},
-        version=3, created_at=now, updated_at=now)
+        notices={"cistate/p": {"notice": "n", "delivery": "sent"}}, version=3,
+        created_at=now, updated_at=now)
     defaults = RunState(id=state.id)
     assert all(getattr(state, f.name) != getattr(defaults, f.name)
                for f in dataclasses.fields(RunState) if f.name != "id"), "set every field"

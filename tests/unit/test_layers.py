@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cistate"
 DOMAIN_MAY_IMPORT = {
     "__future__", "collections", "copy", "dataclasses", "datetime", "difflib", "enum",
     "fnmatch", "functools", "hashlib", "heapq", "hmac", "json", "random", "re", "typing", "uuid",
+    "urllib.parse",  # URL parsing only (urllib.request does I/O)
     "orjson", "pydantic", "transitions", "yaml", "cistate.domain",
 }
 

@@ -89,6 +89,8 @@ def _assert_started(decision: r.Decision, h: Harness, step: str, attempt: int,
         run_id=h.run_id, step=step, attempt=attempt, uses=spec.uses, settings=spec.with_,
         timeout=spec.timeout, repo=REPO, ref=h.state.ref or "refs/heads/main", commit=SHA,
         inputs=inputs, sources=spec.inputs,
+        # a worker that gets it later does not run it: the attempt has timed out by then
+        deadline=h.now + timedelta(seconds=spec.timeout or 0),
     )
     timer = _only(decision, "control")
     assert timer.body == Control(run_id=h.run_id, action="timeout", step=step, attempt=attempt)

@@ -371,6 +371,12 @@ def runs_show(
         table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
                       _time(step.started_at), _time(step.finished_at))
     out.print(table)
+    for key, notice in state.notices.items():
+        if notice["kind"] != "status":
+            continue
+        why = f": {notice['reason']}" if notice.get("reason") else ""
+        out.print(f"status {key}: {notice['state']} ({notice['description']}), "
+                  f"{notice['delivery']}{why}", highlight=False)
     for wait in waits:
         holder = wait["holder_run_id"] or "nobody (its turn is on the way)"
         place = f", place {wait['position']} in its queue" if wait["position"] else ""

@@ -299,7 +299,7 @@ class Store:
 
     async def _append_all(self, items: Sequence[Append]) -> list[list[OutboxRow]]:
         ev: list[list[Any]] = [[], [], [], [], [], [], []]
-        runs: list[list[Any]] = [[] for _ in range(16)]
+        runs: list[list[Any]] = [[] for _ in range(17)]
         logs: list[list[Any]] = [[], [], [], []]
         out: list[list[Any]] = [[], [], [], []]
         bodies: list[list[bytes]] = []
@@ -777,27 +777,28 @@ _FIX_RUNS_SQL = """
 WITH f AS (
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
          active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256,
-         holds::jsonb
+         holds::jsonb, notices::jsonb
   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
               $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::int[],
-              $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[])
+              $13::timestamptz[], $14::timestamptz[], $15::text[], $16::text[], $17::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at, pipeline_sha256, holds))
+         version, created_at, updated_at, pipeline_sha256, holds, notices))
 INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps, active,
-                  push, version, created_at, updated_at, pipeline_sha256, holds)
+                  push, version, created_at, updated_at, pipeline_sha256, holds, notices)
 SELECT f.* FROM f LEFT JOIN runs r ON r.id = f.id
 WHERE r.id IS NULL OR (r.version <= f.version AND
   (r.repo, r.ref, r.commit, r.pipeline, r.state, r.step, r.machine_state, r.steps, r.active,
-   r.push, r.version, r.created_at, r.updated_at, r.pipeline_sha256, r.holds)
+   r.push, r.version, r.created_at, r.updated_at, r.pipeline_sha256, r.holds, r.notices)
   IS DISTINCT FROM
   (f.repo, f.ref, f.commit, f.pipeline, f.state, f.step, f.machine_state, f.steps, f.active,
-   f.push, f.version, f.created_at, f.updated_at, f.pipeline_sha256, f.holds))
+   f.push, f.version, f.created_at, f.updated_at, f.pipeline_sha256, f.holds, f.notices))
 ON CONFLICT (id) DO UPDATE SET repo = EXCLUDED.repo, ref = EXCLUDED.ref,
   commit = EXCLUDED.commit, pipeline = EXCLUDED.pipeline, state = EXCLUDED.state,
   step = EXCLUDED.step, machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
   active = EXCLUDED.active, push = EXCLUDED.push, version = EXCLUDED.version,
   created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-  pipeline_sha256 = EXCLUDED.pipeline_sha256, holds = EXCLUDED.holds
+  pipeline_sha256 = EXCLUDED.pipeline_sha256, holds = EXCLUDED.holds,
+  notices = EXCLUDED.notices
 WHERE runs.version <= EXCLUDED.version
 RETURNING id
 """
@@ -808,7 +809,8 @@ def _run_row(s: RunState) -> tuple[Any, ...]:
     jsonb columns as JSON text)."""
     return (s.id, s.repo, s.ref, s.commit, s.pipeline, s.status, s.step, s.machine_state,
             steps_json(s.steps.values()), dumps(s.active), dumps(s.push),
-            s.version, s.created_at, s.updated_at, s.pipeline_sha256, dumps(s.holds))
+            s.version, s.created_at, s.updated_at, s.pipeline_sha256, dumps(s.holds),
+            dumps(s.notices))
 
 
 def steps_json(steps: Iterable[StepState]) -> str:
@@ -825,7 +827,8 @@ def steps_json(steps: Iterable[StepState]) -> str:
 
 
 _SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, pipeline_sha256, state, step,"
-                    " machine_state, active, push, version, created_at, updated_at, holds")
+                    " machine_state, active, push, version, created_at, updated_at, holds,"
+                    " notices")
 
 # Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
 # runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
@@ -858,28 +861,30 @@ WITH RECURSIVE new AS (
   SELECT run_id, seq, type, data, meta, message_id, recorded_at, hash FROM chain ORDER BY i
 ), run AS (
   INSERT INTO runs (id, repo, ref, commit, pipeline, state, step, machine_state, steps,
-                    active, push, version, created_at, updated_at, pipeline_sha256, holds)
+                    active, push, version, created_at, updated_at, pipeline_sha256, holds,
+                    notices)
   SELECT id, repo, ref, commit, pipeline, state, step, machine_state, steps::jsonb,
          active::jsonb, push::jsonb, version, created_at, updated_at, pipeline_sha256,
-         holds::jsonb
+         holds::jsonb, notices::jsonb
   FROM unnest($8::uuid[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[],
               $14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::int[],
-              $20::timestamptz[], $21::timestamptz[], $22::text[], $23::text[])
+              $20::timestamptz[], $21::timestamptz[], $22::text[], $23::text[], $24::text[])
     AS f(id, repo, ref, commit, pipeline, state, step, machine_state, steps, active, push,
-         version, created_at, updated_at, pipeline_sha256, holds)
+         version, created_at, updated_at, pipeline_sha256, holds, notices)
   ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, step = EXCLUDED.step,
     machine_state = EXCLUDED.machine_state, steps = EXCLUDED.steps,
     version = EXCLUDED.version, updated_at = EXCLUDED.updated_at, holds = EXCLUDED.holds,
+    notices = EXCLUDED.notices,
     -- a repository's pipeline, once read, pins the run anew (run.pipeline_pinned)
     pipeline = EXCLUDED.pipeline, pipeline_sha256 = EXCLUDED.pipeline_sha256,
     active = EXCLUDED.active
 ), lg AS (
   INSERT INTO step_logs (run_id, step, attempt, log)
-  SELECT * FROM unnest($24::uuid[], $25::text[], $26::int[], $27::text[])
+  SELECT * FROM unnest($25::uuid[], $26::text[], $27::int[], $28::text[])
   ON CONFLICT DO NOTHING
 )
 INSERT INTO outbox (message_id, routing_key, body, not_before)
-SELECT m, k, b::jsonb, t FROM unnest($28::uuid[], $29::text[], $30::text[], $31::timestamptz[])
+SELECT m, k, b::jsonb, t FROM unnest($29::uuid[], $30::text[], $31::text[], $32::timestamptz[])
   AS o(m, k, b, t)
 RETURNING id, message_id
 """
@@ -893,6 +898,7 @@ def _state_from_row(r: asyncpg.Record) -> RunState:
         steps={s.name: s for s in steps}, active=list(r["active"]), push=r["push"],
         version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
         pipeline_sha256=r.get("pipeline_sha256"), holds=r.get("holds") or {},
+        notices=r.get("notices") or {},
     )
 
 

@@ -1,12 +1,13 @@
 """RabbitMQ (aio-pika): topology, publishing with confirms, consuming with manual ack.
 
 Topology (names start with the configured prefix, `cistate` by default):
-  exchange  <p>                 topic; routing keys push, control, claim, cancel,
+  exchange  <p>                 topic; routing keys push, control, claim, notice, cancel,
                                 step.<name>.run, step.<name>.result
   exchange  <p>.dead            fanout; messages that cannot be handled, reason in the
                                 `x-cistate-reason` header
   queue     <p>.orchestrator    quorum; push, control, claim, step.*.result
   queue     <p>.step.<name>     quorum; step.<name>.run
+  queue     <p>.notify          quorum; notice (commit statuses, notifications)
   queue     <p>.dead            quorum; everything dead-lettered
   queue     <p>.cancel.<id>     one per worker, exclusive; cancel (a broadcast)
 
@@ -352,9 +353,16 @@ class Bus:
         await queue.bind(self.exchange_name, f"step.{step}.run")
         return queue
 
+    async def declare_notify(self, channel: AbstractChannel | None = None) -> AbstractQueue:
+        """The notifier's queue: commit statuses and notifications to deliver."""
+        queue = await self._declare_queue(self.queue_name("notify"), channel=channel)
+        await queue.bind(self.exchange_name, "notice")
+        return queue
+
     async def declare_all(self, steps: Iterable[str]) -> None:
         """Declare every durable queue, so messages published before a consumer starts wait."""
         await self.declare_orchestrator()
+        await self.declare_notify()
         for step in steps:
             await self.declare_step(step)
 
