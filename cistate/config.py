@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # step shares the host's loopback.
     api_read_auth: bool = True
     webhook_secret: str | None = Field(default=None, repr=False)
+    # git host user names whose pull request comments (/retest, /cancel, /ok-to-test) act
+    trusted_users: CommaList = Field(default_factory=list)
     # The key cistate's roles sign their messages with (adapters.rabbitmq.signing); without either,
     # `cistate serve` makes <workdir>/bus.key on first start.
     bus_key: str | None = Field(default=None, repr=False)

@@ -152,6 +152,17 @@ def _text_problem(text: str, where: str) -> str | None:
     return None
 
 
+class PullRequest(_Message):
+    """The pull (merge) request a run is for: its number (GitLab: iid), the branch it
+    targets, the repository its head commit comes from, and who opened it."""
+
+    number: int = Field(ge=1, le=2**31)
+    base: Text = Field(description="the branch it would merge into")
+    head_repo: Text = Field(description="clone URL of the repository the head commit is in")
+    author: Annotated[str, StringConstraints(max_length=256)] | None = None
+    fork: bool = Field(default=False, description="its head is in another repository")
+
+
 class Push(_Message):
     """A push to a code repository, from the bus (routing key `push`) or a webhook."""
 
@@ -162,6 +173,15 @@ class Push(_Message):
     pusher: Annotated[str, StringConstraints(max_length=256)] | None = None
     provider: Annotated[str, StringConstraints(max_length=64)] | None = None
     rerun_of: uuid.UUID | None = Field(default=None, description="the run this one reruns")
+    pr: PullRequest | None = Field(default=None, description="a pull request's run: `ref` "
+                                   "is refs/pull/<n>/head (GitLab refs/merge-requests/<iid>"
+                                   "/head), `commit` its head")
+
+    @property
+    def target_branch(self) -> str | None:
+        """The branch the pipeline's filters look at: a pull request's base, else the
+        pushed branch."""
+        return self.pr.base if self.pr is not None else self.branch
 
     @property
     def branch(self) -> str | None:
@@ -272,7 +292,7 @@ def outputs_size(outputs: dict[str, Any]) -> int:
 
 
 ControlAction = Literal["retry", "cancel", "retry_due", "timeout", "approve", "reject",
-                        "lock_timeout", "granted", "superseded"]
+                        "lock_timeout", "granted", "superseded", "ok_to_test"]
 # what only cistate itself sends a run (timers, and a resource's answers to its claims)
 INTERNAL_ACTIONS = frozenset({"retry_due", "timeout", "lock_timeout", "granted", "superseded"})
 ResourceName = Annotated[str, StringConstraints(min_length=6, max_length=512,

@@ -163,8 +163,13 @@ class Backoff(_Spec):
 
 class When(_Spec):
     branches: list[str] = Field(min_length=1)
+    # pull request runs too, by their base branch (by default a step with `when:` does not
+    # run for pull requests: release steps never do unless the pipeline says so)
+    pull_request: bool = False
 
-    def matches(self, branch: str | None) -> bool:
+    def matches(self, branch: str | None, pull_request: bool = False) -> bool:
+        if pull_request and not self.pull_request:
+            return False
         return branch is not None and any(fnmatch.fnmatchcase(branch, p) for p in self.branches)
 
 
@@ -250,12 +255,15 @@ class Step(_Spec):
             return float(parse_duration(self.with_["timeout"]))
         return self.timeout
 
-    def runs_on(self, branch: str | None) -> bool:
-        return self.enabled and (self.when is None or self.when.matches(branch))
+    def runs_on(self, branch: str | None, pull_request: bool = False) -> bool:
+        return self.enabled and (self.when is None or self.when.matches(branch, pull_request))
 
-    def skip_reason(self, branch: str | None) -> str:
+    def skip_reason(self, branch: str | None, pull_request: bool = False) -> str:
         if not self.enabled:
             return "disabled in the pipeline (enabled: false)"
+        if pull_request and self.when is not None and not self.when.pull_request:
+            return ("a pull request's run: a step with when: runs for pull requests only "
+                    "with when: {pull_request: true}")
         return f"branch {branch!r} does not match when.branches"
 
 
@@ -380,6 +388,8 @@ class Pipeline:
 
 def _step_spec(step: Step) -> dict[str, Any]:
     dumped: dict[str, Any] = step.model_dump(mode="json", by_alias=True)
+    if step.when is not None and not step.when.pull_request:  # as pinned before PR runs
+        del dumped["when"]["pull_request"]
     if step.lock is None:  # absent: the specs (and hashes) of steps without a lock as before
         del dumped["lock"], dumped["lock_timeout"]
     return dumped

@@ -25,6 +25,10 @@ from cistate.domain.events import NewEvent, derived_id
 from cistate.domain.messages import ClaimRequest, Control, ControlAction, Outgoing
 
 GROUP, LOCK = "group", "lock"
+# not a resource: a fork's pull request waits on its own run until a trusted person says
+# /ok-to-test (a hold of the run, in the run's events only)
+TRUST = "trust"
+TRUST_GATE = f"{TRUST}:ok-to-test"
 
 QUEUED, GRANTED, RELEASED = E.RESOURCE_QUEUED, E.RESOURCE_GRANTED, E.RESOURCE_RELEASED
 WITHDRAWN, SUPERSEDED = E.RESOURCE_WITHDRAWN, E.RESOURCE_SUPERSEDED

@@ -155,12 +155,18 @@ class RunState:
         return self.version > 0
 
     def waits_for_group(self) -> str | None:
-        """The concurrency group the run waits its turn in, if it does: no step starts
-        until the group is granted."""
+        """The concurrency group the run waits its turn in, or the trust gate of a fork's
+        pull request (`trust:ok-to-test`), if it does: no step starts until it opens."""
         for resource, hold in self.holds.items():
-            if res.kind_of(resource) == res.GROUP and hold["state"] == HOLD_WAITING:
+            if (res.kind_of(resource) in (res.GROUP, res.TRUST)
+                    and hold["state"] == HOLD_WAITING):
                 return resource
         return None
+
+    @property
+    def from_fork(self) -> bool:
+        """A run of a pull request whose head is in another repository."""
+        return bool((self.push.get("pr") or {}).get("fork"))
 
     def hold_state(self, resource: str) -> str | None:
         hold = self.holds.get(resource)
@@ -424,11 +430,12 @@ def ignore_reason(push: Push, pipeline: Pipeline) -> str | None:
     """Why a push opens no run, or None when it opens one."""
     if push.is_deletion:
         return "branch deletion"
-    branch = push.branch
+    branch = push.target_branch
     if branch is None:
         return f"{push.ref} is not a branch (tag pushes open no run)"
     if not pipeline.accepts_branch(branch):
-        return f"branch {branch!r} is outside the pipeline's branch filter"
+        what = "pull request's base branch" if push.pr is not None else "branch"
+        return f"{what} {branch!r} is outside the pipeline's branch filter"
     return None
 
 
@@ -611,7 +618,9 @@ class _Builder:
             repo=self.run.repo, ref=self.run.ref, commit=self.run.commit,
             inputs=self.run.outputs_of(self.decider.upstream.get(name, ())),
             sources=dict(spec.inputs) if spec.inputs is not None else None,
-            env=env, secrets=spec.secrets, network=spec.network,
+            # a fork's pull request runs code nobody trusted with the deployment's secrets
+            env=env, secrets=[] if self.run.from_fork else spec.secrets,
+            network=spec.network,
             origin=self.pipeline.origin,
         )
         self.out(self.decider.command_key(spec), command,
@@ -714,8 +723,8 @@ class _Builder:
         waiting is withdrawn the same way. Each claim is let go once (claim.released)."""
         ended = self.run.machine_state in TERMINAL
         for resource, hold in list(self.run.holds.items()):
-            if hold["state"] == HOLD_RELEASED:
-                continue
+            if hold["state"] == HOLD_RELEASED or res.kind_of(resource) == res.TRUST:
+                continue  # (the trust gate is the run's own: nobody to hand it back to)
             if not ended and (res.kind_of(resource) == res.GROUP
                               or self.lock_needed(resource)):
                 continue
@@ -783,6 +792,19 @@ class _Builder:
             return
         self.cancel(Control(run_id=self.run.id, action="cancel",
                             reason=control.reason or "superseded"))
+
+    def ok_to_test(self, control: Control) -> None:
+        """A trusted person lets a fork's pull request run (`/ok-to-test`; the webhook
+        checked who they are, and they are the actor)."""
+        hold = self.run.holds.get(res.TRUST_GATE)
+        if hold is None or hold["state"] != HOLD_WAITING:
+            raise Rejected("the run does not wait for /ok-to-test (only a fork's pull request "
+                           "does, until it is let run)")
+        self.event(E.CLAIM_GRANTED, {"resource": res.TRUST_GATE, "claim": hold["claim"],
+                                     "actor": self.actor})
+        if self.run_state == m.QUEUED:
+            self.fire(m.START)
+        self.advance()
 
     def lock_timeout(self, timer: Control) -> None:
         if timer.step is None or timer.attempt is None:
@@ -980,21 +1002,27 @@ class _Builder:
             self.decision.ignored = "duplicate push: this delivery already opened its run"
             return
         pipeline = self.pipeline
-        active = [s.name for s in pipeline.steps if s.runs_on(push.branch)]
+        branch, is_pr = push.target_branch, push.pr is not None
+        active = [s.name for s in pipeline.steps if s.runs_on(branch, is_pr)]
         self.event(E.RUN_REQUESTED, {
             "repo": push.repo, "ref": push.ref, "commit": push.commit,
             **pipeline.pinned(), "steps": list(pipeline.step_names), "active": active,
             "push": push.model_dump(mode="json", exclude_none=True),
         })
+        if push.pr is not None and push.pr.fork:
+            # code from another repository: it waits until a trusted person says /ok-to-test
+            self.event(E.CLAIM_REQUESTED, {"resource": res.TRUST_GATE, "n": 1,
+                                           "claim": str(derived_id(self.run.id, "trust"))})
         concurrency = pipeline.concurrency
         if concurrency is not None:  # it starts when the group grants it its turn
-            group = concurrency.group_for(push.repo, push.branch, pipeline.name)
+            group = concurrency.group_for(
+                push.repo, f"pull/{push.pr.number}" if push.pr else push.branch, pipeline.name)
             self.claim(res.group_resource(group), None, concurrency.cancel_in_progress)
-        else:
+        elif not self.run.holds:
             self.fire(m.START)
         for step in pipeline.steps:
             if step.name not in active:
-                self.skip(step.name, step.skip_reason(push.branch))
+                self.skip(step.name, step.skip_reason(branch, is_pr))
         self.advance()
 
     def result(self, result: StepResult) -> None:
@@ -1062,8 +1090,9 @@ class _Builder:
         kept = {key: value for key, value in outputs.items() if key != "text"}
         self.event(E.STEP_SUCCEEDED, {"step": name, "attempt": attempt, "outputs": {
             **kept, "pipeline_sha256": pipeline.sha256}}, attempt=attempt)
-        branch = Push.model_validate(self.run.push).branch
-        active = ([s.name for s in pipeline.steps if s.runs_on(branch)]
+        pushed = Push.model_validate(self.run.push)
+        branch, is_pr = pushed.target_branch, pushed.pr is not None
+        active = ([s.name for s in pipeline.steps if s.runs_on(branch, is_pr)]
                   if branch is not None and pipeline.accepts_branch(branch) else [name])
         self.event(E.RUN_PIPELINE_PINNED, {**pipeline.pinned(),
                                            "steps": list(pipeline.step_names),
@@ -1074,7 +1103,7 @@ class _Builder:
         self.decision.pinned = decider
         for step in pipeline.steps:
             if step.name not in active:
-                reason = (step.skip_reason(branch) if branch is not None
+                reason = (step.skip_reason(branch, is_pr) if branch is not None
                           and pipeline.accepts_branch(branch)
                           else f"branch {branch!r} is outside {path}'s branch filter")
                 self.skip(step.name, reason)
@@ -1270,6 +1299,7 @@ _ON_CONTROL: dict[str, Callable[[_Builder, Control], None]] = {
     "lock_timeout": _Builder.lock_timeout,
     "granted": _Builder.granted,
     "superseded": _Builder.superseded,
+    "ok_to_test": _Builder.ok_to_test,
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 from cistate.domain import notices as nt
 from cistate.domain import pipeline as p
 from cistate.domain import run as r
-from cistate.domain.messages import Notice, NoticeResult
+from cistate.domain.messages import Notice, NoticeResult, Push, StepCommand
 
 from ._support import REPO, Harness, push
 
@@ -154,3 +154,46 @@ def test_the_host_comes_from_the_push_or_the_repository_url() -> None:
                              "c" * 40, "success", "c", "d", None) is None
     assert nt.describe("failure", "test", "x" * 300, None).endswith("…")
     assert len(nt.describe("failure", "test", "x" * 300, None)) == nt.DESCRIPTION_CHARS
+
+
+PR_PIPELINE = """
+name: shop
+steps:
+  - {name: build, uses: noop, secrets: [NPM_TOKEN]}
+  - {name: preview, uses: noop, when: {branches: [main], pull_request: true}}
+  - {name: release, uses: noop, when: {branches: [main]}}
+"""
+
+
+def pr_push(fork: bool) -> Push:
+    return push(ref="refs/pull/7/head", pr={"number": 7, "base": "main", "author": "dev",
+                                          "head_repo": "https://git.example.com/x/shop.git",
+                                          "fork": fork})
+
+
+def test_a_pull_request_runs_when_steps_only_when_they_say_pull_request() -> None:
+    h = harness(PR_PIPELINE)
+    h.send(pr_push(fork=False))
+    h.send(h.ok("build"))
+    assert h.state.steps["preview"].state == "running"
+    assert h.state.steps["release"].state == "skipped"
+    [command] = [o.body for o in h.send(h.ok("preview")).outgoing
+                 if isinstance(o.body, StepCommand)] or [None]
+    assert command is None  # release skipped: nothing more to start
+    assert h.state.status == "succeeded"
+
+
+def test_a_forks_pull_request_waits_for_ok_to_test_and_gets_no_secrets() -> None:
+    h = harness(PR_PIPELINE)
+    opened = h.send(pr_push(fork=True))
+    assert h.state.status == "waiting"
+    assert not [o for o in opened.outgoing if isinstance(o.body, StepCommand)]
+    decision = h.send(h.control("ok_to_test"), actor="github:octocat")
+    [command] = [o.body for o in decision.outgoing if isinstance(o.body, StepCommand)]
+    assert command.step == "build" and command.secrets == []
+    with pytest.raises(r.Rejected, match="does not wait for /ok-to-test"):
+        h.decide(h.control("ok_to_test"), actor="github:octocat")
+    same_repo = harness(PR_PIPELINE)
+    [own] = [o.body for o in same_repo.send(pr_push(fork=False)).outgoing
+             if isinstance(o.body, StepCommand)]
+    assert [s.name for s in own.secrets] == ["NPM_TOKEN"]

@@ -453,9 +453,21 @@ def test_an_unknown_provider_is_404() -> None:
 
 
 @pytest.mark.parametrize(("provider", "event"), [
-    ("github", "issues"), ("github", "pull_request"),
-    ("gitlab", "Merge Request Hook"), ("gitlab", "System Hook"),
-    ("gitea", "pull_request"),
+    ("github", "pull_request"), ("gitlab", "Merge Request Hook"), ("gitea", "pull_request"),
+])
+def test_a_pull_request_event_without_its_fields_is_422(provider: str, event: str) -> None:
+    body = b'{"action": "opened"}'
+    headers = {
+        "github": github_headers(body, event=event),
+        "gitlab": gitlab_headers(event=event),
+        "gitea": gitea_headers(body, event=event),
+    }[provider]
+    error = refused(provider, headers, body)
+    assert error.status == 422 and "missing field" in error.reason
+
+
+@pytest.mark.parametrize(("provider", "event"), [
+    ("github", "issues"), ("gitlab", "System Hook"), ("gitea", "issues"),
 ])
 def test_an_unknown_event_is_400(provider: str, event: str) -> None:
     body = b'{"action": "opened"}'
@@ -466,7 +478,7 @@ def test_an_unknown_event_is_400(provider: str, event: str) -> None:
     }[provider]
     error = refused(provider, headers, body)
     assert error.status == 400
-    assert event in error.reason and "push events" in error.reason
+    assert event in error.reason and "push, pull request and comment events" in error.reason
 
 
 def test_a_missing_event_header_is_400() -> None:
@@ -590,3 +602,86 @@ def test_an_empty_ref_is_422_not_ignored() -> None:
     body = derived("github/push.json", ref="")
     error = refused("github", github_headers(body), body)
     assert error.status == 422 and "'ref'" in error.reason
+
+
+# --- pull requests and comment commands -------------------------------------------------------
+# GitLab's and Gitea's payloads are built from their documented fields (GitLab "Merge request
+# events" and "Comment events"; Gitea's pull_request and issue_comment payloads follow
+# GitHub's shape); GitHub's is the published example in tests/fixtures/webhooks.
+
+GITLAB_MR = {
+    "object_kind": "merge_request", "event_type": "merge_request",
+    "user": {"username": "root"},
+    "project": {"id": 1, "git_http_url": "https://gitlab.example.com/gitlabhq/gitlab-test.git"},
+    "object_attributes": {
+        "iid": 1, "action": "open", "target_branch": "master", "source_branch": "ms-viewport",
+        "source_project_id": 14, "target_project_id": 14,
+        "last_commit": {"id": "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"},
+        "source": {"git_http_url": "https://gitlab.example.com/awesome_space/awesome.git"},
+        "target": {"git_http_url": "https://gitlab.example.com/gitlabhq/gitlab-test.git"},
+    },
+}
+
+
+def test_a_github_pull_request_opens_a_run_on_its_head() -> None:
+    body = fixture("github/pull_request-opened.json")
+    outcome = wh.handle("github", github_headers(body, "pull_request"), body, SECRET)
+    assert outcome.push is not None
+    assert (outcome.push.ref, outcome.push.commit) == (
+        "refs/pull/2/head", "ec26c3e57ca3a959ca5aad62de7213c562f8c821")
+    assert outcome.push.pr is not None
+    assert (outcome.push.pr.number, outcome.push.pr.base, outcome.push.pr.fork) == (
+        2, "master", False)
+    assert outcome.push.target_branch == "master"
+
+
+def test_a_gitlab_merge_request_opens_runs_and_closing_it_cancels_them() -> None:
+    body = json.dumps(GITLAB_MR).encode()
+    outcome = wh.handle("gitlab", gitlab_headers("Merge Request Hook"), body, SECRET)
+    assert outcome.push is not None and outcome.push.pr is not None
+    assert outcome.push.ref == "refs/merge-requests/1/head"
+    assert outcome.push.commit == "da1560886d4f094c3e6c9ef40349f7d38b5d27d7"
+    assert outcome.push.pr.fork is False  # same project: its head is not a fork's
+    forked = json.loads(body)
+    forked["object_attributes"]["source_project_id"] = 99
+    outcome = wh.handle("gitlab", gitlab_headers("Merge Request Hook"),
+                        json.dumps(forked).encode(), SECRET)
+    assert outcome.push is not None and outcome.push.pr is not None and outcome.push.pr.fork
+    for action in ("close", "merge"):
+        closed = json.loads(body)
+        closed["object_attributes"]["action"] = action
+        outcome = wh.handle("gitlab", gitlab_headers("Merge Request Hook"),
+                            json.dumps(closed).encode(), SECRET)
+        assert outcome.push is None and outcome.closed == wh.PullRequestRef(
+            "https://gitlab.example.com/gitlabhq/gitlab-test.git", 1,
+            "refs/merge-requests/1/head")
+
+
+def test_comment_commands_on_each_host() -> None:
+    note = json.dumps({
+        "object_kind": "note", "user": {"username": "root"},
+        "project": {"git_http_url": "https://gitlab.example.com/gitlabhq/gitlab-test.git"},
+        "object_attributes": {"note": "/retest unit-tests\nthanks",
+                              "noteable_type": "MergeRequest"},
+        "merge_request": {"iid": 1}}).encode()
+    outcome = wh.handle("gitlab", gitlab_headers("Note Hook"), note, SECRET)
+    assert outcome.command == wh.Command(wh.PullRequestRef(
+        "https://gitlab.example.com/gitlabhq/gitlab-test.git", 1, "refs/merge-requests/1/head"),
+        "root", "retest", "unit-tests")
+    gitea = json.dumps({
+        "action": "created", "is_pull": True, "issue": {"number": 3},
+        "comment": {"body": "/cancel", "user": {"login": "gitea-admin"}},
+        "repository": {"clone_url": "http://localhost:3000/gitea/webhooks.git"},
+        "sender": {"login": "gitea-admin"}}).encode()
+    outcome = wh.handle("gitea", gitea_headers(gitea, "issue_comment"), gitea, SECRET)
+    assert outcome.command is not None
+    assert (outcome.command.name, outcome.command.user, outcome.command.pull_request.ref) == (
+        "cancel", "gitea-admin", "refs/pull/3/head")
+    # an issue that is not a pull request, an edit, a sentence, a step on /cancel: nothing
+    for changed in ({"is_pull": False}, {"action": "edited"},
+                    {"comment": {"body": "I will /retest later", "user": {"login": "a"}}},
+                    {"comment": {"body": "/cancel build", "user": {"login": "a"}}}):
+        payload = {**json.loads(gitea), **changed}
+        body = json.dumps(payload).encode()
+        outcome = wh.handle("gitea", gitea_headers(body, "issue_comment"), body, SECRET)
+        assert outcome.command is None and outcome.ignored, changed

@@ -25,6 +25,8 @@ from cistate.adapters.postgres.store import EventQuery, RunQuery, Store
 from cistate.adapters.rabbitmq.bus import Bus
 from cistate.config import Settings
 from cistate.domain.messages import Control, ControlAction, message_uuid
+from cistate.domain.resource import TRUST_GATE
+from cistate.domain.run import RunState
 from cistate.domain.status import RUN_STATES, TERMINAL
 from cistate.service.metrics import CONTENT_TYPE, Counts, exposition
 from cistate.service.orchestrator import Orchestrator, Outcome, Unprocessable
@@ -359,6 +361,11 @@ async def webhook(request: web.Request) -> web.Response:
         received = webhooks.handle(provider, request.headers, body, app.settings.webhook_secret)
     except webhooks.WebhookError as exc:
         raise ApiError(exc.status, exc.reason) from None
+    if received.closed is not None:
+        cancelled = await _cancel_pull_request(app, received.closed, provider)
+        return web.json_response({"status": "accepted", "cancelled": cancelled}, status=202)
+    if received.command is not None:
+        return await _comment_command(app, received.command, provider)
     if received.push is None:
         return web.json_response({"status": "ignored", "reason": received.ignored}, status=202)
     try:
@@ -370,6 +377,61 @@ async def webhook(request: web.Request) -> web.Response:
         return web.json_response({"status": "ignored", "reason": outcome.detail}, status=202)
     return web.json_response({"status": "accepted", "run_id": str(outcome.run_id),
                               "duplicate": outcome.status != "recorded"}, status=202)
+
+
+async def _pull_request_runs(app: App, pull: webhooks.PullRequestRef) -> list[RunState]:
+    return await app.store.list_runs(RunQuery(repo=pull.repo, ref=pull.ref, limit=200))
+
+
+async def _cancel_pull_request(app: App, pull: webhooks.PullRequestRef,
+                               provider: str) -> list[str]:
+    """A pull request closed (or merged): its runs that have not ended are cancelled."""
+    cancelled = []
+    for run in await _pull_request_runs(app, pull):
+        if run.status in TERMINAL:
+            continue
+        outcome = await app.orchestrator.control(
+            run.id, "cancel", f"{provider}:pull-request",
+            reason=f"pull request #{pull.number} was closed")
+        if outcome.status == "recorded":
+            cancelled.append(str(run.id))
+    return cancelled
+
+
+async def _comment_command(app: App, command: webhooks.Command,
+                           provider: str) -> web.Response:
+    """`/retest [STEP]`, `/cancel`, `/ok-to-test` from a user of CISTATE_TRUSTED_USERS; the
+    commenter is the actor of what it does. Anyone else's is acknowledged and does nothing."""
+    def answer(status: str, reason: str | None = None, **extra: Any) -> web.Response:
+        body = {"status": status, **({"reason": reason} if reason else {}), **extra}
+        return web.json_response(body, status=202)
+
+    if command.user not in app.settings.trusted_users:
+        return answer("ignored", f"{command.user} may not run /{command.name}: not one of "
+                                 "CISTATE_TRUSTED_USERS")
+    actor = f"{provider}:{command.user}"
+    runs = await _pull_request_runs(app, command.pull_request)  # newest first
+    number = command.pull_request.number
+    if command.name == "retest":
+        ended = [run for run in runs if run.status in ("failed", "cancelled")]
+        if not ended or (runs and runs[0].status not in ("failed", "cancelled")):
+            return answer("ignored", f"pull request #{number}'s latest run did not fail")
+        outcome = await app.orchestrator.control(ended[0].id, "retry", actor,
+                                                 reason="/retest", step=command.step)
+        acted = [outcome]
+    elif command.name == "cancel":
+        acted = [await app.orchestrator.control(run.id, "cancel", actor, reason="/cancel")
+                 for run in runs if run.status not in TERMINAL]
+    else:
+        acted = [await app.orchestrator.control(run.id, "ok_to_test", actor,
+                                                reason="/ok-to-test")
+                 for run in runs if run.hold_state(TRUST_GATE) == "waiting"]
+    done = [str(o.run_id) for o in acted if o.status == "recorded"]
+    refused = [o.detail for o in acted if o.status != "recorded"]
+    if not done:
+        return answer("ignored", "; ".join(d for d in refused if d)
+                      or f"no run of pull request #{number} to /{command.name}")
+    return answer("accepted", None, runs=done)
 
 
 # -- parsing

@@ -42,10 +42,13 @@ Hosts, as they document them:
   The hook's content type must be application/json: with a form body Gitea signs the JSON,
   not the bytes sent, and the signature cannot match.
 
-Events: GitHub/Gitea `push` and GitLab `Push Hook` are read; GitHub `ping`, GitHub/Gitea
-`create` and `delete`, and GitLab `Tag Push Hook` are acknowledged and ignored (the route
-answers 202 with the reason); any other event is a 400 that tells the admin to subscribe the
-hook to push events only.
+Events: GitHub/Gitea `push` and GitLab `Push Hook` are read, and so are pull requests
+(GitHub/Gitea `pull_request`, GitLab `Merge Request Hook`: a run on the head, or the
+request's runs cancelled when it closes) and comments (GitHub/Gitea `issue_comment`, GitLab
+`Note Hook`: `/retest [STEP]`, `/cancel`, `/ok-to-test`, acted on by the route for trusted
+users only); GitHub `ping`, GitHub/Gitea `create` and `delete`, and GitLab `Tag Push Hook` are
+acknowledged and ignored (the route answers 202 with the reason); any other event is a 400
+that tells the admin which events to subscribe the hook to.
 
 A push opens a run only for a branch (`refs/heads/...`) that still exists. Tag pushes, other
 refs and branch deletions (GitHub `deleted: true`, or `after` all zeros) are ignored.
@@ -93,14 +96,36 @@ class WebhookError(Exception):
 
 
 @dataclass(frozen=True)
+class PullRequestRef:
+    """A pull (merge) request of a repository, and the ref its runs are recorded with."""
+
+    repo: str
+    number: int
+    ref: str
+
+
+@dataclass(frozen=True)
+class Command:
+    """A comment command on a pull request: `/retest [STEP]`, `/cancel`, `/ok-to-test`."""
+
+    pull_request: PullRequestRef
+    user: str
+    name: str  # retest | cancel | ok-to-test
+    step: str | None = None
+
+
+@dataclass(frozen=True)
 class WebhookOutcome:
-    """What a verified delivery asks for: a Push to submit, or why there is none."""
+    """What a verified delivery asks for: a Push to submit, a pull request closed (its
+    running runs are cancelled), a comment command, or why there is none of them."""
 
     push: Push | None
     delivery_id: str
     ignored: str | None
     provider: str
     event: str
+    closed: PullRequestRef | None = None
+    command: Command | None = None
 
 
 def check_size(length: int | None) -> None:
@@ -130,9 +155,13 @@ def handle(
     key = event.casefold()
     if key in host.acknowledged:
         return WebhookOutcome(None, delivery_id, host.acknowledged[key], host.name, event)
+    if key == host.pr_event.casefold():
+        return _pr_outcome(host, _json_object(body), delivery_id, event)
+    if key == host.comment_event.casefold():
+        return _comment_outcome(host, _json_object(body), delivery_id, event)
     if key != host.push_event.casefold():
         raise WebhookError(400, f"unsupported {host.event_header} {event!r}: subscribe this "
-                                f"webhook to push events only")
+                                f"webhook to push, pull request and comment events only")
     return _push_outcome(host, _json_object(body), delivery_id, event)
 
 
@@ -312,6 +341,114 @@ def _push_outcome(
     return WebhookOutcome(push, delivery_id, None, host.name, event)
 
 
+def _int(payload: Mapping[str, Any], *paths: str) -> int:
+    for path in paths:
+        value = _lookup(payload, path)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise WebhookError(422, f"missing field {' or '.join(repr(p) for p in paths)} (a "
+                            "positive number)")
+
+
+def pr_ref(provider: str, number: int) -> str:
+    """The ref a pull request's head is fetched from: GitHub and Gitea refs/pull/<n>/head,
+    GitLab refs/merge-requests/<iid>/head."""
+    if provider == "gitlab":
+        return f"refs/merge-requests/{number}/head"
+    return f"refs/pull/{number}/head"
+
+
+_OPENING = {"opened", "synchronize", "synchronized", "reopened", "open", "update", "reopen"}
+_CLOSING = {"closed", "close", "merge", "merged"}
+
+
+def _pr_outcome(host: _Host, payload: dict[str, Any], delivery_id: str,
+                event: str) -> WebhookOutcome:
+    """GitHub/Gitea `pull_request` (opened, synchronize(d), reopened, closed) and GitLab
+    `Merge Request Hook` (open, update, reopen, close, merge): a run on the head commit, or
+    the request's runs cancelled when it closes."""
+    read = _Reader(payload)
+    gitlab = host.name == "gitlab"
+    action = read.required("action", "object_attributes.action" if gitlab else "action")
+    number = _int(payload, "object_attributes.iid") if gitlab else _int(
+        payload, "number", "pull_request.number")
+    repo = read.required("repo", "object_attributes.target.git_http_url",
+                         "project.git_http_url") if gitlab else read.required(
+        "repo", "pull_request.base.repo.clone_url", "repository.clone_url")
+    ref = pr_ref(host.name, number)
+    if action in _CLOSING:
+        return WebhookOutcome(None, delivery_id, None, host.name, event,
+                              closed=PullRequestRef(repo, number, ref))
+    if action not in _OPENING:
+        return WebhookOutcome(None, delivery_id, f"pull request action {action!r} opens no "
+                              "run", host.name, event)
+    if gitlab:
+        head_repo = read.required("head_repo", "object_attributes.source.git_http_url")
+        values = {"commit": read.required("commit", "object_attributes.last_commit.id"),
+                  "base": read.required("base", "object_attributes.target_branch"),
+                  "author": read.optional("author", "user.username")}
+        fork = _lookup(payload, "object_attributes.source_project_id") != _lookup(
+            payload, "object_attributes.target_project_id")
+    else:
+        head_repo = read.required("head_repo", "pull_request.head.repo.clone_url")
+        values = {"commit": read.required("commit", "pull_request.head.sha"),
+                  "base": read.required("base", "pull_request.base.ref"),
+                  "author": read.optional("author", "pull_request.user.login")}
+        fork = head_repo != repo
+    try:
+        push = Push.model_validate({
+            "repo": repo, "ref": ref, "commit": values["commit"], "provider": host.name,
+            "pusher": values["author"],
+            "pr": {"number": number, "base": values["base"], "head_repo": head_repo,
+                   "author": values["author"], "fork": fork}})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                             for e in exc.errors())
+        raise WebhookError(422, problems) from None
+    return WebhookOutcome(push, delivery_id, None, host.name, event)
+
+
+_COMMAND = re.compile(r"^/(retest|cancel|ok-to-test)(?:[ \t]+([a-z][a-z0-9-]{0,62}))?[ \t]*$")
+
+
+def _comment_outcome(host: _Host, payload: dict[str, Any], delivery_id: str,
+                     event: str) -> WebhookOutcome:
+    """A comment on a pull request (GitHub/Gitea `issue_comment` created on an issue that is
+    a pull request; GitLab `Note Hook` on a merge request) whose first line is a command."""
+    def ignored(reason: str) -> WebhookOutcome:
+        return WebhookOutcome(None, delivery_id, reason, host.name, event)
+
+    read = _Reader(payload)
+    gitlab = host.name == "gitlab"
+    if gitlab:
+        if _lookup(payload, "object_attributes.noteable_type") != "MergeRequest":
+            return ignored("a comment on something else than a merge request")
+        number = _int(payload, "merge_request.iid")
+        repo = read.required("repo", "project.git_http_url")
+        text = read.required("comment", "object_attributes.note")
+        user = read.required("user", "user.username")
+    else:
+        if _lookup(payload, "action") != "created":
+            return ignored("only new comments are read")
+        if _lookup(payload, "issue.pull_request") is _MISSING and _lookup(
+                payload, "is_pull") is not True:
+            return ignored("a comment on an issue, not on a pull request")
+        number = _int(payload, "issue.number")
+        repo = read.required("repo", "repository.clone_url")
+        text = read.required("comment", "comment.body")
+        user = read.required("user", "comment.user.login", "sender.login")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    match = _COMMAND.match(first)
+    if match is None:
+        return ignored("not a command (/retest [STEP], /cancel, /ok-to-test)")
+    name, step = match.group(1), match.group(2)
+    if step is not None and name != "retest":
+        return ignored(f"/{name} takes no step")
+    pull = PullRequestRef(repo, number, pr_ref(host.name, number))
+    return WebhookOutcome(None, delivery_id, None, host.name, event,
+                          command=Command(pull, user, name, step))
+
+
 # --- hosts -------------------------------------------------------------------------------------
 
 
@@ -321,6 +458,8 @@ class _Host:
     verify: Callable[[Mapping[str, str], bytes, str], None]
     event_header: str
     push_event: str
+    pr_event: str
+    comment_event: str
     acknowledged: Mapping[str, str]  # casefolded event -> why it opens no run
     delivery_headers: tuple[str, ...]
     fields: _Fields
@@ -334,6 +473,8 @@ _HOSTS: Final[Mapping[str, _Host]] = {
         verify=_verify_github,
         event_header="X-GitHub-Event",
         push_event="push",
+        pr_event="pull_request",
+        comment_event="issue_comment",
         acknowledged={
             "ping": "ping: the webhook is set up; pushes to branches will open runs",
             "create": _REF_EVENT.format("create"),
@@ -348,6 +489,8 @@ _HOSTS: Final[Mapping[str, _Host]] = {
         verify=_verify_gitlab,
         event_header="X-Gitlab-Event",
         push_event="Push Hook",
+        pr_event="Merge Request Hook",
+        comment_event="Note Hook",
         acknowledged={"tag push hook": "tag push: tags open no run"},
         delivery_headers=("Idempotency-Key", "X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"),
         fields=_Fields(repo=("project.git_http_url", "repository.git_http_url"),
@@ -359,6 +502,8 @@ _HOSTS: Final[Mapping[str, _Host]] = {
         verify=_verify_gitea,
         event_header="X-Gitea-Event",
         push_event="push",
+        pr_event="pull_request",
+        comment_event="issue_comment",
         acknowledged={
             "create": _REF_EVENT.format("create"),
             "delete": _REF_EVENT.format("delete"),
