@@ -58,6 +58,7 @@ class Received:
 class GitHostStandIn:
     tokens: dict[str, str]  # provider -> the token it accepts
     delay: float = 0.0
+    permissions: dict[str, str] = field(default_factory=dict)  # GitHub: user -> permission
     received: list[Received] = field(default_factory=list)
     _scripts: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     _runner: web.AppRunner | None = None
@@ -81,6 +82,8 @@ class GitHostStandIn:
         app.router.add_post("/api/v4/projects/{id}/statuses/{sha}", self._gitlab)
         app.router.add_post("/api/v1/repos/{owner}/{repo}/statuses/{sha}", self._gitea)
         app.router.add_post("/hooks/{name}", self._receiver)
+        app.router.add_get("/repos/{owner}/{repo}/collaborators/{user}/permission",
+                           self._permission)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -148,6 +151,18 @@ class GitHostStandIn:
                 return 401, {"message": "token is required"}
             return self._status("gitea", body, "context", 422)
         return await self._answer("gitea", request, check)
+
+    async def _permission(self, request: web.Request) -> web.Response:
+        # GitHub: GET /repos/{owner}/{repo}/collaborators/{username}/permission ->
+        # {"permission": admin | write | read | none, "user": {...}}; 404 for a non-user
+        def check(request: web.Request, body: bytes) -> tuple[int, dict[str, Any]]:
+            if request.headers.get("Authorization") != f"Bearer {self.tokens.get('github')}":
+                return 401, {"message": "Bad credentials"}
+            user = request.match_info["user"]
+            if user not in self.permissions:
+                return 404, {"message": "Not Found"}
+            return 200, {"permission": self.permissions[user], "user": {"login": user}}
+        return await self._answer("github", request, check)
 
     async def _receiver(self, request: web.Request) -> web.Response:
         def check(request: web.Request, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -14,6 +14,7 @@ import pytest
 from cistate.adapters.postgres.store import Store
 from cistate.domain.run import RunState
 from tests.conftest import wait_until
+from tests.infra.githost import GitHostStandIn
 from tests.integration.conftest import Serve, wait_for_run
 from tests.integration.test_webhooks_http import FIXTURES, SECRET, github_headers, post
 
@@ -149,3 +150,32 @@ async def test_retest_and_cancel_comments_from_trusted_users(serve: Serve,
     status, answer = await send(settings, comment("please /retest", "octocat"),
                                 "issue_comment")
     assert status == 202 and answer["status"] == "ignored" and "not a command" in answer["reason"]
+
+
+async def test_on_github_a_collaborator_with_write_permission_may_say_ok_to_test(
+        serve: Serve, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # GitHub's permission API is the stand-in's (tests/infra/githost.py): no GitHub here
+    async with GitHostStandIn({"github": "ghp-perm-1"},
+                              permissions={"maintainer": "write", "reader": "read"}) as gh:
+        monkeypatch.setenv("CISTATE_GITHUB_API_URL", gh.url)
+        monkeypatch.setenv("CISTATE_GITHUB_TOKEN", "ghp-perm-1")
+        settings = await serve(PIPELINE, webhook_secret=SECRET)
+        fork = "https://github.com/mallory/Hello-World.git"
+        status, answer = await send(settings, pull_request(head_repo=fork), "pull_request")
+        assert status == 202, answer
+        run_id = uuid.UUID(answer["run_id"])
+        await wait_for_run(store, run_id, ("waiting",))
+        for user in ("reader", "stranger"):
+            status, answer = await send(settings, comment("/ok-to-test", user),
+                                        "issue_comment")
+            assert status == 202 and answer["status"] == "ignored", answer
+            assert "nor a collaborator with write permission" in answer["reason"]
+        status, answer = await send(settings, comment("/ok-to-test", "maintainer"),
+                                    "issue_comment")
+        assert status == 202 and answer["runs"] == [str(run_id)], answer
+        await at_hold(store, run_id)
+        asked = [r for r in gh.received if r.path.endswith("/permission")]
+    assert [r.path for r in asked] == [
+        f"/repos/Codertocat/Hello-World/collaborators/{user}/permission"
+        for user in ("reader", "stranger", "maintainer")]
+    assert all(r.headers["Authorization"] == "Bearer ghp-perm-1" for r in asked)

@@ -16,15 +16,18 @@ import json
 import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import quote
 
+import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
 from cistate.adapters.http import webhooks
 from cistate.adapters.postgres.store import EventQuery, RunQuery, Store
 from cistate.adapters.rabbitmq.bus import Bus
-from cistate.config import Settings
+from cistate.config import NotifySettings, Settings
 from cistate.domain.messages import Control, ControlAction, message_uuid
+from cistate.domain.notices import auth_headers, repo_path
 from cistate.domain.resource import TRUST_GATE
 from cistate.domain.run import RunState
 from cistate.domain.status import RUN_STATES, TERMINAL
@@ -398,6 +401,28 @@ async def _cancel_pull_request(app: App, pull: webhooks.PullRequestRef,
     return cancelled
 
 
+async def _may_write(provider: str, repo: str, user: str) -> bool:
+    """On GitHub, a collaborator with write permission may run commands too: GitHub's
+    `GET /repos/{owner}/{repo}/collaborators/{username}/permission` says (admin, maintain or
+    write). Anything but such an answer (no token, an error, a timeout) means no."""
+    settings = NotifySettings()
+    token = settings.token("github")
+    path = repo_path(repo)
+    if provider != "github" or not token or path is None or path.count("/") != 1:
+        return False
+    url = (f"{settings.github_api_url.rstrip('/')}/repos/{path}/collaborators/"
+           f"{quote(user, safe='')}/permission")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http, \
+                http.get(url, headers=auth_headers("github", token)) as response:
+            if response.status != 200:
+                return False
+            body = await response.json()
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return False
+    return isinstance(body, dict) and body.get("permission") in ("admin", "maintain", "write")
+
+
 async def _comment_command(app: App, command: webhooks.Command,
                            provider: str) -> web.Response:
     """`/retest [STEP]`, `/cancel`, `/ok-to-test` from a user of CISTATE_TRUSTED_USERS; the
@@ -406,9 +431,12 @@ async def _comment_command(app: App, command: webhooks.Command,
         body = {"status": status, **({"reason": reason} if reason else {}), **extra}
         return web.json_response(body, status=202)
 
-    if command.user not in app.settings.trusted_users:
+    if (command.user not in app.settings.trusted_users
+            and not await _may_write(provider, command.pull_request.repo, command.user)):
         return answer("ignored", f"{command.user} may not run /{command.name}: not one of "
-                                 "CISTATE_TRUSTED_USERS")
+                                 "CISTATE_TRUSTED_USERS"
+                                 + (" nor a collaborator with write permission"
+                                    if provider == "github" else ""))
     actor = f"{provider}:{command.user}"
     runs = await _pull_request_runs(app, command.pull_request)  # newest first
     number = command.pull_request.number
