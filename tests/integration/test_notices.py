@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +18,7 @@ import pytest
 
 from cistate.adapters.postgres.store import Store
 from cistate.domain.run import RunState
-from tests.conftest import wait_until
+from tests.conftest import settings_env, wait_until
 from tests.infra.githost import GitHostStandIn, Received
 from tests.integration.conftest import Producer, Serve
 
@@ -216,3 +218,24 @@ async def test_receivers_get_a_signed_notification_per_run_end_retried_after_a_5
     events = [e for run_id in (good, bad) for e in await store.events(run_id)]
     # the receiver's key (in its URL) is in no event: receivers are named by place and host
     assert not any("k1" in json.dumps(e.data) for e in events if e.type.startswith("notice"))
+
+
+async def test_per_step_statuses_and_runs_show_says_what_reached_the_host(
+        hosts: GitHostStandIn, serve: Serve, producer: Producer, store: Store,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CISTATE_STATUS_PER_STEP", "1")
+    settings = await serve(PIPELINE)
+    run_id = await producer.push(repo=REPOS["gitea"], provider="gitea",
+                                 ref="refs/heads/broken")
+    await delivered_all(store, run_id)
+    got = {(r.json["context"], r.json["state"]) for r in hosts.delivered("gitea")}
+    assert got == {("cistate/shop", "pending"), ("cistate/shop", "failure"),
+                   ("cistate/shop/build", "pending"), ("cistate/shop/build", "success"),
+                   ("cistate/shop/check", "pending"), ("cistate/shop/check", "failure")}
+    shown = subprocess.run([sys.executable, "-m", "cistate", "runs", "show", str(run_id)],
+                           capture_output=True, text=True, env=settings_env(settings),
+                           timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "status cistate/shop: failure (check failed:" in text
+    assert "status cistate/shop/build: success (succeeded), delivered" in text
