@@ -24,6 +24,7 @@ from cistate.config import ConfigError, NotifySettings, RepoSettings, Settings
 from cistate.domain import pipeline as p
 from cistate.domain.run import HANDLER_QUEUE_MARK
 from cistate.service.deciders import Deciders
+from cistate.service.livelog import LiveLogs
 from cistate.service.notifier import Notifier
 from cistate.service.orchestrator import Orchestrator
 from cistate.service.relay import Relay
@@ -187,6 +188,8 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 background.append(asyncio.create_task(app.orchestrator.flush_sent_forever()))
                 background.append(asyncio.create_task(
                     app.orchestrator.renew_leases_forever()))
+                live_logs = LiveLogs(app.store, app.bus, app.orchestrator.deciders.tokens)
+                await live_logs.start()
                 notify = NotifySettings()
                 if notify.policy.any:  # commit statuses or notifications to deliver
                     notifier = Notifier(app.store, app.bus, app.orchestrator, notify)

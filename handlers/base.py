@@ -95,8 +95,11 @@ class StepLog:
     before anything is kept, also when one arrives split across two writes."""
 
     def __init__(self, path: Path | None = None, limit: int = LOG_LIMIT,
-                 masker: Masker | None = None) -> None:
+                 masker: Masker | None = None,
+                 sink: Callable[[str], None] | None = None) -> None:
         self.path = path
+        # gets every piece of output as it is kept, masked (the worker's live log)
+        self.sink = sink
         self.masker = masker or Masker(())
         self._stream = self.masker.stream()
         self._file: TextIO | None = None
@@ -117,6 +120,8 @@ class StepLog:
     def _keep(self, text: str) -> None:
         if not text:
             return
+        if self.sink is not None:
+            self.sink(text)
         if self._file is not None:
             self._file.write(text)
             self._file.flush()

@@ -88,12 +88,12 @@ setup producer CISTATE_RABBITMQ_PRODUCER_PASSWORD \
     "$NONE" "^$P\$" "$NONE" '^push$' "$NONE"
 setup api CISTATE_RABBITMQ_API_PASSWORD \
     "$NONE" "^$P\$" "$NONE" '^(control|push)$' "$NONE"
-ALL="^$P(\\.(dead|orchestrator|notify|step\\.[^.]+|cancel\\..+))?\$"
+ALL="^$P(\\.(dead|orchestrator|notify|logs|step\\.[^.]+|cancel\\..+))?\$"
 setup orchestrator CISTATE_RABBITMQ_ORCHESTRATOR_PASSWORD \
     "$ALL" "$ALL" "$ALL" "" ""
 # A worker binds its queues (read on the exchange, topic read on the binding keys), consumes
 # them, publishes results and dead-letters a command it refuses (write on PREFIX.dead).
 setup worker CISTATE_RABBITMQ_WORKER_PASSWORD \
     "^($STEP|$CANCEL)\$" "^($P|$P\\.dead|$STEP|$CANCEL)\$" "^($P|$STEP|$CANCEL)\$" \
-    '^step\.[^.]+\.result$' '^(step\.[^.]+\.run|cancel)$'
+    '^step\.[^.]+\.(result|log)$' '^(step\.[^.]+\.run|cancel)$'
 echo "permissions set on vhost $VHOST for prefix $PREFIX"

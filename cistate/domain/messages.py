@@ -334,6 +334,26 @@ class ClaimRequest(_Message):
                                           "was recorded: which run is newer")
 
 
+LOG_CHUNK_CHARS = 32 * 1024  # of output in one live log message
+
+
+class LogChunk(_Message):
+    """A piece of a running step's output, as the worker has it (routing key
+    `step.<name>.log`, signed by the worker), masked like the stored log. `execution` names
+    one run of the attempt by a worker (a redelivered command runs it again: its output is
+    its own); `seq` orders the pieces of one execution, and a redelivered piece is stored
+    once. `final`: the execution's output has ended."""
+
+    run_id: uuid.UUID
+    step: StepName
+    attempt: int = Field(ge=1, le=MAX_ATTEMPT)
+    execution: uuid.UUID
+    seq: int = Field(ge=1, le=2**31 - 1)
+    text: Annotated[str, StringConstraints(max_length=LOG_CHUNK_CHARS)] = ""
+    final: bool = False
+    token: Annotated[str, StringConstraints(max_length=64)] = ""
+
+
 NoticeKind = Literal["status", "run.ended", "approval.requested"]
 
 
@@ -404,5 +424,6 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "control": Control,
     "claim": ClaimRequest,
     "notice": Notice,
+    "step-log": LogChunk,
     "cancel-step": CancelStep,
 }

@@ -51,6 +51,7 @@ class Relay:
                     cycles += 1
                     if cycles % prune_every == 0:
                         await self.store.prune_outbox()
+                        await self.store.prune_log_chunks()
                 except (OSError, asyncpg.PostgresError, ConnectionError) as exc:
                     log.warning("relay pass failed; will try again", error=str(exc))
                 if listener is None or listener.is_closed():

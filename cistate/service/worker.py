@@ -39,6 +39,7 @@ from cistate.domain.messages import (
     outputs_size,
     storable_problem,
 )
+from cistate.service.livelog import LiveLog
 from handlers import NO_WORKSPACE
 from handlers.base import (
     Handler,
@@ -59,8 +60,11 @@ HandlerLoader = Callable[[str], Handler]
 
 class Worker:
     def __init__(self, bus: Bus, workdir: Path, load_handler: HandlerLoader,
-                 concurrency: int = 4, sandbox: SandboxSettings | None = None) -> None:
+                 concurrency: int = 4, sandbox: SandboxSettings | None = None,
+                 live_logs: bool = True) -> None:
         self.bus = bus
+        # running steps' output sent as it comes (cistate.service.livelog); off without a bus
+        self.live_logs = live_logs and bus is not None
         self.workdir = workdir
         self.load_handler = load_handler
         self.concurrency = concurrency
@@ -187,7 +191,11 @@ class Worker:
             failure = exc  # before anything runs
         masker = (Masker([*(secret.value for secret in secrets), *self.own_credentials])
                   if secrets else self._own_masker)
-        step_log = StepLog(masker=masker)  # in memory: the result carries it to the store
+        # in memory: the result carries it to the store; live, to those who follow it
+        live = LiveLog(self.bus, command, self.worker_id) if self.live_logs else None
+        step_log = StepLog(masker=masker, sink=live.write if live else None)
+        if live is not None:
+            live.start()
         sandbox = Sandbox(
             settings=self.sandbox, attempt=attempt_dir,
             identity=identity_env(str(command.run_id), command.repo, command.ref,
@@ -238,6 +246,13 @@ class Worker:
         finally:
             if uses_workspace:
                 _remove(attempt_dir, run_dir)
+            if live is not None:
+                step_log.flush()  # what was held back in case it began a secret
+                try:
+                    await live.close()
+                except asyncio.CancelledError:
+                    live.abandon()
+                    raise
         return result.model_copy(update={
             "log": _text(step_log.text(), MAX_LOG_CHARS) or None, "started_at": started,
             "finished_at": datetime.now(UTC)})

@@ -126,8 +126,11 @@ async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
     await at_gate(store, second)
     await approve(settings, second)
     assert (await wait_for_run(store, second)).status == "succeeded"
-    [free] = await store.resources([group.name])
-    assert free.holder is None and free.waiting == []
+
+    async def free() -> Resource | None:  # the release reaches the group after the run ends
+        [found] = await store.resources([group.name])
+        return found if found.holder is None else None
+    assert (await wait_until(free, 30, what="the group to be free")).waiting == []
 
 
 async def test_a_damaged_resource_row_is_refolded_from_its_events(

@@ -24,7 +24,7 @@ GOOD = {"repo": "https://git.example.com/acme/shop.git", "ref": "refs/heads/main
 def test_committed_schemas_equal_the_generated_ones() -> None:
     generated = message_schemas()
     assert set(generated) == {"push", "step-command", "step-result", "control", "claim",
-                              "notice", "cancel-step"}
+                              "notice", "step-log", "cancel-step"}
     committed = {p.name.removesuffix(".schema.json") for p in SCHEMA_DIR.glob("*.schema.json")}
     assert committed == set(generated), "a schema file is missing or stale"
     for name, text in generated.items():

@@ -403,15 +403,52 @@ def runs_events(run: str, as_json: JsonFlag = False) -> None:
 
 
 @runs_cli.command("logs")
-def runs_logs(run: str, step: str) -> None:
+def runs_logs(run: str, step: str, follow_: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Print the output as it comes while the step runs; exit, "
+        "when it ends, with its exit status (0: succeeded or skipped).")] = False) -> None:
     """The full output of a step (every attempt)."""
     run_id = parse_run_id(run)
+    if follow_:
+        raise typer.Exit(_follow(run_id, step))
     logs = _with_store(lambda st: st.step_log(run_id, step))
     if not logs:
         fail(f"no log for step {step!r} of run {run_id}")
     for attempt, text in logs:
         typer.echo(f"--- attempt {attempt} ---")
         typer.echo(text, nl=False)
+
+
+def _follow(run_id: uuid.UUID, step: str) -> int:
+    from cistate.service.livelog import ENDED, StepNotFound, exit_status, follow
+
+    async def go(st: Store) -> int:
+        state = await st.load(run_id)
+        current = state.steps.get(step) if state is not None else None
+        if state is None or current is None:
+            fail(f"no step {step!r} in run {run_id}" if state else f"no run {run_id}")
+        if current.state in ENDED:  # over already: its stored log, and how it ended
+            for attempt, text in await st.step_log(run_id, step):
+                typer.echo(f"--- attempt {attempt} ---")
+                typer.echo(text, nl=False)
+            return _ended(step, current.state, exit_status(current.state, current.error))
+        try:
+            async for kind, value in follow(st, run_id, step):
+                if kind == "text":
+                    sys.stdout.write(value)
+                    sys.stdout.flush()
+                else:
+                    return _ended(step, *value)
+        except StepNotFound as exc:
+            fail(str(exc))
+        return 1
+
+    return _with_store(go)
+
+
+def _ended(step: str, state: str, code: int) -> int:
+    typer.echo(f"--- step {step} {state}" + (f" (exit status {code})" if code else "") + " ---",
+               err=True)
+    return code
 
 
 def _actor() -> str:

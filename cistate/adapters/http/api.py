@@ -29,8 +29,9 @@ from cistate.config import NotifySettings, Settings
 from cistate.domain.messages import Control, ControlAction, message_uuid
 from cistate.domain.notices import auth_headers, repo_path
 from cistate.domain.resource import TRUST_GATE
-from cistate.domain.run import RunState
+from cistate.domain.run import RunState, StepState
 from cistate.domain.status import RUN_STATES, TERMINAL
+from cistate.service import livelog
 from cistate.service.metrics import CONTENT_TYPE, Counts, exposition
 from cistate.service.orchestrator import Orchestrator, Outcome, Unprocessable
 from cistate.service.worker import Worker
@@ -248,15 +249,55 @@ async def list_events(request: web.Request) -> web.Response:
                               "next_cursor": next_cursor})
 
 
-async def step_log(request: web.Request) -> web.Response:
+async def step_log(request: web.Request) -> web.StreamResponse:
     app = request.app[APP_KEY]
     run_id = _run_id(request)
     step = request.match_info["step"]
+    if request.query.get("follow") in ("1", "true"):
+        return await _follow_log(request, app, run_id, step)
     logs = await app.store.step_log(run_id, step)
     if not logs:
         raise ApiError(404, f"no log for step {step!r} of run {run_id}")
     text = "".join(f"--- attempt {attempt} ---\n{body}" for attempt, body in logs)
     return web.Response(text=text, content_type="text/plain")
+
+
+async def _follow_log(request: web.Request, app: App, run_id: uuid.UUID,
+                      step: str) -> web.StreamResponse:
+    """Server-sent events: `log` events with the step's output as it comes ({"text"}), then
+    `end` with how it ended ({"state", "exit_status"})."""
+    state = await app.store.load(run_id)
+    if state is None or step not in state.steps:
+        raise ApiError(404, f"no step {step!r} in run {run_id}" if state
+                       else f"no run {run_id}")
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    try:
+        await _stream_log(response, app, run_id, step, state.steps[step])
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return response  # the follower went away
+    await response.write_eof()
+    return response
+
+
+async def _stream_log(response: web.StreamResponse, app: App, run_id: uuid.UUID, step: str,
+                      current: StepState) -> None:
+    if current.state in livelog.ENDED:  # over already: the stored log, then the end
+        for attempt, text in await app.store.step_log(run_id, step):
+            await _sse(response, "log", {"text": f"--- attempt {attempt} ---\n{text}"})
+        await _sse(response, "end", {"state": current.state, "exit_status":
+                                     livelog.exit_status(current.state, current.error)})
+    else:
+        async for kind, value in livelog.follow(app.store, run_id, step):
+            if kind == "text":
+                await _sse(response, "log", {"text": value})
+            else:
+                await _sse(response, "end", {"state": value[0], "exit_status": value[1]})
+
+
+async def _sse(response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
+    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

@@ -34,7 +34,7 @@ from cistate.domain.events import (
     dumps,
     loads,
 )
-from cistate.domain.messages import Outgoing
+from cistate.domain.messages import LogChunk, Outgoing
 from cistate.domain.resource import Claim, ResourceDecision, ResourceState
 from cistate.domain.resource import fold as fold_resource
 from cistate.domain.run import RunState, StepState, fold
@@ -148,6 +148,18 @@ def _violation(exc: asyncpg.UniqueViolationError, item: Append) -> Conflict | Du
     if exc.constraint_name in ("events_run_id_seq_key", "outbox_message_id_key"):
         return Conflict(str(item.state.id))
     raise exc
+
+
+@dataclass(frozen=True)
+class LiveChunk:
+    """A stored piece of a step's live output (Store.log_chunks)."""
+
+    id: int
+    attempt: int
+    execution: uuid.UUID
+    seq: int
+    text: str
+    final: bool
 
 
 @dataclass(frozen=True)
@@ -491,6 +503,39 @@ class Store:
             run_id, step,
         )
         return [(r["attempt"], r["log"]) for r in records]
+
+    # -- live step logs
+
+    async def add_log_chunks(self, chunks: Sequence[LogChunk]) -> int:
+        """Store pieces of running steps' output; a piece stored before (a redelivery) is
+        left as it is. Returns how many were new."""
+        if not chunks:
+            return 0
+        result: str = await self.pool.execute(
+            "INSERT INTO step_log_chunks (run_id, step, attempt, execution, seq, text, final)"
+            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::int[],"
+            " $6::text[], $7::bool[]) ON CONFLICT DO NOTHING",
+            [c.run_id for c in chunks], [c.step for c in chunks], [c.attempt for c in chunks],
+            [c.execution for c in chunks], [c.seq for c in chunks], [c.text for c in chunks],
+            [c.final for c in chunks])
+        return int(result.split()[-1])
+
+    async def log_chunks(self, run_id: uuid.UUID, step: str, after: int = 0,
+                         limit: int = 1000) -> list[LiveChunk]:
+        """The pieces of a step's live output stored after `after` (a previous piece's id),
+        in the order they arrived."""
+        records = await self.pool.fetch(
+            "SELECT id, attempt, execution, seq, text, final FROM step_log_chunks"
+            " WHERE run_id = $1 AND step = $2 AND id > $3 ORDER BY id LIMIT $4",
+            run_id, step, after, limit)
+        return [LiveChunk(r["id"], r["attempt"], r["execution"], r["seq"], r["text"],
+                          r["final"]) for r in records]
+
+    async def prune_log_chunks(self, older_than_seconds: float = 86400) -> int:
+        result: str = await self.pool.execute(
+            "DELETE FROM step_log_chunks WHERE recorded_at < now() - make_interval(secs => $1)",
+            older_than_seconds)
+        return int(result.split()[-1])
 
     async def list_runs(self, query: RunQuery | None = None, **filters: Any) -> list[RunState]:
         """Runs matching the query, newest first (keyset pagination on created_at, id),

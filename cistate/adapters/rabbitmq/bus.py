@@ -8,6 +8,7 @@ Topology (names start with the configured prefix, `cistate` by default):
   queue     <p>.orchestrator    quorum; push, control, claim, step.*.result
   queue     <p>.step.<name>     quorum; step.<name>.run
   queue     <p>.notify          quorum; notice (commit statuses, notifications)
+  queue     <p>.logs            quorum; step.*.log (running steps' live output)
   queue     <p>.dead            quorum; everything dead-lettered
   queue     <p>.cancel.<id>     one per worker, exclusive; cancel (a broadcast)
 
@@ -359,10 +360,17 @@ class Bus:
         await queue.bind(self.exchange_name, "notice")
         return queue
 
+    async def declare_logs(self, channel: AbstractChannel | None = None) -> AbstractQueue:
+        """Live step logs: the pieces of running steps' output workers send."""
+        queue = await self._declare_queue(self.queue_name("logs"), channel=channel)
+        await queue.bind(self.exchange_name, "step.*.log")
+        return queue
+
     async def declare_all(self, steps: Iterable[str]) -> None:
         """Declare every durable queue, so messages published before a consumer starts wait."""
         await self.declare_orchestrator()
         await self.declare_notify()
+        await self.declare_logs()
         for step in steps:
             await self.declare_step(step)
 
