@@ -70,6 +70,10 @@ class StepState:
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    # where the latest attempt's time went, in seconds: waiting (for a lock or a person),
+    # queued (its command on its way to a worker: the worker's start minus step.started),
+    # running (the worker's own start to end)
+    timing: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,12 +84,13 @@ class StepState:
             "error": self.error,
             "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
+            "timing": self.timing,
         }
 
     def copy(self) -> StepState:
         """A shallow copy (dataclasses.replace, without its look at the fields each time)."""
         return StepState(self.name, self.state, self.attempts, self.outputs, self.error,
-                         self.started_at, self.finished_at)
+                         self.started_at, self.finished_at, self.timing)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> StepState:
@@ -97,6 +102,7 @@ class StepState:
             error=raw.get("error"),
             started_at=_parse(raw.get("started_at")),
             finished_at=_parse(raw.get("finished_at")),
+            timing=raw.get("timing"),
         )
 
 
@@ -258,8 +264,30 @@ def _pinned(s: RunState, d: dict[str, Any], at: datetime) -> None:
     s.active = list(d["active"])
 
 
+def _waited(step: StepState, at: datetime) -> dict[str, float] | None:
+    """How long a waiting step waited, up to `at`."""
+    if step.state != WAITING or step.started_at is None:
+        return None
+    return {"waiting": round(max(0.0, (at - step.started_at).total_seconds()), 3)}
+
+
+def _ran(step: StepState, d: dict[str, Any]) -> None:
+    """The worker's own times of the attempt (a result's `ran`): queued and running."""
+    ran = d.get("ran")
+    if not ran or step.started_at is None:
+        return
+    began, ended = _parse(ran.get("started_at")), _parse(ran.get("finished_at"))
+    if began is None or ended is None:
+        return
+    # clocks of two machines: a worker whose clock runs behind shows no queueing, not less
+    step.timing = {**(step.timing or {}),
+                   "queued": round(max(0.0, (began - step.started_at).total_seconds()), 3),
+                   "running": round(max(0.0, (ended - began).total_seconds()), 3)}
+
+
 def _started(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
+    step.timing = _waited(step, at)  # a step that waited for its lock; else a new attempt
     step.state, step.attempts, step.error = RUNNING, d["attempt"], None
     step.started_at, step.finished_at = at, None
     s.machine_state, s.step = m.RUNNING, d["step"]
@@ -274,6 +302,7 @@ def _waiting(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 def _approved(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
+    step.timing = _waited(step, at)
     step.state, step.finished_at = SUCCEEDED, at
     step.outputs = {"approved_by": d["actor"], "reason": d.get("reason")}
 
@@ -281,6 +310,7 @@ def _approved(s: RunState, d: dict[str, Any], at: datetime) -> None:
 def _rejected(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
     reason = f": {d['reason']}" if d.get("reason") else ""
+    step.timing = _waited(step, at)
     step.state, step.finished_at = FAILED, at
     step.error = {"message": f"rejected by {d['actor']}{reason}", "kind": "rejected",
                   "retryable": False, "actor": d["actor"]}
@@ -288,6 +318,7 @@ def _rejected(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 def _succeeded(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
+    _ran(step, d)
     step.state, step.outputs, step.finished_at = SUCCEEDED, d.get("outputs") or {}, at
 
 
@@ -297,6 +328,7 @@ def _failed(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
     error = d.get("error")
     stopped = isinstance(error, dict) and error.get("kind") == "cancelled"
+    _ran(step, d)
     step.state, step.error, step.finished_at = CANCELLED if stopped else FAILED, error, at
 
 
@@ -311,6 +343,7 @@ def _retry_scheduled(s: RunState, d: dict[str, Any], at: datetime) -> None:
 
 def _skipped(s: RunState, d: dict[str, Any], at: datetime) -> None:
     step = s.steps[d["step"]]
+    _ran(step, d)
     step.state = SKIPPED
     if step.started_at is not None and step.finished_at is None:  # its handler skipped it
         step.finished_at = at
@@ -1042,11 +1075,12 @@ class _Builder:
         if result.status == "succeeded" and self.reads_repo_file(result.step):
             self.repo_pipeline(result)
             return
+        ran = _ran_data(result)
         if result.status == "skipped":
             self.step_to(result.step, m.SKIP)
             self.event(E.STEP_SKIPPED, {
                 "step": result.step, "attempt": result.attempt, "outputs": result.outputs,
-                "reason": result.reason or "its handler found nothing to do",
+                "reason": result.reason or "its handler found nothing to do", **ran,
             }, attempt=result.attempt)
             self.advance()
             return
@@ -1054,13 +1088,14 @@ class _Builder:
             self.step_to(result.step, m.SUCCEED)
             self.event(E.STEP_SUCCEEDED, {
                 "step": result.step, "attempt": result.attempt, "outputs": result.outputs,
+                **ran,
             }, attempt=result.attempt)
             self.advance()
             return
         error = (result.error.model_dump() if result.error
                  else {"message": "the handler reported failure without an error"})
         self.after_failure(result.step, result.attempt, E.STEP_FAILED, error,
-                           kind=str(error.get("kind", "error")))
+                           kind=str(error.get("kind", "error")), extra=ran)
 
     def reads_repo_file(self, name: str) -> bool:
         return (name == p.REPO_PIPELINE_STEP and name in self.graph.needs
@@ -1161,7 +1196,7 @@ class _Builder:
         self.after_failure(timer.step, timer.attempt, E.STEP_TIMED_OUT, error, "timeout")
 
     def after_failure(self, step: str, attempt: int, type_: E, error: dict[str, Any],
-                      kind: str) -> None:
+                      kind: str, extra: dict[str, Any] | None = None) -> None:
         """Record a failed attempt; schedule the next one if the step's policy allows."""
         spec = self.pipeline.step(step)
         retry_left = (
@@ -1176,7 +1211,8 @@ class _Builder:
         else:
             trigger = m.FAIL
         dest = self.step_to(step, trigger, m.Situation(retry_left=retry_left))
-        self.event(type_, {"step": step, "attempt": attempt, "error": error}, attempt=attempt)
+        self.event(type_, {"step": step, "attempt": attempt, "error": error, **(extra or {})},
+                   attempt=attempt)
         if dest == RETRYING:
             # jitter seeded from the attempt: the same decision every time it is made
             seed = str(derived_id(self.run.id, "backoff", step, attempt))
@@ -1301,6 +1337,14 @@ _ON_CONTROL: dict[str, Callable[[_Builder, Control], None]] = {
     "superseded": _Builder.superseded,
     "ok_to_test": _Builder.ok_to_test,
 }
+
+
+def _ran_data(result: StepResult) -> dict[str, Any]:
+    """A result's event data on when the worker ran the attempt (its own clock)."""
+    if result.started_at is None or result.finished_at is None:
+        return {}
+    return {"ran": {"started_at": result.started_at.isoformat(),
+                    "finished_at": result.finished_at.isoformat(), "worker": result.worker}}
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -208,7 +208,7 @@ async def test_http_api_reads_runs_and_events(serve: Serve, producer: Producer,
             assert run["state"] == "succeeded"
             assert {"id", "repo", "ref", "commit", "state", "step", "steps", "version"} <= set(run)
             assert set(run["steps"][0]) == {"name", "state", "attempts", "outputs", "error",
-                                            "started_at", "finished_at"}
+                                            "started_at", "finished_at", "timing"}
         async with http.get(f"{base}/api/v1/runs/{run_id}/events") as resp:
             events = (await resp.json())["events"]
             assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]

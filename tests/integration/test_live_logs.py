@@ -89,6 +89,10 @@ async def test_a_running_steps_output_can_be_followed_as_it_comes(
     [(attempt, stored)] = await store.step_log(run_id, "check")
     assert attempt == 1 and "second line" in stored and SECRET not in stored
     assert ended.status == "failed"
+    # where its time went: the worker's own run of it (3 s of sleep), and the time its
+    # command took to reach the worker
+    timing = ended.steps["check"].timing or {}
+    assert 3.0 <= timing["running"] < 20 and 0 <= timing["queued"] < 5, timing
 
 
 async def test_a_piece_delivered_twice_is_stored_once(store: Store) -> None:

@@ -834,7 +834,7 @@ def test_run_state_json_shape(h: Harness) -> None:
     assert [s["name"] for s in body["steps"]] == STEPS
     for step in body["steps"]:
         assert set(step) == {"name", "state", "attempts", "outputs", "error", "started_at",
-                             "finished_at"}
+                             "finished_at", "timing"}
     setup, test = body["steps"][:2]
     assert setup["state"] == "succeeded" and setup["attempts"] == 1
     assert setup["outputs"] == h.state.steps["setup"].outputs
@@ -843,7 +843,7 @@ def test_run_state_json_shape(h: Harness) -> None:
     assert test["error"]["message"] == "3 tests failed"
     assert body["steps"][2] == {"name": "build", "state": "skipped", "attempts": 0,
                                 "outputs": {}, "error": None, "started_at": None,
-                                "finished_at": None}
+                                "finished_at": None, "timing": None}
     assert "steps" not in h.state.to_json(with_steps=False)
     for raw in body["steps"]:
         assert r.StepState.from_json(raw) == h.state.steps[raw["name"]]
@@ -870,3 +870,27 @@ def test_every_control_action_has_a_rule() -> None:
 
     from cistate.domain.messages import ControlAction
     assert set(get_args(ControlAction)) == set(r._ON_CONTROL)
+
+
+def test_each_step_says_where_its_time_went_queued_waiting_running() -> None:
+    # the worker's own start and end of the attempt travel with its result
+    pipeline = parse("""
+name: t
+steps:
+  - {name: build, uses: noop}
+  - {name: gate, uses: approval}
+""", "t.yaml", {"noop", "approval"})
+    h = Harness(r.Decider(pipeline))
+    h.send(push())
+    began = h.now + timedelta(seconds=0.25)  # the command took a quarter second to arrive
+    h.tick(3)
+    result = h.ok("build").model_copy(update={
+        "started_at": began, "finished_at": began + timedelta(seconds=2.5), "worker": "w1"})
+    decision = h.send(result)
+    [succeeded] = [e for e in decision.events if e.type == "step.succeeded"]
+    assert succeeded.data["ran"]["worker"] == "w1"
+    assert h.state.steps["build"].timing == {"queued": 0.25, "running": 2.5}
+    h.tick(60)
+    h.send(h.control("approve", "gate"), actor="api:alice")
+    assert h.state.steps["gate"].timing == {"waiting": 60.0}
+    assert r.fold(h.run_id, h.log).steps["build"].timing == {"queued": 0.25, "running": 2.5}

@@ -364,12 +364,13 @@ def runs_show(
     pinned = (f" (pinned {state.pipeline_sha256[:12]})" if state.pipeline_sha256
               else " (not pinned: recorded before runs pinned their pipeline)")
     out.print(f"pipeline {state.pipeline}{pinned}", highlight=False)
-    table = Table("step", "state", "attempts", "outputs / error", "started", "finished")
+    table = Table("step", "state", "attempts", "outputs / error", "started", "finished",
+                  "waiting / queued / running")
     for step in state.steps.values():
         detail = (step.error or {}).get("message", "") if step.error else (
             ", ".join(f"{k}={v}" for k, v in step.outputs.items()))
         table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
-                      _time(step.started_at), _time(step.finished_at))
+                      _time(step.started_at), _time(step.finished_at), _timing(step.timing))
     out.print(table)
     for key, notice in state.notices.items():
         if notice["kind"] != "status":
@@ -416,6 +417,13 @@ def runs_logs(run: str, step: str, follow_: Annotated[bool, typer.Option(
     for attempt, text in logs:
         typer.echo(f"--- attempt {attempt} ---")
         typer.echo(text, nl=False)
+
+
+def _timing(timing: dict[str, float] | None) -> str:
+    if not timing:
+        return ""
+    return " / ".join(f"{timing[key]:.2f}s" if key in timing else "-"
+                      for key in ("waiting", "queued", "running"))
 
 
 def _follow(run_id: uuid.UUID, step: str) -> int:

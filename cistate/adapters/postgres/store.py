@@ -866,7 +866,7 @@ def steps_json(steps: Iterable[StepState]) -> str:
         return orjson.dumps([
             {"name": st.name, "state": st.state, "attempts": st.attempts,
              "outputs": st.outputs, "error": st.error, "started_at": st.started_at,
-             "finished_at": st.finished_at} for st in steps]).decode()
+             "finished_at": st.finished_at, "timing": st.timing} for st in steps]).decode()
     except TypeError:  # what orjson cannot write (an integer beyond 64 bits)
         return dumps([st.to_json() for st in steps])
 
