@@ -67,6 +67,17 @@ async def queued_in_group(store: Store, run_id: uuid.UUID) -> Resource:
     return group
 
 
+async def one_behind_another(serve: Serve, producer: Producer, store: Store
+                             ) -> tuple[Settings, uuid.UUID, uuid.UUID, Resource]:
+    """A group without cancel_in_progress: the first run holds it at its gate, the second
+    waits behind it."""
+    settings = await serve(gated(cancel_in_progress=False), api_token=TOKENS)
+    first = await producer.push()
+    await at_gate(store, first)
+    second = await producer.push()
+    return settings, first, second, await queued_in_group(store, second)
+
+
 async def show(settings: Settings, run_id: uuid.UUID) -> dict[str, Any]:
     url = f"http://{settings.listen}/api/v1/runs/{run_id}"
     async with aiohttp.ClientSession() as http, http.get(url) as response:
@@ -98,12 +109,7 @@ async def test_a_newer_push_cancels_the_older_run_of_its_group(
 
 async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
         serve: Serve, producer: Producer, store: Store) -> None:
-    settings = await serve(gated(cancel_in_progress=False), api_token=TOKENS)
-    first = await producer.push()
-    await at_gate(store, first)
-    second = await producer.push()
-
-    group = await queued_in_group(store, second)
+    settings, first, second, group = await one_behind_another(serve, producer, store)
     assert group.holder is not None and group.holder.run_id == first
     assert [c.run_id for c in group.waiting] == [second]
     shown = await show(settings, second)
@@ -135,12 +141,7 @@ async def test_without_cancel_in_progress_the_newer_run_waits_then_runs(
 
 async def test_a_damaged_resource_row_is_refolded_from_its_events(
         serve: Serve, producer: Producer, store: Store) -> None:
-    settings = await serve(gated(cancel_in_progress=False), api_token=TOKENS)
-    first = await producer.push()
-    await at_gate(store, first)
-    second = await producer.push()
-
-    group = await queued_in_group(store, second)
+    settings, first, second, group = await one_behind_another(serve, producer, store)
     # someone with the database's password frees the group and the second run's hold
     await store.pool.execute("UPDATE resources SET holder = NULL, waiting = '[]'")
     await store.pool.execute("UPDATE runs SET holds = '{}' WHERE id = $1", second)
