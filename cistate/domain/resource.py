@@ -18,16 +18,20 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cistate.domain.events import EventType as E
 from cistate.domain.events import NewEvent, derived_id
-from cistate.domain.messages import ClaimRequest, Control, ControlAction, Outgoing
+from cistate.domain.state import GROUP as GROUP
+from cistate.domain.state import TRUST as TRUST
+from cistate.domain.state import kind_of as kind_of
 
-GROUP, LOCK = "group", "lock"
-# not a resource: a fork's pull request waits on its own run until a trusted person says
-# /ok-to-test (a hold of the run, in the run's events only)
-TRUST = "trust"
+if TYPE_CHECKING:  # the messages' models load when a resource decides, not to read one
+    from cistate.domain.messages import ClaimRequest, ControlAction, Outgoing
+
+LOCK = "lock"
+# GROUP; and TRUST, not a resource: a fork's pull request waits on its own run until a
+# trusted person says /ok-to-test (a hold of the run, in the run's events only)
 TRUST_GATE = f"{TRUST}:ok-to-test"
 
 QUEUED, GRANTED, RELEASED = E.RESOURCE_QUEUED, E.RESOURCE_GRANTED, E.RESOURCE_RELEASED
@@ -40,10 +44,6 @@ def group_resource(group: str) -> str:
 
 def lock_resource(lock: str) -> str:
     return f"{LOCK}:{lock}"
-
-
-def kind_of(resource: str) -> str:
-    return resource.split(":", 1)[0]
 
 
 @dataclass(frozen=True)
@@ -154,6 +154,8 @@ class _Decide:
         apply(self.state, type_, body)
 
     def tell(self, claim: Claim, action: ControlAction, reason: str | None = None) -> None:
+        from cistate.domain.messages import Control, Outgoing
+
         body = Control(run_id=claim.run_id, action=action, resource=self.state.name,
                        claim=claim.claim, step=claim.step, reason=reason)
         self.decision.outgoing.append(

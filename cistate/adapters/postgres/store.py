@@ -17,11 +17,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
-from pydantic import BaseModel
 
 from cistate import SOURCE_ROOT
 from cistate.domain.events import (
@@ -34,11 +33,17 @@ from cistate.domain.events import (
     dumps,
     loads,
 )
-from cistate.domain.messages import LogChunk, Outgoing
 from cistate.domain.resource import Claim, ResourceDecision, ResourceState
 from cistate.domain.resource import fold as fold_resource
-from cistate.domain.run import RunState, StepState, fold
-from cistate.service.metrics import StoreState
+from cistate.domain.state import RunState, StepState
+
+if TYPE_CHECKING:
+    # Reading runs (the command line's `runs list` and `runs show`) loads none of these:
+    # the messages' models, the deciding (fold, in the methods that fold), the metrics.
+    from pydantic import BaseModel
+
+    from cistate.domain.messages import LogChunk, Outgoing
+    from cistate.service.metrics import StoreState
 
 MIGRATIONS = SOURCE_ROOT / "schema" / "migrations"
 NOTIFY_CHANNEL = "cistate_outbox"
@@ -256,6 +261,8 @@ class Store:
     async def gauges(self) -> StoreState:
         """Runs by state, and the outbox's due messages not yet published (how far the
         relay is behind), for the metrics endpoint. One round trip."""
+        from cistate.service.metrics import StoreState
+
         row = await self.pool.fetchrow(_GAUGES_SQL)
         assert row is not None
         return StoreState(runs=row["runs"], outbox_due=row["due"],
@@ -580,6 +587,8 @@ class Store:
 
     async def state_at(self, run_id: uuid.UUID, seq: int | None = None) -> RunState | None:
         """The run as it stood after event `seq` (None: now), folded from its events."""
+        from cistate.domain.run import fold
+
         records = await self.pool.fetch(
             "SELECT type, data, recorded_at FROM events WHERE run_id = $1"
             " AND ($2::int IS NULL OR seq <= $2) ORDER BY seq",
@@ -716,6 +725,8 @@ class Store:
 
     async def _rebuild_range(self, batch: int, first: uuid.UUID, last: uuid.UUID
                              ) -> RebuildReport:
+        from cistate.domain.run import fold
+
         report = RebuildReport()
         fixing: asyncio.Future[None] | None = None
         async with (self.pool.acquire() as reader, reader.transaction(),
