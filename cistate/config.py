@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -13,7 +12,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from cistate.domain.notices import NoticePolicy
 from cistate.domain.repos import RepoPolicy
 
-ROLES = ("api", "orchestrator", "worker")  # what `cistate serve --role` can run
+# the parts without pydantic live in cistate.environment (the command line's quick start)
+from cistate.environment import (
+    DEFAULT_DATABASE_URL,
+    DEFAULT_RABBITMQ_URL,
+    is_amqp_url,
+    is_host_port,
+    is_postgres_url,
+)
+from cistate.environment import ROLES as ROLES
+from cistate.environment import SCOPES as SCOPES
+from cistate.environment import ApiToken as ApiToken
+from cistate.environment import ConfigError as ConfigError
+from cistate.environment import parse_api_tokens as parse_api_tokens
+from cistate.environment import redact as redact
 
 
 def split_commas(value: Any) -> Any:
@@ -27,15 +39,12 @@ def split_commas(value: Any) -> Any:
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(split_commas)]
 
 
-class ConfigError(ValueError):
-    """Configuration a person must fix before cistate starts; one problem per line."""
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore")
 
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/cistate"
-    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # Each field has its quick check in cistate.environment.SURELY_VALID.
+    database_url: str = DEFAULT_DATABASE_URL
+    rabbitmq_url: str = DEFAULT_RABBITMQ_URL
     pipeline: Path | None = None  # None: the packaged nodejs pipeline
     # A directory of pipeline files (*.yaml, *.yml), each with an optional `repos:` list of
     # URL globs: a push runs the first, by file name, whose globs match its repo; a push
@@ -79,22 +88,21 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _postgres(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+        if not is_postgres_url(value):
             raise ValueError("must be a postgresql:// URL")
         return value
 
     @field_validator("rabbitmq_url")
     @classmethod
     def _amqp(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
+        if not is_amqp_url(value):
             raise ValueError("must be an amqp:// or amqps:// URL")
         return value
 
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not is_host_port(value):
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
         return value
 
@@ -105,47 +113,6 @@ class Settings(BaseSettings):
     @property
     def listen_port(self) -> int:
         return int(self.listen.rpartition(":")[2])
-
-
-SCOPES = ("read", "operate", "admin")  # each includes the ones before it
-
-
-@dataclass(frozen=True)
-class ApiToken:
-    name: str
-    scope: str = "operate"
-
-    def allows(self, needed: str) -> bool:
-        return SCOPES.index(self.scope) >= SCOPES.index(needed)
-
-
-def parse_api_tokens(text: str) -> dict[str, ApiToken]:
-    tokens: dict[str, ApiToken] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) == 1:
-            tokens[parts[0]] = ApiToken("api")
-            continue
-        if len(parts) > 3 or not parts[0] or not parts[1]:
-            raise ValueError(f"API token entry {parts[0]!r}... is not NAME:TOKEN[:SCOPE]")
-        scope = parts[2] if len(parts) == 3 else "operate"
-        if scope not in SCOPES:
-            raise ValueError(f"API token {parts[0]!r} has scope {scope!r}; use one of "
-                             f"{', '.join(SCOPES)}")
-        tokens[parts[1]] = ApiToken(parts[0], scope)
-    return tokens
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RepoSettings(BaseSettings):

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import getpass
 import json
-import logging
 import os
 import sys
 import uuid
@@ -14,34 +10,27 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import typer
-from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
 from cistate import SOURCE_ROOT
-from cistate.adapters.postgres.store import (
-    EventQuery,
-    RunCheck,
-    RunQuery,
-    Store,
-    VerifyReport,
-    connect,
-)
-from cistate.config import ROLES, ConfigError, Settings, redact
-from cistate.domain.messages import MESSAGE_MODELS, ControlAction, Push, message_uuid
-from cistate.domain.pipeline import PipelineError
-from cistate.domain.run import RunState, run_id_for
-from cistate.domain.status import TERMINAL
+from cistate.environment import ROLES, redact
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cistate.adapters.postgres.store import RunCheck, Store, VerifyReport
+    from cistate.config import Settings
+    from cistate.domain.messages import ControlAction
+    from cistate.domain.state import RunState
+    from cistate.environment import Urls
     from cistate.service.orchestrator import Orchestrator, Outcome
 
-# The service's modules (aiohttp, aio-pika, handlers) load only in the commands that use
-# them, so that reading runs and events starts fast.
+# Every module but typer's loads in the command that uses it: `cistate --help` needs none,
+# `runs list` and `runs show` the store (asyncpg) and rich's tables but no pydantic model,
+# no machine and none of the service's (aiohttp, aio-pika, handlers). tests/unit/
+# test_cli_imports.py holds the line; bench/cli.py measures it.
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="CI/CD pipelines as event-sourced state machines.")
@@ -56,8 +45,6 @@ cli.add_typer(db_cli, name="db")
 cli.add_typer(runs_cli, name="runs")
 cli.add_typer(schema_cli, name="schema")
 
-# Piped output (grep, logs) gets wide tables rather than cells folded to 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 200)
 T = TypeVar("T")
 SCHEMA_DIR = SOURCE_ROOT / "schema"
 
@@ -76,7 +63,25 @@ def fail_lines(lines: list[str], code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+_console: Console | None = None
+
+
+def out() -> Console:
+    """stdout's console. Piped output (grep, logs) gets wide tables rather than cells
+    folded to 80 columns."""
+    global _console  # made once, when a command first prints
+    if _console is None:
+        from rich.console import Console
+
+        _console = Console(width=None if sys.stdout.isatty() else 200)
+    return _console
+
+
 def settings() -> Settings:
+    from pydantic import ValidationError
+
+    from cistate.config import Settings
+
     try:
         return Settings()
     except ValidationError as exc:
@@ -85,25 +90,52 @@ def settings() -> Settings:
         fail(f"bad configuration: {name}: {err['msg']}", 2)
 
 
+def urls() -> Urls | Settings:
+    """The database and RabbitMQ URLs, for the commands that need nothing else: read
+    without pydantic when the environment surely is valid (cistate.environment.urls), else
+    validated by Settings as for every other command."""
+    from cistate.environment import urls as quick
+
+    found = quick()
+    return found if found is not None else settings()
+
+
+def _loaded(module: str, *names: str) -> tuple[type[BaseException], ...]:
+    """The exception classes `names` of `module` if it is loaded: an exception cannot be
+    one of them if their module was never imported (and importing it just to look would
+    cost every command the start-up this file saves)."""
+    found = sys.modules.get(module)
+    return tuple(getattr(found, name) for name in names) if found is not None else ()
+
+
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning the errors a person can fix into one clear line."""
+    import asyncio
+
+    from cistate.environment import ConfigError
+
     try:
         return asyncio.run(coro)
-    except (PipelineError, ConfigError) as exc:
-        fail_lines(str(exc).splitlines(), 2)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        fail(f"{_what_failed(exc)}: {exc}")
+    except Exception as exc:
+        if isinstance(exc, (ConfigError, *_loaded("cistate.domain.pipeline", "PipelineError"))):
+            fail_lines(str(exc).splitlines(), 2)
+        postgres = _loaded("asyncpg", "PostgresError", "InterfaceError")
+        if isinstance(exc, (OSError, *postgres)):
+            fail(f"{_what_failed(exc, postgres)}: {exc}")
+        raise
 
 
-def _what_failed(exc: BaseException) -> str:
-    s = Settings()
-    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+def _what_failed(exc: BaseException, postgres: tuple[type[BaseException], ...]) -> str:
+    s = urls()
+    if isinstance(exc, postgres):
         return f"PostgreSQL at {redact(s.database_url)}"
     return (f"cannot connect (PostgreSQL {redact(s.database_url)}, "
             f"RabbitMQ {redact(s.rabbitmq_url)})")
 
 
 def configure_logging(fmt: str, level: str = "info") -> None:
+    import logging
+
     import structlog
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -135,6 +167,8 @@ def parse_run_id(raw: str) -> uuid.UUID:
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Create the database if needed and apply migrations; safe to run twice."""
+    from cistate.adapters.postgres.store import connect
+
     s = settings()
 
     async def go() -> list[str]:
@@ -150,6 +184,10 @@ def db_upgrade() -> None:
 
 
 async def _ensure_database(dsn: str) -> None:
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
     try:
         conn = await asyncpg.connect(dsn)
     except asyncpg.InvalidCatalogNameError:
@@ -177,6 +215,8 @@ def serve(
         "--step", help="with --role worker: only these steps (repeatable)")] = None,
 ) -> None:
     """Run the API, the orchestrator and workers (or the roles given)."""
+    import contextlib
+
     from cistate import bootstrap as wiring
 
     s = settings()
@@ -197,6 +237,7 @@ def check(
     """Check the configuration without starting anything: the pipeline, the settings of every
     enabled step and the secrets they declare (exit 2 with one line per problem)."""
     from cistate import bootstrap as wiring
+    from cistate.domain.pipeline import PipelineError
 
     s = settings()
     try:
@@ -237,6 +278,11 @@ def push(
     as_json: JsonFlag = False,
 ) -> None:
     """Publish a push event on the bus, as any producer would."""
+    from pydantic import ValidationError
+
+    from cistate.domain.messages import Push, message_uuid
+    from cistate.domain.run import run_id_for
+
     s = settings()
     try:
         body = Push(repo=repo, ref=ref, commit=commit, pusher=pusher, provider="cli")
@@ -282,10 +328,12 @@ def push(
 
 
 def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]], connections: int = 2) -> T:
-    s = settings()
+    from cistate.adapters.postgres.store import connect
+
+    dsn = urls().database_url
 
     async def go() -> T:
-        store = await connect(s.database_url, min_size=1, max_size=connections)
+        store = await connect(dsn, min_size=1, max_size=connections)
         try:
             return await fn(store)
         finally:
@@ -326,17 +374,21 @@ def runs_list(
     as_json: JsonFlag = False,
 ) -> None:
     """Runs, newest first."""
+    from cistate.adapters.postgres.store import RunQuery
+
     query = RunQuery(state=state, repo=repo, ref=ref, commit=commit, step=step,
                      since=_utc(since), until=_utc(until), limit=limit)
     runs: list[RunState] = _with_store(lambda st: st.list_runs(query))
     if as_json:
         print_json([r.to_json(with_steps=False) for r in runs])
         return
+    from rich.table import Table
+
     table = Table("id", "state", "step", "repo", "ref", "commit", "created")
     for r in runs:
         table.add_row(str(r.id), _styled(r.status), r.step or "", r.repo, r.ref, r.commit[:12],
                       _time(r.created_at))
-    out.print(table)
+    out().print(table)
 
 
 @runs_cli.command("show")
@@ -359,11 +411,13 @@ def runs_show(
     if as_json:
         print_json({**state.to_json(), "waiting_for": waits})
         return
-    out.print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
-              f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
+    out().print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
+                f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
     pinned = (f" (pinned {state.pipeline_sha256[:12]})" if state.pipeline_sha256
               else " (not pinned: recorded before runs pinned their pipeline)")
-    out.print(f"pipeline {state.pipeline}{pinned}", highlight=False)
+    out().print(f"pipeline {state.pipeline}{pinned}", highlight=False)
+    from rich.table import Table
+
     table = Table("step", "state", "attempts", "outputs / error", "started", "finished",
                   "waiting / queued / running")
     for step in state.steps.values():
@@ -371,18 +425,18 @@ def runs_show(
             ", ".join(f"{k}={v}" for k, v in step.outputs.items()))
         table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
                       _time(step.started_at), _time(step.finished_at), _timing(step.timing))
-    out.print(table)
+    out().print(table)
     for key, notice in state.notices.items():
         if notice["kind"] != "status":
             continue
         why = f": {notice['reason']}" if notice.get("reason") else ""
-        out.print(f"status {key}: {notice['state']} ({notice['description']}), "
-                  f"{notice['delivery']}{why}", highlight=False)
+        out().print(f"status {key}: {notice['state']} ({notice['description']}), "
+                    f"{notice['delivery']}{why}", highlight=False)
     for wait in waits:
         holder = wait["holder_run_id"] or "nobody (its turn is on the way)"
         place = f", place {wait['position']} in its queue" if wait["position"] else ""
-        out.print(f"waits for {wait['kind']} {wait['name']!r}: held by run {holder}{place}",
-                  highlight=False)
+        out().print(f"waits for {wait['kind']} {wait['name']!r}: held by run {holder}{place}",
+                    highlight=False)
 
 
 @runs_cli.command("events")
@@ -395,12 +449,14 @@ def runs_events(run: str, as_json: JsonFlag = False) -> None:
     if as_json:
         print_json([e.to_json() for e in events])
         return
+    from rich.table import Table
+
     table = Table("seq", "type", "step", "attempt", "actor", "recorded")
     for e in events:
         table.add_row(str(e.seq), e.type, str(e.data.get("step", "")),
                       str(e.data.get("attempt", "")), str(e.meta.get("actor", "")),
                       _time(e.recorded_at))
-    out.print(table)
+    out().print(table)
 
 
 @runs_cli.command("logs")
@@ -460,12 +516,15 @@ def _ended(step: str, state: str, code: int) -> int:
 
 
 def _actor() -> str:
+    import getpass
+
     return f"cli:{getpass.getuser()}"
 
 
 def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any, Any, Outcome]],
              as_json: bool, done: str) -> None:
     from cistate import bootstrap as wiring
+    from cistate.adapters.postgres.store import connect
     from cistate.service.orchestrator import Orchestrator
 
     run_id = parse_run_id(run)
@@ -557,7 +616,12 @@ def runs_watch(
     interval: Annotated[float, typer.Option(min=0.1, help="Seconds between looks.")] = 0.5,
 ) -> None:
     """Show the run's steps live until it ends; exit 0 if it succeeded, 1 if not."""
+    import asyncio
+
     from rich.live import Live
+
+    from cistate.adapters.postgres.store import connect
+    from cistate.domain.status import TERMINAL
 
     run_id = parse_run_id(run)
     s = settings()
@@ -568,7 +632,7 @@ def runs_watch(
             state = await store.load(run_id)
             if state is None:
                 fail(f"no run {run_id}")
-            with Live(_run_table(state), console=out, auto_refresh=False) as live:
+            with Live(_run_table(state), console=out(), auto_refresh=False) as live:
                 while state.status not in TERMINAL:
                     await asyncio.sleep(interval)
                     state = await store.load(run_id) or state
@@ -602,6 +666,8 @@ def audit(
     """Events across all runs, newest first, filtered (or a command below)."""
     if ctx.invoked_subcommand is not None:
         return
+    from cistate.adapters.postgres.store import EventQuery
+
     query = EventQuery(
         run_id=parse_run_id(run) if run else None, repo=repo, ref=ref, commit=commit,
         type=type_, step=step, actor=actor, since=_utc(since), until=_utc(until),
@@ -610,15 +676,17 @@ def audit(
     if as_json:
         print_json([e.to_json() for e in events])
         return
+    from rich.table import Table
+
     table = Table("position", "run", "seq", "type", "step", "actor", "recorded", "detail")
     for e in events:
         detail = e.data.get("reason") or (e.data.get("error") or {}).get("message", "")
         table.add_row(str(e.position), str(e.run_id)[:8], str(e.seq), e.type,
                       str(e.data.get("step", "")), str(e.meta.get("actor", "")),
                       _time(e.recorded_at), str(detail or "")[:60])
-    out.print(table)
+    out().print(table)
     if len(events) == limit:
-        out.print(f"more: --before {events[-1].position}")
+        out().print(f"more: --before {events[-1].position}")
 
 
 @audit_cli.command("verify")
@@ -691,6 +759,8 @@ def projections_rebuild(as_json: JsonFlag = False) -> None:
 
 
 def _run_table(state: RunState) -> Table:
+    from rich.table import Table
+
     table = Table("step", "state", "attempts", "detail",
                   title=f"run {state.id} — {state.status}")
     for step in state.steps.values():
@@ -713,6 +783,8 @@ def graph(
     after the last steps); with RUN, the pipeline that run pinned, each step in its state."""
     from cistate import bootstrap as wiring
     from cistate.domain import graph as step_graph
+    from cistate.domain.pipeline import PipelineError
+    from cistate.environment import ConfigError
 
     s = settings()
     try:
@@ -754,6 +826,8 @@ def schema_export(
 
 
 def message_schemas() -> dict[str, str]:
+    from cistate.domain.messages import MESSAGE_MODELS
+
     return {
         name: json.dumps(model.model_json_schema(by_alias=True), indent=2, sort_keys=True) + "\n"
         for name, model in MESSAGE_MODELS.items()

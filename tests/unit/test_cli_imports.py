@@ -1,0 +1,74 @@
+"""The command line starts fast because it loads only what a command uses (bench/cli.py
+times it): `cistate --help` loads none of the store, the service, pydantic or rich's tables;
+`runs list` and `runs show` load the store but no pydantic model, machine or service."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+# Runs the command line as `python -m cistate ARGS` would and prints, as it exits, the
+# modules it loaded.
+CHILD = """
+import atexit, json, runpy, sys
+atexit.register(lambda: print("MODULES " + json.dumps(sorted(sys.modules)), file=sys.stderr))
+sys.argv = ["cistate", *sys.argv[1:]]
+runpy.run_module("cistate", run_name="__main__", alter_sys=True)
+"""
+# what no read of runs loads (typer itself loads pydantic to coerce a command's options)
+NEVER = ("aio_pika", "aiormq", "aiohttp", "kubernetes_asyncio", "handlers", "transitions",
+         "yaml", "pydantic_settings", "prometheus_client", "structlog", "git",
+         "cistate.config", "cistate.bootstrap", "cistate.service", "cistate.domain.run",
+         "cistate.domain.messages", "cistate.domain.pipeline", "cistate.domain.machine",
+         "cistate.adapters.rabbitmq", "cistate.adapters.http")
+NOT_FOR_HELP = (*NEVER, "asyncpg", "asyncio", "orjson", "pydantic",
+                "cistate.adapters.postgres", "cistate.domain")
+
+
+def loaded(*args: str) -> tuple[int, set[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CISTATE_")}
+    # nothing listens on port 1: the command gets as far as connecting
+    env["CISTATE_DATABASE_URL"] = "postgresql://cistate@127.0.0.1:1/cistate"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    line = next(x for x in done.stderr.splitlines() if x.startswith("MODULES "))
+    return done.returncode, set(json.loads(line.removeprefix("MODULES ")))
+
+
+def among(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(f"{n}.") for n in names))
+
+
+def test_help_loads_neither_the_store_nor_pydantic() -> None:
+    code, modules = loaded("--help")
+    assert code == 0
+    assert "typer" in modules
+    assert among(modules, NOT_FOR_HELP) == []
+
+
+def test_importing_the_command_line_loads_typer_alone() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import json, sys, cistate.adapters.cli.main; "
+         "print(json.dumps(sorted(sys.modules)))"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert among(set(json.loads(done.stdout)), (*NOT_FOR_HELP, "rich")) == []
+
+
+@pytest.mark.parametrize("args", [("runs", "list"),
+                                  ("runs", "show", "7d2b0c8e-51a6-5a8e-9d0e-3f1c2b4a5e6f")])
+def test_reading_runs_loads_the_store_but_no_model_machine_or_service(
+        args: tuple[str, ...]) -> None:
+    code, modules = loaded(*args)
+    assert code == 1  # cannot connect: it got as far as the database
+    assert {"asyncpg", "cistate.adapters.postgres.store", "cistate.domain.state"} <= modules
+    assert among(modules, NEVER) == []
