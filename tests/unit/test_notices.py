@@ -6,6 +6,7 @@ deployment configured no host and no receiver."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -197,3 +198,21 @@ def test_a_forks_pull_request_waits_for_ok_to_test_and_gets_no_secrets() -> None
     [own] = [o.body for o in same_repo.send(pr_push(fork=False)).outgoing
              if isinstance(o.body, StepCommand)]
     assert [s.name for s in own.secrets] == ["NPM_TOKEN"]
+
+
+def test_a_hosts_token_comes_from_the_environment_or_the_secret_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cistate.config import NotifySettings
+    secrets = tmp_path
+    (secrets / "GITLAB_TOKEN").write_text("glpat-from-a-file\n")
+    monkeypatch.setenv("CISTATE_GITHUB_TOKEN", "ghp-from-env")
+    monkeypatch.setenv("CISTATE_GITLAB_URL", "https://gitlab.example.com")
+    monkeypatch.setenv("CISTATE_SECRETS_DIR", str(secrets))
+    settings = NotifySettings()
+    assert settings.token("github") == "ghp-from-env"
+    assert settings.token("gitlab") == "glpat-from-a-file"
+    assert settings.token("gitea") is None
+    assert settings.hosts() == {"github": "https://api.github.com",
+                                "gitlab": "https://gitlab.example.com"}
+    assert settings.policy.statuses and not settings.policy.webhooks
+    assert "ghp-from-env" not in repr(settings)
