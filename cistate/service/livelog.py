@@ -58,11 +58,12 @@ class LiveLog:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._send_forever())
-
     def write(self, text: str) -> None:
-        """A piece of masked output (StepLog's sink): kept to send, never blocking."""
+        """A piece of masked output (StepLog's sink): kept to send, never blocking. The
+        sender starts with the first piece: a step that prints nothing (a noop) sends
+        nothing and costs no task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._send_forever())
         if self._pending_chars + len(text) > MAX_PENDING_CHARS:
             self._dropped += len(text)
             return
@@ -77,7 +78,10 @@ class LiveLog:
             self._task.cancel()
 
     async def close(self) -> None:
-        """Send what is left, and the final piece; never raises (a live log is a view)."""
+        """Send what is left, and the final piece, when anything was printed; never raises
+        (a live log is a view)."""
+        if self._task is None:
+            return
         self._closing = True
         self._wake.set()
         if self._task is not None:

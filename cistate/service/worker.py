@@ -194,8 +194,6 @@ class Worker:
         # in memory: the result carries it to the store; live, to those who follow it
         live = LiveLog(self.bus, command, self.worker_id) if self.live_logs else None
         step_log = StepLog(masker=masker, sink=live.write if live else None)
-        if live is not None:
-            live.start()
         sandbox = Sandbox(
             settings=self.sandbox, attempt=attempt_dir,
             identity=identity_env(str(command.run_id), command.repo, command.ref,
