@@ -191,15 +191,8 @@ async def start_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path, 
     pipeline = work / "pipeline.yaml"
     pipeline.write_text(tp.pipeline_yaml(args.steps))
     port = tp.free_port()
-    env = os.environ | {
-        "CISTATE_DATABASE_URL": sandbox.dsn, "CISTATE_RABBITMQ_URL": sandbox.amqp,
-        "CISTATE_BUS_PREFIX": prefix, "CISTATE_PIPELINE": str(pipeline),
-        "CISTATE_WORKDIR": str(work / "workdir"), "CISTATE_LISTEN": f"127.0.0.1:{port}",
-        "CISTATE_WORKER_CONCURRENCY": str(args.concurrency), "PYTHONUNBUFFERED": "1",
-    }
-    exe = Path(sys.executable).with_name("cistate")
-    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
-                                                       "serve"]
+    env, argv = tp.serve_command(sandbox, prefix, pipeline, work / "workdir", port,
+                                 args.concurrency)
     child = Child("cistate serve", work / f"cistate-serve-{round_no}.log")
     await child.start(argv, env=env)
     await tp.wait_healthy(port, child)

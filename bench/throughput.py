@@ -623,6 +623,26 @@ def cistate_target(args: argparse.Namespace, prefix: str) -> Target:
         finished=finished, messages_per_run=1 + 2 * args.steps)
 
 
+def serve_command(sandbox: Sandbox, prefix: str, pipeline: Path, workdir: Path, port: int,
+                  concurrency: int) -> tuple[dict[str, str], list[str]]:
+    """The environment and argv of a `cistate serve` (every role) on the sandbox's database
+    and vhost, under its own bus prefix, listening on `port`."""
+    env = os.environ | {
+        "CISTATE_DATABASE_URL": sandbox.dsn,
+        "CISTATE_RABBITMQ_URL": sandbox.amqp,
+        "CISTATE_BUS_PREFIX": prefix,
+        "CISTATE_PIPELINE": str(pipeline),
+        "CISTATE_WORKDIR": str(workdir),
+        "CISTATE_LISTEN": f"127.0.0.1:{port}",
+        "CISTATE_WORKER_CONCURRENCY": str(concurrency),
+        "PYTHONUNBUFFERED": "1",
+    }
+    exe = Path(sys.executable).with_name("cistate")
+    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
+                                                       "serve"]
+    return env, argv
+
+
 async def run_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path,
                       round_no: int) -> Result:
     prefix = f"cistate{os.getpid()}r{round_no}"
@@ -630,19 +650,8 @@ async def run_cistate(args: argparse.Namespace, sandbox: Sandbox, work: Path,
     fanout = getattr(args, "shape", "linear") == "fanout"
     pipeline.write_text(pipeline_yaml(args.steps, step_needs(args) if fanout else None))
     port = free_port()
-    env = os.environ | {
-        "CISTATE_DATABASE_URL": sandbox.dsn,
-        "CISTATE_RABBITMQ_URL": sandbox.amqp,
-        "CISTATE_BUS_PREFIX": prefix,
-        "CISTATE_PIPELINE": str(pipeline),
-        "CISTATE_WORKDIR": str(args.workdir or work / "workdir"),
-        "CISTATE_LISTEN": f"127.0.0.1:{port}",
-        "CISTATE_WORKER_CONCURRENCY": str(args.concurrency),
-        "PYTHONUNBUFFERED": "1",
-    }
-    exe = Path(sys.executable).with_name("cistate")
-    argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "cistate",
-                                                       "serve"]
+    env, argv = serve_command(sandbox, prefix, pipeline, args.workdir or work / "workdir",
+                              port, args.concurrency)
     if args.cprofile:
         argv = [sys.executable, "-m", "cProfile", "-o", str(args.cprofile), "-m",
                 "cistate", "serve"]
