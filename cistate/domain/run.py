@@ -728,7 +728,7 @@ class _Builder:
         if known is None or known["state"] != state:
             failed = run.step if state in ("failure", "error") else None
             error = (run.steps[failed].error or {}) if failed in run.steps else {}
-            group = run.waits_for_group()
+            group = run.waiting_gate()
             description = nt.describe(state, failed, error.get("message"),
                                       group.partition(":")[2] if group else None)
             self.send_notice("status", context, "run", state=state, description=description)
@@ -798,7 +798,7 @@ class _Builder:
         """Stop, skip and start what the graph says, until it says nothing more; then end
         the run if every step has ended. Nothing starts while the run waits its turn in its
         concurrency group."""
-        if self.run.waits_for_group() is not None:
+        if self.run.waiting_gate() is not None:
             return
         graph, fail_fast = self.graph, self.pipeline.fail_fast
         while True:
@@ -1089,7 +1089,7 @@ class _Builder:
         self.fire(m.CANCEL)
         self.event(E.RUN_CANCEL_REQUESTED, {"reason": control.reason})
         self.cancel_reason = control.reason
-        group = self.run.waits_for_group()
+        group = self.run.waiting_gate()
         if group is not None:
             # nothing of it has started (its finally steps neither): it ends now
             for name, state in self.states().items():

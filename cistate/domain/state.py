@@ -113,7 +113,7 @@ class RunState:
         its concurrency group, or nothing but steps waiting for a person or a lock live)"""
         if self.machine_state in TERMINAL:
             return self.machine_state
-        if self.waits_for_group() is not None:
+        if self.waiting_gate() is not None:
             return "waiting"
         if self.machine_state == QUEUED:
             return self.machine_state
@@ -133,7 +133,7 @@ class RunState:
     def exists(self) -> bool:
         return self.version > 0
 
-    def waits_for_group(self) -> str | None:
+    def waiting_gate(self) -> str | None:
         """The concurrency group the run waits its turn in, or the trust gate of a fork's
         pull request (`trust:ok-to-test`), if it does: no step starts until it opens."""
         for resource, hold in self.holds.items():

@@ -241,7 +241,7 @@ def test_a_run_of_a_group_waits_for_its_turn_and_starts_when_granted() -> None:
     assert opened.events[1].data == {"resource": GROUP, "claim": str(ask.claim), "n": 1}
     assert h.state.status == "waiting"
     assert h.state.to_json()["holds"] == {GROUP: "waiting"}
-    assert h.state.waits_for_group() == GROUP
+    assert h.state.waiting_gate() == GROUP
     # nothing runs: a result for the first step is refused
     with pytest.raises(r.Rejected):
         h.decide(StepResult(run_id=h.run_id, step="build", attempt=1, status="succeeded"))
