@@ -128,7 +128,9 @@ class DeliverySettings(BaseSettings):
     rollout_timeout: float = Field(default=300.0, gt=0)
     """Seconds deploy waits for the rollout"""
     rollout_interval: float = Field(default=1.0, gt=0)
-    """Seconds between two looks at the rollout"""
+    """Seconds between two looks at the rollout, when the deploy credentials may not watch it"""
+    rollout_watch_seconds: int = Field(default=300, ge=1)
+    """Seconds one watch on a rollout lasts before deploy reads the object again and renews it"""
     # cluster-scoped kinds (ClusterRole, CustomResourceDefinition, ...) a chart may apply;
     # by default none: deploy applies only namespaced objects, into dev_namespace
     deploy_allow_cluster_kinds: Annotated[frozenset[str], NoDecode] = frozenset()
@@ -144,11 +146,11 @@ class DeliverySettings(BaseSettings):
     """http or https, with the Ingress host"""
     health_port: int | None = Field(default=None, ge=1, le=65535)  # the ingress' port
     """The Ingress' port; empty: the protocol's"""
-    health_attempts: int = Field(default=10, ge=1, le=1000)
+    health_attempts: int = Field(default=15, ge=1, le=1000)
     """How often health asks before it fails"""
-    health_backoff: float = Field(default=1.0, ge=0)
+    health_backoff: float = Field(default=0.1, ge=0)
     """Seconds before health asks again (doubling after)"""
-    health_backoff_max: float = Field(default=15.0, ge=0)
+    health_backoff_max: float = Field(default=10.0, ge=0)
     """The longest wait between two asks of health, in seconds"""
     health_timeout: float = Field(default=5.0, gt=0)  # per request
     """Seconds one health request may take"""

@@ -252,6 +252,7 @@ async def _apply(
                 namespace,
                 within=settings.rollout_timeout,
                 interval=settings.rollout_interval,
+                watch_seconds=settings.rollout_watch_seconds,
             )
             for obj in applied
             if (obj.get("apiVersion"), obj.get("kind")) in ROLLOUT_KINDS

@@ -6,7 +6,9 @@ rule's host of the app's Ingress (named after setup's `app_name`, in deploy's `n
 else in `dev_namespace` rendered for the run as deploy renders it);
 `health_port` adds a port for an ingress that does not listen on the protocol's default.
 Each request has `health_timeout` seconds; up to `health_attempts` requests are made, with a
-delay doubling from `health_backoff` up to `health_backoff_max` between them.
+delay doubling from `health_backoff` up to `health_backoff_max` between them. The defaults
+(15 attempts, 0.1 s doubling to 10 s) start fast, so an app that is up right after its rollout
+is seen within a tenth of a second, and still give a slow one about 80 s.
 
 Only the app is asked: the worker's network reaches more than the app does (its database, its
 broker), and the chart, the Ingress and the app's answers are the pushed repo's. So the

@@ -1,4 +1,4 @@
-"""Kubernetes for the handlers: connect, server-side apply arbitrary objects, wait for rollouts.
+"""Kubernetes for the handlers: connect, server-side apply arbitrary objects, watch rollouts.
 
 kubernetes-asyncio's dynamic client finds each object's resource by discovery, so any kind
 the cluster serves can be applied (CRDs included) without a typed API per kind. Objects are
@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config import ConfigException, load_incluster_config, load_kube_config
 from kubernetes_asyncio.dynamic import DynamicClient
 from kubernetes_asyncio.dynamic.exceptions import (
@@ -28,6 +32,7 @@ from kubernetes_asyncio.dynamic.exceptions import (
     ResourceNotFoundError,
     ResourceNotUniqueError,
 )
+from kubernetes_asyncio.watch import Watch
 
 from handlers.base import StepFailed, StepLog
 from handlers.cd_settings import DeliverySettings
@@ -35,6 +40,10 @@ from handlers.cd_settings import DeliverySettings
 FIELD_MANAGER = "cistate"
 REQUEST_TIMEOUT = 30.0
 ROLLOUT_KINDS = frozenset({("apps/v1", "Deployment"), ("apps/v1", "StatefulSet")})
+WATCH_SECONDS = 300  # how long one watch on a rollout lasts before it is renewed
+# after a watch or a read failed: the next look waits this long, doubling up to the cap
+_RESYNC_PAUSE = 0.1
+_RESYNC_PAUSE_MAX = 2.0
 # server errors and throttling: another attempt may succeed
 _TRANSIENT = frozenset({429, 500, 502, 503, 504})
 # An HTTP 500 whose message says the object itself is wrong: the same object fails the same
@@ -185,35 +194,162 @@ class Cluster:
             self.log.line(f"created namespace {namespace}")
 
     async def wait_rollout(
-        self, obj: dict[str, Any], namespace: str, *, within: float, interval: float
+        self,
+        obj: dict[str, Any],
+        namespace: str,
+        *,
+        within: float,
+        interval: float,
+        watch_seconds: int = WATCH_SECONDS,
     ) -> None:
-        """Wait until the Deployment/StatefulSet `obj` has rolled out, or fail after `within` s."""
+        """Wait until the Deployment/StatefulSet `obj` has rolled out, or fail after `within` s.
+
+        It reads the object once, then watches it from that read's resourceVersion, so a
+        status change is seen as soon as the API server has it (no poll interval). A watch
+        ends when the server closes it after `watch_seconds`, when it expires (410 Gone) or
+        when the connection breaks; then the object is read again (the resync) and watched
+        anew from there, so no change falls between two watches. Credentials that may `get`
+        the object but not `watch` it make this a poll every `interval` seconds."""
         api_version, kind = str(obj["apiVersion"]), str(obj["kind"])
         name = str(obj["metadata"]["name"])
+        resource = await self._resource(api_version, kind)
+        rollout = _Rollout(self.log, kind, name, namespace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
-        last = ""
+        pause = _RESYNC_PAUSE  # before a look after a failure: doubles while failures repeat
+        watching = True
         while True:
-            current = await self.get(api_version, kind, name, namespace)
+            try:
+                current = await self.get(api_version, kind, name, namespace)
+            except StepFailed as failed:
+                # a resync after a broken watch meets the same trouble that broke it: look again
+                if not failed.retryable or rollout.looks == 0 or loop.time() >= deadline:
+                    raise
+                self.log.line(f"reading {kind}/{name} again failed ({failed.message}); "
+                              f"again in {pause:g}s")
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.01)))
+                pause = min(pause * 2, _RESYNC_PAUSE_MAX)
+                continue
             if current is None:
-                raise StepFailed(
-                    f"{kind}/{name} disappeared from namespace {namespace} during its rollout",
-                    retryable=True,
-                )
-            done, state = rollout_state(current)
-            if done:
-                self.log.line(f"{kind}/{name} rolled out: {state}")
+                raise rollout.disappeared()
+            if rollout.done(current):
                 return
-            if state != last:
-                self.log.line(f"waiting for {kind}/{name} in {namespace}: {state}")
-                last = state
             if loop.time() >= deadline:
-                raise StepFailed(
-                    f"{kind}/{name} in namespace {namespace} did not roll out within "
-                    f"{within:g}s ({state}); check its pods' events and logs",
-                    retryable=True,
-                )
-            await asyncio.sleep(min(interval, max(deadline - loop.time(), 0.01)))
+                raise rollout.timed_out(within)
+            if not watching:
+                await asyncio.sleep(min(interval, max(deadline - loop.time(), 0.01)))
+                continue
+            version = str((current.get("metadata") or {}).get("resourceVersion") or "")
+            seconds = max(1, math.ceil(min(watch_seconds, deadline - loop.time())))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    ended = await self._watch(resource, rollout, version, seconds)
+            except TimeoutError:
+                if loop.time() < deadline:
+                    raise
+                continue  # the last look below says how far it got
+            if ended is None:
+                return
+            if ended.forbidden:
+                watching = False
+                self.log.line(f"may not watch {kind}/{name} ({ended.why}): looking every "
+                              f"{interval:g}s instead; give the deploy credentials the "
+                              "`watch` verb on it to see the rollout at once")
+                continue
+            self.log.line(f"the watch on {kind}/{name} {ended.why}; reading it again")
+            if ended.failed:
+                await asyncio.sleep(min(pause, max(deadline - loop.time(), 0.01)))
+                pause = min(pause * 2, _RESYNC_PAUSE_MAX)
+            else:
+                pause = _RESYNC_PAUSE
+
+    async def _watch(
+        self, resource: Any, rollout: _Rollout, version: str, seconds: int
+    ) -> _WatchEnded | None:
+        """Watch the object of `rollout` from `version` for at most `seconds`: None once it has
+        rolled out, else why the watch ended."""
+        started = time.monotonic()
+        watcher = Watch()
+        stream = watcher.stream(
+            self._dynamic.get,
+            resource,
+            namespace=rollout.namespace,
+            field_selector=f"metadata.name={rollout.name}",
+            resource_version=version or None,
+            timeout_seconds=seconds,
+            allow_watch_bookmarks=True,
+            serialize=False,
+            # the server ends the watch after `seconds`; a connection silent for longer is dead
+            _request_timeout=aiohttp.ClientTimeout(
+                sock_connect=REQUEST_TIMEOUT, sock_read=seconds + REQUEST_TIMEOUT),
+        )
+        try:
+            async with watcher:
+                async for event in stream:
+                    if event["type"] == "DELETED":
+                        raise rollout.disappeared()
+                    if event["type"] in ("ADDED", "MODIFIED") and rollout.done(
+                            event["raw_object"]):
+                        return None
+        except ApiException as exc:
+            status = int(exc.status or 0)
+            why = f"HTTP {status} {exc.reason}"
+            if status == 410:
+                return _WatchEnded(f"expired ({why})")
+            if status in (401, 403, 405):
+                return _WatchEnded(why, forbidden=True)
+            return _WatchEnded(f"was refused ({why})", failed=True)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return _WatchEnded(f"broke off ({type(exc).__name__}: {exc})".replace(" ()", ""),
+                               failed=True)
+        lasted = time.monotonic() - started
+        if lasted < seconds - 1:  # closed early: a proxy or the server let go of it
+            return _WatchEnded(f"was closed after {lasted:.1f}s", failed=True)
+        return _WatchEnded(f"ended after {seconds}s")
+
+
+class _Rollout:
+    """What one rollout wait has seen: `done` reads each version of the object, logs each new
+    state once and says whether it has rolled out."""
+
+    def __init__(self, log: StepLog, kind: str, name: str, namespace: str) -> None:
+        self.log, self.kind, self.name, self.namespace = log, kind, name, namespace
+        self.looks = 0
+        self.state = ""
+
+    def done(self, current: dict[str, Any]) -> bool:
+        self.looks += 1
+        done, state = rollout_state(current)
+        if done:
+            self.log.line(f"{self.kind}/{self.name} rolled out: {state}")
+        elif state != self.state:
+            self.log.line(f"waiting for {self.kind}/{self.name} in {self.namespace}: {state}")
+        self.state = state
+        return done
+
+    def disappeared(self) -> StepFailed:
+        return StepFailed(
+            f"{self.kind}/{self.name} disappeared from namespace {self.namespace} during its "
+            "rollout",
+            retryable=True,
+        )
+
+    def timed_out(self, within: float) -> StepFailed:
+        return StepFailed(
+            f"{self.kind}/{self.name} in namespace {self.namespace} did not roll out within "
+            f"{within:g}s ({self.state}); check its pods' events and logs",
+            retryable=True,
+        )
+
+
+@dataclass(frozen=True)
+class _WatchEnded:
+    """Why a watch ended before the rollout: `failed` when another at once may fail alike
+    (the next look waits a little), `forbidden` when the credentials may not watch."""
+
+    why: str
+    failed: bool = False
+    forbidden: bool = False
 
 
 def rollout_state(obj: dict[str, Any]) -> tuple[bool, str]:

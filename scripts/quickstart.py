@@ -376,12 +376,11 @@ class Quickstart:
                 "CISTATE_KUBECONFIG": str(kubeconfig),
                 "CISTATE_DEV_NAMESPACE": NAMESPACE,
                 "CISTATE_ROLLOUT_TIMEOUT": "120",
-                "CISTATE_ROLLOUT_INTERVAL": "0.5",
                 # the app's Ingress host is localhost (the sample's chart, as the quickstart
                 # commits it); the pod stand-in serves on this port
                 "CISTATE_HEALTH_PORT": str(self.ports["pod"]),
                 "CISTATE_HEALTH_ATTEMPTS": "60",
-                "CISTATE_HEALTH_BACKOFF": "0.5",
+                "CISTATE_HEALTH_BACKOFF": "0.1",
                 "CISTATE_HEALTH_BACKOFF_MAX": "2",
                 "CISTATE_HEALTH_TIMEOUT": "2",
             }

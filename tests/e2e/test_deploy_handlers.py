@@ -55,6 +55,7 @@ from tests.e2e.conftest import (
     serve_image,
     service_account_kubeconfig,
 )
+from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -236,6 +237,90 @@ async def test_deploy_times_out_when_the_rollout_never_becomes_ready(
     assert "1.5s" in failed.message
 
 
+# The rollout is watched (GET ...?watch=1 from the resourceVersion deploy read), not polled:
+# with CISTATE_ROLLOUT_INTERVAL at 30 s a poll would look again 30 s after the first look; the
+# watch sees the kubelet's status report within a fraction of a second of it. The margins
+# below are generous (5 s against 30) so that a loaded machine does not fail them.
+SLOW_POLL = "30"
+
+
+async def test_deploy_sees_the_rollout_when_its_status_changes_not_at_the_next_poll(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    delivery.set(rollout_interval=SLOW_POLL)
+    async with KubeletStandIn(kube_api, delivery.namespace, delay=1.5) as kubelet:
+        _, request = await run_step(make_request, repo, repo.initial, "deploy",
+                                    inputs=deploy_inputs())
+        returned = time.monotonic()
+    assert kubelet.patched == [(APP, 1)]
+    assert returned - kubelet.patched_at[0] < 5, "the status change was seen a poll late"
+    log = log_text(request)
+    assert f"waiting for Deployment/{APP}" in log and f"Deployment/{APP} rolled out" in log
+    assert "reading it again" not in log and "may not watch" not in log
+
+
+async def test_a_dropped_watch_is_resynced_and_the_rollout_still_finishes(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube: Kube,
+    kube_api: ApiClient, tmp_path: Path,
+) -> None:
+    """The connection to the API server is cut (a TCP proxy aborts it) while deploy watches
+    the rollout, before the status changes: deploy reads the Deployment again, watches anew
+    and sees the change."""
+    repo = make_repo()
+    server = yaml.safe_load(kube.kubeconfig.read_text())
+    target = server["clusters"][0]["cluster"]["server"]
+    proxy = await TcpProxy("127.0.0.1", int(target.rsplit(":", 1)[1])).start()
+    for cluster in server["clusters"]:
+        cluster["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    through_proxy = tmp_path / "kubeconfig-proxy"
+    through_proxy.write_text(yaml.safe_dump(server))
+    delivery.set(kubeconfig=str(through_proxy), rollout_interval=SLOW_POLL)
+    apps = AppsV1Api(kube_api)
+
+    async def cut_while_watching() -> None:
+        while True:  # the Deployment is applied: deploy watches it from now on
+            try:
+                await apps.read_namespaced_deployment(APP, delivery.namespace)
+                break
+            except ApiException:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        await proxy.cut()
+
+    try:
+        async with KubeletStandIn(kube_api, delivery.namespace, delay=3.0) as kubelet:
+            cutter = asyncio.create_task(cut_while_watching())
+            _, request = await run_step(make_request, repo, repo.initial, "deploy",
+                                        inputs=deploy_inputs())
+            returned = time.monotonic()
+            await cutter
+    finally:
+        await proxy.close()
+    assert proxy.cuts == 1
+    assert kubelet.patched == [(APP, 1)]
+    assert returned - kubelet.patched_at[0] < 5, "the new watch did not see the change"
+    log = log_text(request)
+    assert re.search(rf"the watch on Deployment/{APP} (broke off|was closed).*; reading it "
+                     "again", log), log
+    assert f"Deployment/{APP} rolled out" in log
+
+
+async def test_a_watch_the_server_ends_is_renewed_from_a_fresh_read(
+    make_repo: Any, make_request: Requests, delivery: Delivery, kube_api: ApiClient
+) -> None:
+    repo = make_repo()
+    delivery.set(rollout_interval=SLOW_POLL, rollout_watch_seconds="1")
+    async with KubeletStandIn(kube_api, delivery.namespace, delay=3.5) as kubelet:
+        _, request = await run_step(make_request, repo, repo.initial, "deploy",
+                                    inputs=deploy_inputs())
+        returned = time.monotonic()
+    assert returned - kubelet.patched_at[0] < 5
+    log = log_text(request)
+    assert log.count(f"the watch on Deployment/{APP} ended after 1s; reading it again") >= 2
+    assert f"Deployment/{APP} rolled out" in log
+
+
 # ------------------------------------------------- what deploy may apply, and where --
 
 
@@ -375,7 +460,7 @@ rules:
     verbs: [get, create, patch]
   - apiGroups: [apps]
     resources: [deployments, statefulsets]
-    verbs: [get, create, patch]
+    verbs: [get, create, patch, {watch}]
   - apiGroups: [networking.k8s.io]
     resources: [ingresses]
     verbs: [get, create, patch]
@@ -414,16 +499,17 @@ async def test_deploy_works_with_namespaced_credentials_and_refuses_cluster_obje
     rbac = RbacAuthorizationV1Api(kube_api)
     role, binding = yaml.safe_load_all(DEPLOY_ROLE.format(
         namespace=delivery.namespace, account="cistate-worker",
-        account_namespace=account_namespace))
+        account_namespace=account_namespace, watch="watch"))
     await rbac.create_namespaced_role(delivery.namespace, role)
     await rbac.create_namespaced_role_binding(delivery.namespace, binding)
     delivery.set(kubeconfig=str(kubeconfig))
 
     repo = make_repo()
     async with KubeletStandIn(kube_api, delivery.namespace):
-        result, _ = await run_step(make_request, repo, repo.initial, "deploy",
-                                   inputs=deploy_inputs())
+        result, request = await run_step(make_request, repo, repo.initial, "deploy",
+                                         inputs=deploy_inputs())
         assert result["objects"] == [f"Service/{APP}", f"Deployment/{APP}", f"Ingress/{APP}"]
+        assert "may not watch" not in log_text(request)
 
         marker = uuid.uuid4().hex[:8]
         hostile = repo.commit(hostile_chart(marker), "a chart that reaches beyond")
@@ -449,6 +535,41 @@ spec:
     assert "refused applying PodDisruptionBudget/budget" in failed.message
     assert "HTTP 403" in failed.message and "give them a Role" in failed.message
     assert failed.retryable is False
+
+
+async def test_credentials_that_may_not_watch_look_at_the_rollout_every_interval(
+    make_repo: Any,
+    make_request: Requests,
+    delivery: Delivery,
+    kube: Kube,
+    kube_api: ApiClient,
+    tmp_path: Path,
+) -> None:
+    """A Role made before deploy watched rollouts (get, create, patch; no watch) still
+    deploys: the watch is refused (HTTP 403) and deploy looks every CISTATE_ROLLOUT_INTERVAL,
+    saying what to add to the Role."""
+    account_namespace = f"cistate-{uuid.uuid4().hex[:8]}"
+    kubeconfig = await service_account_kubeconfig(
+        kube, kube_api, account_namespace, "cistate-worker", tmp_path / "kubeconfig-deploy")
+    await CoreV1Api(kube_api).create_namespace(
+        V1Namespace(metadata=V1ObjectMeta(name=delivery.namespace)))
+    rbac = RbacAuthorizationV1Api(kube_api)
+    role, binding = yaml.safe_load_all(DEPLOY_ROLE.format(
+        namespace=delivery.namespace, account="cistate-worker",
+        account_namespace=account_namespace, watch=""))
+    await rbac.create_namespaced_role(delivery.namespace, role)
+    await rbac.create_namespaced_role_binding(delivery.namespace, binding)
+    delivery.set(kubeconfig=str(kubeconfig))
+
+    repo = make_repo()
+    async with KubeletStandIn(kube_api, delivery.namespace, delay=0.5):
+        result, request = await run_step(make_request, repo, repo.initial, "deploy",
+                                         inputs=deploy_inputs())
+    assert result["objects"] == [f"Service/{APP}", f"Deployment/{APP}", f"Ingress/{APP}"]
+    log = log_text(request)
+    assert f"may not watch Deployment/{APP} (HTTP 403" in log
+    assert "looking every 0.1s instead" in log and "`watch` verb" in log
+    assert f"Deployment/{APP} rolled out" in log
 
 
 # ---------------------------------------------------------------- symbolic links --
@@ -623,6 +744,39 @@ async def test_health_fails_after_bounded_retries_when_never_200(
         settings={"url": f"http://127.0.0.1:{dead}"}, inputs=deploy_inputs(),
     )
     assert f"127.0.0.1:{dead}/health" in failed.message and failed.retryable is True
+
+
+async def test_health_asks_again_fast_at_first_and_backs_off(
+    make_repo: Any, make_request: Requests, delivery: Delivery
+) -> None:
+    """With the default backoff an app that is up a moment after its rollout is seen a tenth
+    of a second later, not a second later: 0.1 s, doubling."""
+    repo = make_repo()
+    for key in ("CISTATE_HEALTH_BACKOFF", "CISTATE_HEALTH_BACKOFF_MAX",
+                "CISTATE_HEALTH_ATTEMPTS"):
+        delivery.env.monkeypatch.delenv(key, raising=False)
+    answers = iter([503, 503, 503])
+    app = web.Application()
+
+    async def starting_up(request: web.Request) -> web.Response:
+        return web.Response(status=next(answers, 200), text="starting")
+
+    app.router.add_get("/health", starting_up)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        result, request = await run_step(
+            make_request, repo, repo.initial, "health",
+            settings={"url": f"http://127.0.0.1:{port}"}, inputs=deploy_inputs(),
+        )
+    finally:
+        await runner.cleanup()
+    assert result["attempts"] == 4
+    log = log_text(request)
+    for attempt, delay in ((2, "0.10"), (3, "0.20"), (4, "0.40")):
+        assert f"attempt {attempt} of 15 in {delay}s" in log, log
 
 
 class Recorder:

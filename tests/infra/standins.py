@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Self
@@ -56,16 +57,21 @@ class KubeletStandIn(_Polling):
     in the namespace whose generation is not yet observed gets a status saying all its
     replicas are updated and available, as a real cluster reports once the pods are ready.
     With `prefix=True`, in every namespace whose name starts with `namespace` (one per branch,
-    named by a template). Looks every `interval` seconds."""
+    named by a template). Looks every `interval` seconds; with `delay`, reports a generation
+    that many seconds after it first saw it (pods that take a while to become ready), and
+    `patched_at` has the time (time.monotonic) of each report."""
 
     def __init__(self, api: ApiClient, namespace: str, *, prefix: bool = False,
-                 interval: float = 0.1) -> None:
+                 interval: float = 0.1, delay: float = 0.0) -> None:
         self.apps = AppsV1Api(api)
         self.namespace = namespace
         self.prefix = prefix
         self.interval = interval
+        self.delay = delay
         self.patched: list[tuple[str, int]] = []
+        self.patched_at: list[float] = []
         self.namespaces: set[str] = set()  # where it patched a Deployment
+        self._seen: dict[tuple[str, str, int], float] = {}  # generation -> first seen
 
     async def _loop(self) -> None:
         while True:
@@ -80,6 +86,10 @@ class KubeletStandIn(_Polling):
                 generation = deployment.metadata.generation
                 status = deployment.status
                 if status is not None and (status.observed_generation or 0) >= generation:
+                    continue
+                seen = self._seen.setdefault(
+                    (namespace, deployment.metadata.name, generation), time.monotonic())
+                if time.monotonic() - seen < self.delay:
                     continue
                 replicas = deployment.spec.replicas or 1
                 await self.apps.patch_namespaced_deployment_status(
@@ -96,6 +106,7 @@ class KubeletStandIn(_Polling):
                     },
                 )
                 self.patched.append((deployment.metadata.name, generation))
+                self.patched_at.append(time.monotonic())
                 self.namespaces.add(namespace)
             await asyncio.sleep(self.interval)
 
