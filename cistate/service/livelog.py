@@ -9,7 +9,9 @@ worker's memory); the whole log still travels with the result, as before. At mos
 LIVE_LIMIT_CHARS of one execution are sent live.
 
 Orchestrator side, `LiveLogs`: consumes `<prefix>.logs`, checks the signature and the
-attempt's token, and stores the pieces (Store.add_log_chunks: a redelivered piece once).
+attempt's token, and stores the pieces (Store.add_log_chunk: a redelivered piece once, an
+execution's pieces in their order: one that comes before the piece ahead of it goes back to
+the queue, for at most EARLY_TRIES deliveries, after which that piece counts as lost).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import hmac
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -31,7 +34,7 @@ from cistate.domain.events import derived_id, loads
 from cistate.domain.messages import LOG_CHUNK_CHARS, LogChunk, StepCommand
 
 if TYPE_CHECKING:  # the worker side needs no database
-    from cistate.adapters.postgres.store import Store
+    from cistate.adapters.postgres.store import LiveChunk, Store
 
 log = structlog.get_logger("cistate.livelog")
 
@@ -39,6 +42,9 @@ FLUSH_SECONDS = 0.5
 CHUNK_CHARS = LOG_CHUNK_CHARS
 MAX_PENDING_CHARS = 1 << 20
 LIVE_LIMIT_CHARS = 8 << 20
+SEND_TRIES = 3
+EARLY_TRIES = 40
+EARLY_WAIT_SECONDS = 0.05
 
 
 class LiveLog:
@@ -64,6 +70,7 @@ class LiveLog:
         nothing and costs no task."""
         if self._task is None:
             self._task = asyncio.create_task(self._send_forever())
+        text = text.replace("\x00", "\ufffd")  # PostgreSQL's text has no NUL
         if self._pending_chars + len(text) > MAX_PENDING_CHARS:
             self._dropped += len(text)
             return
@@ -128,13 +135,20 @@ class LiveLog:
         chunk = LogChunk(run_id=command.run_id, step=command.step, attempt=command.attempt,
                          execution=self.execution, seq=self._seq, text=text, final=final,
                          token=command.token)
-        try:
-            await self.bus.publish(f"step.{command.step}.log",
-                                   chunk.model_dump_json().encode(),
-                                   derived_id(self.execution, self._seq), sender=self.sender)
-        except Exception as exc:  # the view loses a piece; the step goes on
-            log.warning("could not send a piece of live log", run_id=str(command.run_id),
-                        step=command.step, error=f"{type(exc).__name__}: {exc}")
+        for tries in range(1, SEND_TRIES + 1):
+            try:
+                await self.bus.publish(f"step.{command.step}.log",
+                                       chunk.model_dump_json().encode(),
+                                       derived_id(self.execution, self._seq),
+                                       sender=self.sender)
+                return
+            except Exception as exc:  # the view loses a piece; the step goes on
+                if tries == SEND_TRIES:
+                    log.warning("could not send a piece of live log", step=command.step,
+                                run_id=str(command.run_id),
+                                error=f"{type(exc).__name__}: {exc}")
+                else:
+                    await asyncio.sleep(0.2 * tries)
 
 
 Tokens = Callable[[uuid.UUID, str, int], str]
@@ -147,6 +161,8 @@ class LiveLogs:
         self.store = store
         self.bus = bus
         self.tokens = tokens
+        # how often a piece came before the piece ahead of it, by message id
+        self._early: dict[str, int] = {}
 
     async def start(self) -> None:
         channel = await self.bus.consumer_channel(prefetch=64)
@@ -167,14 +183,24 @@ class LiveLogs:
             await self.bus.dead_letter(message, f"not a live log piece: {exc}")
             self.bus.acker.ack(message)
             return
+        key = message.message_id or ""
+        tries = self._early.get(key, 0)
         try:
-            await self.store.add_log_chunks([chunk])
+            stored = await self.store.add_log_chunk(chunk, in_turn=tries < EARLY_TRIES)
         except Exception as exc:
             log.warning("could not store a piece of live log; it will be redelivered",
                         error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(1)
             self.bus.acker.nack(message, requeue=True)
             return
+        if stored == "early":  # the piece before it is on its way (or was lost)
+            if len(self._early) >= 10_000:
+                self._early.pop(next(iter(self._early)))
+            self._early[key] = tries + 1
+            await asyncio.sleep(EARLY_WAIT_SECONDS)
+            self.bus.acker.nack(message, requeue=True)
+            return
+        self._early.pop(key, None)
         self.bus.acker.ack(message)
 
 
@@ -190,29 +216,53 @@ class StepNotFound(Exception):
     """The run, or its step, does not exist."""
 
 
-async def follow(store: Store, run_id: uuid.UUID, step: str,
-                 poll: float = FOLLOW_POLL_SECONDS) -> AsyncIterator[tuple[str, Any]]:
-    """("text", str) pieces of the step's output as they arrive, each execution of an
-    attempt under a header line, then ("end", (state, exit code)) once the step has ended (or
-    its run ended before it started). Pieces of one execution come in order, once."""
-    last, ended_for = 0, 0.0
+@dataclass(frozen=True)
+class Piece:
+    """A stored piece of the step's output, and the header line shown before it when an
+    execution's output begins with it ("" otherwise)."""
+
+    chunk: LiveChunk
+    header: str = ""
+
+
+@dataclass(frozen=True)
+class Ended:
+    state: str
+    exit_status: int
+
+
+def header(attempt: int, again: bool) -> str:
+    return f"--- attempt {attempt}" + (", run again by another worker" if again else "") \
+        + " ---\n"
+
+
+async def follow(store: Store, run_id: uuid.UUID, step: str, after: int = 0,
+                 poll: float = FOLLOW_POLL_SECONDS) -> AsyncIterator[Piece | Ended]:
+    """The step's pieces of output as they arrive (after the piece `after`, to read on),
+    then Ended once the step has ended (or its run ended before it started). The pieces of
+    one execution come in order, once; each execution begins under a header."""
+    last, ended_for = after, 0.0
     seen: set[tuple[int, uuid.UUID]] = set()
     latest: tuple[int, uuid.UUID] | None = None  # the execution that began last
     finals: set[tuple[int, uuid.UUID]] = set()
+    if after:
+        for attempt, execution, final in await store.log_executions(run_id, step, after):
+            latest = (attempt, execution)
+            seen.add(latest)
+            if final:
+                finals.add(latest)
     while True:
         chunks = await store.log_chunks(run_id, step, after=last)
         for chunk in chunks:
             last = chunk.id
             key = (chunk.attempt, chunk.execution)
+            begins = ""
             if key not in seen:
                 again = any(attempt == chunk.attempt for attempt, _ in seen)
                 seen.add(key)
                 latest = key
-                yield "text", (f"--- attempt {chunk.attempt}"
-                               + (", run again by another worker" if again else "")
-                               + " ---\n")
-            if chunk.text:
-                yield "text", chunk.text
+                begins = header(chunk.attempt, again)
+            yield Piece(chunk, begins)
             if chunk.final:
                 finals.add(key)
         state = await store.load(run_id)
@@ -223,7 +273,7 @@ async def follow(store: Store, run_id: uuid.UUID, step: str,
         ended = current.state in ENDED or (state.status in ENDED and current.attempts == 0)
         if ended and not chunks:
             if latest is None or latest in finals or ended_for >= LAST_PIECES_SECONDS:
-                yield "end", (current.state, exit_status(current.state, current.error))
+                yield Ended(current.state, exit_status(current.state, current.error))
                 return
             ended_for += poll
         await asyncio.sleep(poll)

@@ -483,7 +483,7 @@ def _timing(timing: dict[str, float] | None) -> str:
 
 
 def _follow(run_id: uuid.UUID, step: str) -> int:
-    from cistate.service.livelog import ENDED, StepNotFound, exit_status, follow
+    from cistate.service.livelog import ENDED, Piece, StepNotFound, exit_status, follow
 
     async def go(st: Store) -> int:
         state = await st.load(run_id)
@@ -496,12 +496,12 @@ def _follow(run_id: uuid.UUID, step: str) -> int:
                 typer.echo(text, nl=False)
             return _ended(step, current.state, exit_status(current.state, current.error))
         try:
-            async for kind, value in follow(st, run_id, step):
-                if kind == "text":
-                    sys.stdout.write(value)
+            async for item in follow(st, run_id, step):
+                if isinstance(item, Piece):
+                    sys.stdout.write(item.header + item.chunk.text)
                     sys.stdout.flush()
                 else:
-                    return _ended(step, *value)
+                    return _ended(step, item.state, item.exit_status)
         except StepNotFound as exc:
             fail(str(exc))
         return 1

@@ -264,40 +264,72 @@ async def step_log(request: web.Request) -> web.StreamResponse:
 
 async def _follow_log(request: web.Request, app: App, run_id: uuid.UUID,
                       step: str) -> web.StreamResponse:
-    """Server-sent events: `log` events with the step's output as it comes ({"text"}), then
-    `end` with how it ended ({"state", "exit_status"})."""
+    """Server-sent events: a `log` event per piece of the step's output as it comes
+    ({"text", "attempt", "execution", "seq", "final"}; an execution's first piece begins
+    with its header line), then `end` with how it ended ({"state", "exit_status"}). Each
+    `log` event has an `id:`; a client that reconnects with it as `Last-Event-ID` reads on
+    from the piece after it. A step that ended before the client came gets its stored log,
+    one event per attempt (ids `s<attempt>`)."""
     state = await app.store.load(run_id)
     if state is None or step not in state.steps:
         raise ApiError(404, f"no step {step!r} in run {run_id}" if state
                        else f"no run {run_id}")
+    resume = _last_event_id(request)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
-        await _stream_log(response, app, run_id, step, state.steps[step])
+        await _stream_log(response, app, run_id, step, state.steps[step], resume)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         return response  # the follower went away
     await response.write_eof()
     return response
 
 
+def _last_event_id(request: web.Request) -> tuple[str, int] | None:
+    """Where a reconnecting client left off: ("live", piece id) or ("stored", attempt)."""
+    value = request.headers.get("Last-Event-ID", "").strip()
+    if not value:
+        return None
+    stored = value.startswith("s")
+    number = value.removeprefix("s")
+    if not number.isdecimal() or len(number) > 18:
+        raise ApiError(400, f"Last-Event-ID must be the id of an event of this stream, not "
+                            f"{value[:40]!r}")
+    return ("stored" if stored else "live"), int(number)
+
+
 async def _stream_log(response: web.StreamResponse, app: App, run_id: uuid.UUID, step: str,
-                      current: StepState) -> None:
-    if current.state in livelog.ENDED:  # over already: the stored log, then the end
+                      current: StepState, resume: tuple[str, int] | None) -> None:
+    if (current.state in livelog.ENDED and resume is None) or \
+            (resume is not None and resume[0] == "stored"):
+        # over already: the stored log, then the end
+        after = resume[1] if resume is not None else 0
         for attempt, text in await app.store.step_log(run_id, step):
-            await _sse(response, "log", {"text": f"--- attempt {attempt} ---\n{text}"})
+            if attempt > after:
+                await _sse(response, "log", {
+                    "text": livelog.header(attempt, False) + text, "attempt": attempt,
+                    "execution": None, "seq": None, "final": True}, f"s{attempt}")
         await _sse(response, "end", {"state": current.state, "exit_status":
                                      livelog.exit_status(current.state, current.error)})
-    else:
-        async for kind, value in livelog.follow(app.store, run_id, step):
-            if kind == "text":
-                await _sse(response, "log", {"text": value})
-            else:
-                await _sse(response, "end", {"state": value[0], "exit_status": value[1]})
+        return
+    async for item in livelog.follow(app.store, run_id, step,
+                                     after=resume[1] if resume is not None else 0):
+        if isinstance(item, livelog.Piece):
+            chunk = item.chunk
+            await _sse(response, "log", {
+                "text": item.header + chunk.text, "attempt": chunk.attempt,
+                "execution": str(chunk.execution), "seq": chunk.seq, "final": chunk.final},
+                str(chunk.id))
+        else:
+            await _sse(response, "end", {"state": item.state,
+                                         "exit_status": item.exit_status})
 
 
-async def _sse(response: web.StreamResponse, event: str, data: dict[str, Any]) -> None:
-    await response.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
+async def _sse(response: web.StreamResponse, event: str, data: dict[str, Any],
+               event_id: str | None = None) -> None:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    await response.write(f"{head}event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
 
 async def stream(request: web.Request) -> web.StreamResponse:

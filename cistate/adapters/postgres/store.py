@@ -155,6 +155,23 @@ def _violation(exc: asyncpg.UniqueViolationError, item: Append) -> Conflict | Du
     raise exc
 
 
+LIVE_LOG_BYTES = 16 << 20  # of live output stored for one step, all attempts together
+LIVE_LOG_TRUNCATED = ("\n[live log truncated: this step's live output passed {limit} bytes;"
+                      " the stored log keeps its head and tail]\n")
+
+
+def _within_log_limit(text: str, used: int, limit: int) -> str:
+    """The part of a piece that is stored when `used` bytes of its step are stored already:
+    all of it, or its head and the marker (the piece that crosses the limit), or nothing."""
+    if used >= limit:
+        return ""
+    raw = text.encode()
+    if used + len(raw) <= limit:
+        return text
+    head = raw[:limit - used].decode(errors="ignore")
+    return head + LIVE_LOG_TRUNCATED.format(limit=limit)
+
+
 @dataclass(frozen=True)
 class LiveChunk:
     """A stored piece of a step's live output (Store.log_chunks)."""
@@ -231,6 +248,7 @@ class Store:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self.pool = pool
         self.dsn = dsn
+        self.live_log_bytes = LIVE_LOG_BYTES  # see add_log_chunk
 
     async def close(self) -> None:
         await self.pool.close()
@@ -514,18 +532,58 @@ class Store:
     # -- live step logs
 
     async def add_log_chunks(self, chunks: Sequence[LogChunk]) -> int:
-        """Store pieces of running steps' output; a piece stored before (a redelivery) is
-        left as it is. Returns how many were new."""
-        if not chunks:
-            return 0
-        result: str = await self.pool.execute(
-            "INSERT INTO step_log_chunks (run_id, step, attempt, execution, seq, text, final)"
-            " SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::uuid[], $5::int[],"
-            " $6::text[], $7::bool[]) ON CONFLICT DO NOTHING",
-            [c.run_id for c in chunks], [c.step for c in chunks], [c.attempt for c in chunks],
-            [c.execution for c in chunks], [c.seq for c in chunks], [c.text for c in chunks],
-            [c.final for c in chunks])
-        return int(result.split()[-1])
+        """Store pieces of running steps' output (add_log_chunk, each in its turn, none
+        waiting for an earlier piece). Returns how many were new."""
+        new = 0
+        for chunk in chunks:
+            new += await self.add_log_chunk(chunk, in_turn=False) == "stored"
+        return new
+
+    async def add_log_chunk(self, chunk: LogChunk, *, in_turn: bool = True) -> str:
+        """Store a piece of a running step's output: "stored"; "again" when it was stored
+        before (a redelivery: left as it is); "early" when `in_turn` and the piece before it
+        in its execution is not stored yet (store that one first: a follower reads a step's
+        pieces by id, so an execution's pieces must get their ids in order).
+
+        A follower reads on from the last id it saw, so the ids of one step's pieces must
+        also commit in order (a bigserial taken by one transaction may commit after a larger
+        one taken by another: the follower would skip it). A lock per step, held until
+        commit, keeps them in order. A step keeps at most `live_log_bytes` of live output
+        in all its attempts: the piece that crosses the limit ends with a marker, the
+        pieces after it are stored empty (their order and `final` still count)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               f"log:{chunk.run_id}:{chunk.step}")
+            known = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE execution = $3 AND seq = $4) AS stored,"
+                " count(*) FILTER (WHERE execution = $3 AND seq = $4 - 1) AS previous,"
+                " coalesce(sum(octet_length(text)), 0) AS used"
+                " FROM step_log_chunks WHERE run_id = $1 AND step = $2",
+                chunk.run_id, chunk.step, chunk.execution, chunk.seq)
+            assert known is not None  # an aggregate: one row
+            if known["stored"]:
+                return "again"
+            if in_turn and chunk.seq > 1 and not known["previous"]:
+                return "early"
+            text = _within_log_limit(chunk.text, int(known["used"]), self.live_log_bytes)
+            await conn.execute(
+                "INSERT INTO step_log_chunks (run_id, step, attempt, execution, seq, text,"
+                " final) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                chunk.run_id, chunk.step, chunk.attempt, chunk.execution, chunk.seq, text,
+                chunk.final)
+        return "stored"
+
+    async def log_executions(self, run_id: uuid.UUID, step: str,
+                             through: int) -> list[tuple[int, uuid.UUID, bool]]:
+        """The (attempt, execution, whether its final piece is stored) of a step whose
+        output began at or before the piece `through`, in the order they began (for a
+        follower that reads on from there)."""
+        records = await self.pool.fetch(
+            "SELECT attempt, execution, bool_or(final) AS final FROM step_log_chunks"
+            " WHERE run_id = $1 AND step = $2"
+            " GROUP BY attempt, execution HAVING min(id) <= $3 ORDER BY min(id)",
+            run_id, step, through)
+        return [(r["attempt"], r["execution"], r["final"]) for r in records]
 
     async def log_chunks(self, run_id: uuid.UUID, step: str, after: int = 0,
                          limit: int = 1000) -> list[LiveChunk]:
