@@ -152,7 +152,7 @@ steps:
 """
 
 
-async def test_a_follower_that_reconnects_with_last_event_id_misses_nothing_and_gets_nothing_twice(  # noqa: E501
+async def test_a_follower_that_reconnects_with_last_event_id_misses_nothing_and_gets_nothing_twice(
         serve: Serve, producer: Producer, store: Store) -> None:
     settings = await serve(COUNTING)
     run_id = await producer.push()
