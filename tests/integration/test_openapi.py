@@ -36,12 +36,14 @@ import pytest
 import requests
 import schemathesis
 import yaml
+from aiohttp import web
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import CheckFunction
 from schemathesis.core import NOT_SET
 from schemathesis.core.result import Ok
 
+from cistate.adapters.http import pages
 from cistate.adapters.http.api import make_app
 from cistate.adapters.postgres.store import Store
 from cistate.bootstrap import App
@@ -54,7 +56,7 @@ TOKEN = "openapi-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SECRET = "openapi webhook secret"
 MAX_EXAMPLES = 25  # per operation and generation mode
-NOTHING_TO_NEGATE = ("/health", "/metrics")  # GETs without parameters or body
+NOTHING_TO_NEGATE = ("/health", "/metrics", "/api/v1/whoami")  # GETs without parameters or body
 TIMEOUT = 20.0  # seconds, per request
 
 # `check` succeeds on main, takes its time on `slow` and fails on any other branch.
@@ -87,11 +89,14 @@ CHECKS: list[CheckFunction] = [
 
 
 def app_routes() -> set[tuple[str, str]]:
-    """(METHOD, path) of every route make_app registers (HEAD comes with each GET)."""
+    """(METHOD, path) of every route make_app registers (HEAD comes with each GET), but the
+    web UI's pages and assets: HTML for people, not the API (tests/e2e/test_ui.py has them)."""
     web_app = make_app(App.__new__(App))  # the routes do not need a working App
+    ui = {route.path for route in pages.routes() if isinstance(route, web.RouteDef)}
     return {(route.method, route.resource.canonical)
             for route in web_app.router.routes()
-            if route.resource is not None and route.method != "HEAD"}
+            if route.resource is not None and route.method != "HEAD"
+            and route.resource.canonical not in ui}
 
 
 def spec_routes() -> set[tuple[str, str]]:
@@ -224,6 +229,7 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
 
     def explicit() -> None:
         call("GET", "/health", 200)
+        call("GET", "/api/v1/whoami", 200)
         page = call("GET", "/api/v1/runs", 200, query={"limit": 1})
         cursor = page.json()["next_cursor"]
         assert cursor, "a full page has a next cursor"

@@ -1,7 +1,8 @@
 """HTTP API (aiohttp): health, metrics, runs, events, logs, operator actions, live stream,
 webhooks.
 
-Every call but /health and webhooks needs `Authorization: Bearer <token>`
+Every call but /health, webhooks and the web UI's pages and assets (cistate.adapters.http.
+pages: the page logs in itself) needs `Authorization: Bearer <token>`
 (CISTATE_API_TOKEN): reads a token of scope `read` or more, operator calls `operate` or more;
 the token's name becomes the actor of the events they cause. CISTATE_API_READ_AUTH=0 opens
 reads for a local setup. Webhooks are authenticated by their host's signature instead.
@@ -22,10 +23,10 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from cistate.adapters.http import webhooks
+from cistate.adapters.http import pages, webhooks
 from cistate.adapters.postgres.store import EventQuery, RunQuery, Store
 from cistate.adapters.rabbitmq.bus import Bus
-from cistate.config import NotifySettings, Settings
+from cistate.config import ApiToken, NotifySettings, Settings
 from cistate.domain.messages import Control, ControlAction, message_uuid
 from cistate.domain.notices import auth_headers, repo_path
 from cistate.domain.resource import TRUST_GATE
@@ -54,6 +55,8 @@ class App(Protocol):
 
 APP_KEY: web.AppKey[App] = web.AppKey("cistate", App)
 ACTOR_KEY: web.RequestKey[str] = web.RequestKey("cistate.actor", str)
+HOLDER_KEY: web.RequestKey[ApiToken] = web.RequestKey("cistate.holder", ApiToken)
+WHOAMI = "/api/v1/whoami"
 MAX_BODY = 1 << 20
 STREAM_POLL_SECONDS = 0.25
 MAX_SEQ = 2**31 - 1  # events.seq is an integer
@@ -66,6 +69,7 @@ def make_app(app: App) -> web.Application:
     web_app.add_routes([
         web.get("/health", health),
         web.get("/metrics", metrics),
+        web.get(WHOAMI, whoami),
         web.get("/api/v1/runs", list_runs),
         web.get("/api/v1/runs/{id}", show_run),
         web.get("/api/v1/runs/{id}/events", run_events),
@@ -78,6 +82,7 @@ def make_app(app: App) -> web.Application:
         web.post("/api/v1/runs/{id}/rerun", rerun),
         web.get("/api/v1/events", list_events),
         web.post("/api/v1/webhooks/{provider}", webhook),
+        *pages.routes(),
     ])
     return web_app
 
@@ -111,9 +116,12 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 @web.middleware
 async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
     settings = request.app[APP_KEY].settings
-    public = request.path == "/health" or request.path.startswith("/api/v1/webhooks/")
+    public = (request.path == "/health" or request.path.startswith("/api/v1/webhooks/")
+              or pages.is_public(request.path))
     needed = "read" if request.method in ("GET", "HEAD") else "operate"
-    if not public and (needed != "read" or settings.api_read_auth):
+    # whoami checks a token it is given even when reads are open: the UI's login asks it
+    given_to_whoami = request.path == WHOAMI and "Authorization" in request.headers
+    if not public and (needed != "read" or settings.api_read_auth or given_to_whoami):
         tokens = settings.api_tokens
         if not tokens:
             raise ApiError(503, "this API has no tokens: set CISTATE_API_TOKEN "
@@ -129,6 +137,7 @@ async def _auth(request: web.Request, handler: Any) -> web.StreamResponse:
             raise ApiError(403, f"token {holder.name!r} has scope {holder.scope!r}; this "
                                 f"call needs {needed!r}")
         request[ACTOR_KEY] = f"api:{holder.name}"
+        request[HOLDER_KEY] = holder
     response: web.StreamResponse = await handler(request)
     return response
 
@@ -169,6 +178,17 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def whoami(request: web.Request) -> web.Response:
+    """The bearer token's name and scope (what the UI shows and enables buttons by); without
+    a token, where reads are open, an anonymous reader."""
+    holder = request.get(HOLDER_KEY)
+    reads_open = not request.app[APP_KEY].settings.api_read_auth
+    if holder is None:
+        return web.json_response({"name": None, "scope": "read", "reads_open": reads_open})
+    return web.json_response({"name": holder.name, "scope": holder.scope,
+                              "reads_open": reads_open})
+
+
 async def list_runs(request: web.Request) -> web.Response:
     app = request.app[APP_KEY]
     q = request.query
@@ -179,7 +199,7 @@ async def list_runs(request: web.Request) -> web.Response:
     runs = await app.store.list_runs(RunQuery(
         state=state, repo=q.get("repo"), ref=q.get("ref"), commit=q.get("commit"),
         step=q.get("step"), since=_time(request, "since"), until=_time(request, "until"),
-        before=_run_cursor(q.get("cursor")), limit=limit))
+        before=_run_cursor(q.get("cursor")), pipeline=q.get("pipeline"), limit=limit))
     next_cursor = None
     if len(runs) == limit and runs[-1].created_at is not None:
         raw = f"{runs[-1].created_at.isoformat()}|{runs[-1].id}"

@@ -70,6 +70,7 @@ class RunQuery:
     since: datetime | None = None
     until: datetime | None = None
     before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this run
+    pipeline: str | None = None  # the name of the pipeline the run pinned
     limit: int = 50
 
 
@@ -614,9 +615,11 @@ class Store:
             " AND ($6::timestamptz IS NULL OR created_at >= $6)"
             " AND ($7::timestamptz IS NULL OR created_at < $7)"
             " AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9::uuid))"
+            " AND ($11::text IS NULL OR pipeline = $11)"
             " ORDER BY created_at DESC, id DESC LIMIT $10",
             q.state, q.repo, q.ref, q.commit, q.step, q.since, q.until,
             q.before[0] if q.before else None, q.before[1] if q.before else None, q.limit,
+            q.pipeline,
         )
         return [_state_from_row(r) for r in records]
 
