@@ -168,7 +168,7 @@ class Notifier:
     def target_url(self, notice: Notice) -> str | None:
         if not self.settings.public_url:
             return None
-        return f"{self.settings.public_url.rstrip('/')}/api/v1/runs/{notice.run_id}"
+        return f"{self.settings.public_url.rstrip('/')}/runs/{notice.run_id}"
 
     # -- notifications
 

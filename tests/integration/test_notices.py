@@ -89,8 +89,8 @@ async def test_each_host_gets_pending_then_the_outcome_with_its_own_names(
 
     github = [r for r in hosts.delivered("github")]
     assert statuses(github) == [
-        ("pending", "cistate/shop", f"{PUBLIC}/api/v1/runs/{runs['github']}"),
-        ("success", "cistate/shop", f"{PUBLIC}/api/v1/runs/{runs['github']}")]
+        ("pending", "cistate/shop", f"{PUBLIC}/runs/{runs['github']}"),
+        ("success", "cistate/shop", f"{PUBLIC}/runs/{runs['github']}")]
     assert github[0].path.startswith("/repos/acme/shop/statuses/")
     assert github[0].headers["Authorization"] == f"Bearer {TOKENS['github']}"
     assert [r.json["description"] for r in github] == ["running", "succeeded"]
