@@ -171,9 +171,22 @@ async def test_a_run_page_shows_states_change_live_and_each_log_line_within_2_s(
 async def test_the_timeline_has_one_bar_per_attempt_after_a_retry(
         serve: Any, producer: Producer, browser: Browser, store: Store) -> None:  # noqa: F811
     base, _ = await serve(RETRY_PIPELINE)
+    # the runs page, open before the push, shows the new run and its states as they change
+    await browser.login(base, OPERATE, "/")
+    await browser.wait_for("() => document.querySelector('.notice')?.textContent"
+                           ".startsWith('0 runs')")
+    await browser.eval("""() => { window.__marker = 'no reload'; window.__states = [];
+      new MutationObserver(() => {
+        const s = document.querySelector('#runs tbody tr [data-field=state]')?.textContent;
+        if (s && window.__states[window.__states.length - 1] !== s) window.__states.push(s);
+      }).observe(document.body, {subtree: true, childList: true, characterData: true}); }""")
     run_id = await producer.push()
     assert (await wait_for_run(store, run_id, timeout=90)).status == "succeeded"
-    await browser.login(base, OPERATE, f"/runs/{run_id}")
+    await browser.wait_for("id => document.querySelector(`#runs tr[data-run='${id}'] "
+                           "[data-field=state]`)?.textContent === 'succeeded'", str(run_id))
+    listed = await browser.eval("() => [window.__marker, window.__states]")
+    assert listed[0] == "no reload" and listed[1][-1] == "succeeded", listed
+    await browser.call("click", selector=f"#runs tr[data-run='{run_id}'] a")
     await browser.wait_for("() => document.querySelectorAll('.attempt-row').length >= 3")
     rows = await browser.eval("""() => Array.from(document.querySelectorAll('.attempt-row'))
       .map(g => ({step: g.dataset.step, attempt: Number(g.dataset.attempt),
