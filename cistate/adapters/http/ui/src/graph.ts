@@ -36,8 +36,6 @@ export function needsOf(events: Event[], names: string[]): Map<string, string[]>
     }
     if (!finals.includes(name)) previous = name;
   }
-  // a step the spec gives no needs, first in the spec, needs the run's first step when the
-  // run added one (reading the repository's own pipeline)
   return needs;
 }
 

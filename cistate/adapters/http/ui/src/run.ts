@@ -106,7 +106,7 @@ export class RunPage {
   private async refresh(): Promise<void> {
     try {
       const run = await call<Run>(`/api/v1/runs/${this.id}`);
-      if (run.version > (this.run?.version ?? 0) + 0 || this.events.length < run.version) {
+      if (this.events.length < run.version) {  // the stream missed some: read them all
         const all = await call<{ events: Event[] }>(`/api/v1/runs/${this.id}/events`);
         this.events = all.events;
       }
@@ -155,7 +155,7 @@ export class RunPage {
     const events = this.visibleEvents();
     this.renderHead(run);
     this.renderActions();
-    this.renderTravel(events);
+    this.renderTravel();
     this.renderGraph(run, events);
     this.renderSteps(run);
     this.renderTimeline(events);
@@ -175,7 +175,7 @@ export class RunPage {
       h("dl", { class: "meta" }, ...rows.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v)])));
   }
 
-  private renderTravel(events: Event[]): void {
+  private renderTravel(): void {
     const version = this.run?.version ?? 1;
     this.slider.max = String(Math.max(1, version));
     this.slider.value = String(this.at ?? version);
@@ -185,7 +185,6 @@ export class RunPage {
       + (event ? ` (${event.type}, ${time(event.recorded_at)})` : "");
     this.travel.classList.toggle("past", this.at !== null);
     this.travel.dataset.at = String(seq);
-    void events;
   }
 
   private renderGraph(run: Run, events: Event[]): void {
