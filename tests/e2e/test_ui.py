@@ -294,6 +294,13 @@ async def test_with_a_read_token_the_buttons_are_disabled(
     assert shown["who"] == "Logged in as auditor (read)"
     assert shown["disabled"] == [True, True, True, True]
     assert "needs an operate token" in shown["hint"]
+    # a deep link to a log line opens that step's log at that line
+    await browser.goto(f"{base}/runs/{run_id}#log-check-L6")
+    line = await browser.wait_for("() => document.querySelector('.line.target')?.textContent")
+    assert line == "6checking"  # the line's number, then its text
+    assert await browser.eval("() => document.querySelector('#tab-check')"
+                              ".getAttribute('aria-selected')") == "true"
+    await browser.screenshot("deep-link")
     # the runs page and the audit page read with it
     await browser.goto(f"{base}/?state=failed")
     await browser.wait_for("id => document.querySelector(`#runs tr[data-run='${id}']`)",
