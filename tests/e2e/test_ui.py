@@ -99,8 +99,8 @@ async def serve(make_settings: Callable[..., Settings], tmp_path: Path
     """Start `cistate serve` (all roles) with this pipeline and two tokens, reads closed."""
     started: list[ServeProcess] = []
 
-    async def start(pipeline: str) -> tuple[str, Settings]:
-        settings = make_settings(pipeline, api_token=TOKENS, api_read_auth=True)
+    async def start(pipeline: str, reads_open: bool = False) -> tuple[str, Settings]:
+        settings = make_settings(pipeline, api_token=TOKENS, api_read_auth=not reads_open)
         process = ServeProcess(settings, ("orchestrator", "worker"), tmp_path / "serve.log")
         started.append(process)
         await process.start()
@@ -330,6 +330,24 @@ async def test_a_wrong_token_is_refused(serve: Any, browser: Browser) -> None:
     await browser.wait_for("() => document.querySelector('#who-name')?.textContent === 'alice'")
     await browser.goto(f"{base}/audit")
     await browser.wait_for("() => document.querySelector('#who-name')?.textContent === 'alice'")
+
+
+async def test_where_reads_are_open_the_page_reads_without_a_token_and_acts_with_one(
+        serve: Any, producer: Producer, browser: Browser, store: Store) -> None:  # noqa: F811
+    base, _ = await serve(FAILING_PIPELINE, reads_open=True)
+    run_id = await producer.push()
+    assert (await wait_for_run(store, run_id, timeout=90)).status == "failed"
+    await browser.goto(f"{base}/runs/{run_id}")
+    await browser.wait_for("() => document.querySelector('#act-retry')")
+    assert await browser.eval("() => [document.querySelector('#who').textContent,"
+                              " document.querySelector('#act-retry').disabled]") == [
+        "Reading without a token · Log in", True]
+    await browser.screenshot("reads-open")
+    await browser.call("click", selector="#login-link")
+    await browser.call("fill", selector="#token", value=OPERATE)
+    await browser.call("click", selector="#login")
+    await browser.wait_for("() => document.querySelector('#act-retry')"
+                           " && !document.querySelector('#act-retry').disabled")
 
 
 async def test_the_pages_are_public_with_a_strict_policy_and_the_api_is_not(

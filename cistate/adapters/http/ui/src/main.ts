@@ -50,7 +50,8 @@ function loginForm(message: string | null): void {
     const given = input.value.trim();
     whoami(given).then((who) => {
       setToken(given);
-      void start(who);
+      if (started) location.reload();  // a page drew already (reading without a token): anew
+      else void start(who);
     }, (failure: unknown) => {
       error.textContent = failure instanceof ApiError && failure.status === 401
         ? "This token was refused: the service knows no such token. Check it and try again."
@@ -63,7 +64,10 @@ function loginForm(message: string | null): void {
   input.focus();
 }
 
+let started = false;
+
 async function start(who: Who): Promise<void> {
+  started = true;
   showWho(who);
   const path = location.pathname;
   const run = RUN_PATH.exec(path);
@@ -90,7 +94,9 @@ async function boot(): Promise<void> {
     await start(await whoami(given));
   } catch (failure) {
     if (given !== null) setToken(null);
-    if (failure instanceof ApiError && (failure.status === 401 || failure.status === 503)) {
+    if (failure instanceof ApiError && failure.status === 503) {
+      loginForm(failure.message);  // the server has no tokens: it says which to set
+    } else if (failure instanceof ApiError && failure.status === 401) {
       loginForm(given !== null ? "The service no longer accepts this session's token: log in again." : null);
     } else {
       clear(main(), h("p", { class: "error", role: "alert" }, `The service cannot be reached: ${(failure as Error).message}`));
