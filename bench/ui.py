@@ -118,12 +118,13 @@ async def measure(args: argparse.Namespace, base: str, run_ids: list[str],
             timing = await browser.eval(TIMING)
             if i >= args.warmup:
                 samples["run page"].append(timing)
+        await browser.screenshot("bench-run-page")
         for _ in range(max(1, args.pages // 5)):
             await browser.goto(f"{base}/")
             await browser.wait_for(
                 "() => performance.getEntriesByName('cistate:first-render').length", timeout=30)
             samples["runs page"].append(await browser.eval(TIMING))
-        await browser.screenshot("bench-run-page")
+        await browser.screenshot("bench-runs-page")
     finally:
         await browser.close()
     summary: dict[str, Any] = {}

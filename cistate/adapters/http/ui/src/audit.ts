@@ -63,7 +63,7 @@ function row(event: Event): HTMLTableRowElement {
     h("td", {}, h("a", { href: `/runs/${encodeURIComponent(event.run_id)}` }, h("code", {}, short(event.run_id, 8)))),
     h("td", {}, event.seq), h("td", {}, event.type), h("td", {}, String(d.step ?? "")),
     h("td", {}, String(event.meta.actor ?? "")), h("td", {}, time(event.recorded_at)),
-    h("td", { class: "detail" }, short(detail, 120)));
+    h("td", { class: typeof error?.message === "string" ? "detail bad" : "detail" }, short(detail, 120)));
 }
 
 async function exportLines(filters: Record<string, string>, status: HTMLElement, button: HTMLButtonElement): Promise<void> {

@@ -79,7 +79,8 @@ export class LogPane {
         } else if (message.event === "end") {
           this.ended = true;
           const exit = typeof data.exit_status === "number" ? `, exit status ${data.exit_status}` : "";
-          this.status.textContent = `Step ${String(data.state)}${exit}. ${this.count} lines.`;
+          this.status.textContent = `Step ${String(data.state)}${exit}. `
+            + (this.count ? `${this.count} lines.` : "It printed nothing.");
           const failed = data.state === "failed" || data.state === "timed_out";
           this.failButton.disabled = !failed || this.count === 0;
         }

@@ -10,7 +10,7 @@ import { bars, type Bar } from "./timeline";
 
 const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 const LIVE = new Set(["running", "waiting", "retrying"]);
-const NODE_W = 150, NODE_H = 44, COL_GAP = 56, ROW_GAP = 16;
+const NODE_W = 136, NODE_H = 44, COL_GAP = 36, ROW_GAP = 16;
 
 export class RunPage {
   private run: Run | null = null;
@@ -216,7 +216,7 @@ export class RunPage {
       const link = svg("a", { href: `#log-${node.name}`, class: `node s-${s}`, "data-step": node.name,
                               "data-state": s, "aria-label": `${node.name}: ${s}, attempt ${step?.attempts ?? 0}` },
         svg("rect", { x: x(node), y: y(node), width: NODE_W, height: NODE_H, rx: 6 }),
-        svg("text", { x: x(node) + 10, y: y(node) + 18, class: "name" }, short(node.name, 18)),
+        svg("text", { x: x(node) + 10, y: y(node) + 18, class: "name" }, short(node.name, 16)),
         svg("text", { x: x(node) + 10, y: y(node) + 35, class: "sub" },
             `${s}${(step?.attempts ?? 0) > 1 ? ` · attempt ${step?.attempts}` : ""}`));
       drawing.append(link);
@@ -336,15 +336,17 @@ export class RunPage {
     const body = h("tbody");
     for (const event of [...events].reverse()) {
       const d = event.data;
+      const failure = (d.error as Record<string, unknown> | undefined)?.message;
       const detail = typeof d.reason === "string" ? d.reason
-        : typeof (d.error as Record<string, unknown> | undefined)?.message === "string"
-          ? String((d.error as Record<string, unknown>).message) : "";
+        : typeof failure === "string" ? failure : "";
       const go = h("button", { type: "button", class: "link", "aria-label": `Show the run as of event ${event.seq}` }, event.seq);
       go.addEventListener("click", () => { void this.travelTo(event.seq); this.slider.focus(); });
       body.append(h("tr", { "data-seq": event.seq, "data-type": event.type },
         h("td", {}, go), h("td", {}, event.type), h("td", {}, String(d.step ?? "")),
         h("td", {}, String(d.attempt ?? event.meta.attempt ?? "")), h("td", {}, String(event.meta.actor ?? "")),
-        h("td", {}, time(event.recorded_at)), h("td", { class: "detail" }, short(detail, 160))));
+        h("td", {}, time(event.recorded_at)),
+        h("td", { class: typeof failure === "string" || event.type.endsWith("failed") ? "detail bad" : "detail" },
+          short(detail, 160))));
     }
     clear(this.eventList, h("table", { class: "grid", id: "events" },
       h("thead", {}, h("tr", {}, ...["Seq", "Type", "Step", "Attempt", "Actor", "Recorded", "Detail"]
