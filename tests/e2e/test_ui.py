@@ -78,7 +78,19 @@ steps:
       exit 3
 """
 
-Serve = Callable[[str], Awaitable[str]]
+GATED_PIPELINE = """
+name: ui-gate
+steps:
+  - name: build
+    uses: script
+    run: echo built
+  - name: release-gate
+    uses: approval
+    with: {approvers: [alice], timeout: 1h}
+  - name: release
+    uses: script
+    run: echo released
+"""
 
 
 @pytest.fixture(scope="session")
@@ -268,6 +280,34 @@ async def test_retry_from_a_step_with_an_operate_token_records_run_retried_by_it
     await browser.wait_for("() => Array.from(document.querySelectorAll('#events tbody tr'))"
                            ".some(tr => tr.dataset.type === 'run.retried')")
     await browser.screenshot("retried")
+
+
+async def test_an_approver_approves_a_waiting_step_from_its_page(
+        serve: Any, producer: Producer, browser: Browser, store: Store) -> None:  # noqa: F811
+    base, _ = await serve(GATED_PIPELINE)
+    run_id = await producer.push()
+    await wait_for_run(store, run_id, states=("waiting",), timeout=90)
+    await browser.login(base, OPERATE, f"/runs/{run_id}")
+    await browser.wait_for("() => document.querySelector('#act-approve-release-gate')"
+                           " && !document.querySelector('#act-approve-release-gate').disabled")
+    assert await browser.eval("() => document.querySelector('#act-reject-release-gate')"
+                              ".disabled") is False
+    await browser.call("click", selector="#act-approve-release-gate")
+    await browser.call("fill", selector="#reason-text", value="QA signed off")
+    await browser.call("click", selector="#reason-ok")
+    ended = await wait_for_run(store, run_id, timeout=60)
+    assert ended.status == "succeeded"
+    [approved] = [e for e in await store.events(run_id) if e.type == "step.approved"]
+    assert approved.data["actor"] == "api:alice" and approved.data["reason"] == "QA signed off"
+    # the gate's bar shows the wait for a person, then the buttons are gone
+    await browser.wait_for("() => document.querySelector('#run-state')?.dataset.state"
+                           " === 'succeeded'")
+    phases = await browser.eval("() => Array.from(document.querySelectorAll("
+                                "'.attempt-row[data-step=release-gate] rect'))"
+                                ".map(r => r.dataset.phase)")
+    await browser.screenshot("approved")
+    assert phases[0] == "waiting", phases
+    assert await browser.eval("() => document.querySelector('#act-approve-release-gate')") is None
 
 
 async def test_with_a_read_token_the_buttons_are_disabled(

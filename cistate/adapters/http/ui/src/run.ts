@@ -372,18 +372,29 @@ export class RunPage {
       b.addEventListener("click", () => { void this.confirm(label, act); });
       return b;
     };
-    const waiting = (run.steps ?? []).filter((s: Step) => s.state === "waiting"
-      && this.events.some((e) => e.type === "step.waiting" && e.data.step === s.name && Array.isArray(e.data.approvers)));
+    // approval steps that wait for a person: who may decide is the step's `approvers` (none: any operator)
+    const approvers = (step: Step): string[] | null => {
+      const asked = this.events.filter((e) => e.type === "step.waiting" && e.data.step === step.name).pop();
+      return asked !== undefined && Array.isArray(asked.data.approvers) ? asked.data.approvers.map(String) : null;
+    };
+    const waiting = (run.steps ?? []).filter((s: Step) => s.state === "waiting" && approvers(s) !== null);
+    const mayDecide = (s: Step): boolean => {
+      const names = approvers(s) ?? [];
+      return names.length === 0 || (this.who.name !== null && names.includes(this.who.name));
+    };
     clear(this.actions,
       h("label", { for: "retry-from" }, "Retry from"), from,
       button("Retry", retryable, "only a failed or cancelled run can be retried",
              (reason?: string) => this.act("retry", { reason, from_step: from.value || undefined }), "act-retry"),
       button("Rerun", true, "", () => this.act("rerun", {}), "act-rerun"),
       button("Cancel", !ended, "the run has ended", (reason?: string) => this.act("cancel", { reason }), "act-cancel"),
-      ...waiting.flatMap((s) => [
-        button(`Approve ${s.name}`, true, "", (reason?: string) => this.act(`steps/${s.name}/approve`, { reason }), `act-approve-${s.name}`),
-        button(`Reject ${s.name}`, true, "", (reason?: string) => this.act(`steps/${s.name}/reject`, { reason }), `act-reject-${s.name}`),
-      ]),
+      ...waiting.flatMap((s) => {
+        const only = `only ${(approvers(s) ?? []).join(", ")} may decide`;
+        return [
+          button(`Approve ${s.name}`, mayDecide(s), only, (reason?: string) => this.act(`steps/${s.name}/approve`, { reason }), `act-approve-${s.name}`),
+          button(`Reject ${s.name}`, mayDecide(s), only, (reason?: string) => this.act(`steps/${s.name}/reject`, { reason }), `act-reject-${s.name}`),
+        ];
+      }),
       may ? null : h("span", { class: "hint", id: "actions-hint" }, `Buttons are disabled: ${why}.`));
   }
 
