@@ -237,6 +237,9 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
                                                   "https://git.example.com/team/app.git"})
         call("GET", "/api/v1/runs", 200, query={"state": "failed", "since":
                                                   "2000-01-01T00:00:00Z"})
+        by_pipeline = call("GET", "/api/v1/runs", 200, query={"pipeline": "openapi"}).json()
+        assert {succeeded, failed} <= {run["id"] for run in by_pipeline["runs"]}
+        assert call("GET", "/api/v1/runs", 200, query={"pipeline": "other"}).json()["runs"] == []
         for run_id in (succeeded, failed):
             call("GET", run_path, 200, path_parameters={"id": run_id})
             call("GET", run_path, 200, path_parameters={"id": run_id}, query={"at": 2})
