@@ -18,7 +18,9 @@ import aiohttp
 import pytest
 
 from cistate.adapters.postgres.store import LIVE_LOG_TRUNCATED, Store
-from cistate.domain.messages import LOG_CHUNK_CHARS, LogChunk
+from cistate.domain.messages import LOG_CHUNK_CHARS, MAX_TEXT_CHARS, LogChunk
+from handlers import process
+from handlers.base import StepLog
 from tests.conftest import settings_env, wait_until
 from tests.integration.conftest import Producer, Serve, wait_for_run
 from tests.integration.processes import ServeProcess
@@ -331,3 +333,14 @@ async def test_a_worker_killed_mid_step_the_new_execution_and_the_retry_each_log
     assert numbers[0] == [str(i) for i in range(1, len(numbers[0]) + 1)]
     assert numbers[1] == numbers[2] == [str(i) for i in range(1, 21)]
     assert rest[-1]["data"] == {"state": "succeeded", "exit_status": 0}
+
+
+async def test_a_long_line_without_a_newline_leaves_a_bounded_output_tail(
+        tmp_path: Path) -> None:
+    # the tail was the whole line, copied again with every read of 64 KiB
+    log = StepLog()
+    done = await process.run(["sh", "-c", "head -c 8388608 /dev/zero | tr '\\0' a; exit 1"],
+                             cwd=tmp_path, log=log, check=False)
+    assert done.exit_code == 1
+    assert 0 < len(done.tail) <= MAX_TEXT_CHARS and done.tail.endswith("a" * 1000)
+    assert "a" * 100_000 in log.text()  # the log itself keeps its head and tail, as before
