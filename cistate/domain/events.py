@@ -108,6 +108,13 @@ def derived_id(parent: uuid.UUID | str, *parts: object) -> uuid.UUID:
     return uuid.UUID(bytes=digest[:16], version=5)
 
 
+def run_id_for(message_id: uuid.UUID) -> uuid.UUID:
+    """A push's run id follows from its delivery id, so a redelivered push finds its run.
+    Here, not in run.py, so that a producer (`cistate push`) can name the run it opened
+    without loading the machines."""
+    return derived_id(message_id, "run")
+
+
 def dumps(value: Any) -> str:
     """JSON text, fast (orjson); values orjson refuses (integers beyond 64 bits) go through
     the standard library rather than fail the message that carries them."""

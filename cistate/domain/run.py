@@ -29,6 +29,7 @@ from cistate.domain import pipeline as p
 from cistate.domain import resource as res
 from cistate.domain.events import EventType as E
 from cistate.domain.events import NewEvent, derived_id
+from cistate.domain.events import run_id_for as run_id_for  # its home is events.py
 from cistate.domain.messages import (
     INTERNAL_ACTIONS,
     CancelStep,
@@ -296,11 +297,6 @@ class Rejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def run_id_for(message_id: uuid.UUID) -> uuid.UUID:
-    """A push's run id follows from its delivery id, so a redelivered push finds its run."""
-    return derived_id(message_id, "run")
 
 
 def ignore_reason(push: Push, pipeline: Pipeline) -> str | None:

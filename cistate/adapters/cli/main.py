@@ -280,8 +280,8 @@ def push(
     """Publish a push event on the bus, as any producer would."""
     from pydantic import ValidationError
 
+    from cistate.domain.events import run_id_for
     from cistate.domain.messages import Push, message_uuid
-    from cistate.domain.run import run_id_for
 
     s = settings()
     try:

@@ -32,7 +32,6 @@ from typing import Any
 import aio_pika
 import aiormq.abc
 import aiormq.exceptions
-import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
@@ -51,7 +50,14 @@ from cistate.adapters.rabbitmq.signing import (
 from cistate.config import redact
 from cistate.domain.events import dumps
 
-log = structlog.get_logger("cistate.bus")
+
+def _log() -> Any:
+    """The bus's logger, made when first needed: importing structlog loads rich (~70 ms), and
+    a producer's `cistate push` publishes one message and never logs."""
+    import structlog
+
+    return structlog.get_logger("cistate.bus")
+
 
 REASON_HEADER = "x-cistate-reason"
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -214,7 +220,7 @@ class Acker:
                                                 wait=False)
                     self.frames_sent += 1
             except Exception as exc:  # the channel or connection is going away
-                log.warning("could not settle deliveries; the broker will redeliver them",
+                _log().warning("could not settle deliveries; the broker will redeliver them",
                             error=f"{type(exc).__name__}: {exc}")
                 self._plans.pop(channel, None)
         due = [d for plan in self._plans.values() if (d := plan.due(self.hold)) is not None]
@@ -297,7 +303,7 @@ class Bus:
             if not wait:
                 raise TopologyMissing(problem)
             if polls % TOPOLOGY_LOG_EVERY == 0:
-                log.warning("waiting for the orchestrator to declare the exchanges",
+                _log().warning("waiting for the orchestrator to declare the exchanges",
                             problem=problem)
             polls += 1
             await asyncio.sleep(TOPOLOGY_POLL_SECONDS)
