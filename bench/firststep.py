@@ -57,6 +57,7 @@ steps:
 HOOK = """\
 #!/bin/sh
 # post-receive: tell cistate of each pushed ref, the way {producer_file} names
+# (nobody while {off} exists)
 [ -e {off} ] && exit 0
 producer=$(cat {producer_file})
 while read -r old new ref; do
@@ -75,6 +76,43 @@ while read -r old new ref; do
     fi
 done
 """
+
+
+@dataclass
+class Hook:
+    """A bare repository's post-receive hook that tells cistate of pushes."""
+
+    off: Path  # while it exists, the hook tells no one
+    producer_file: Path  # holds "cli" or "webhook"
+    log: Path
+
+    def use(self, producer: str) -> None:
+        self.producer_file.write_text(producer)
+
+
+def install_hook(bare: Path, folder: Path, *, repo_url: str, api_port: int, amqp: str,
+                 prefix: str, producer: str) -> Hook:
+    """Write `bare`'s post-receive hook, its settings in `folder`. The serve it tells needs
+    CISTATE_WEBHOOK_SECRET=SECRET for the webhook producer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hook = Hook(folder / "off", folder / "producer", folder / "post-receive.log")
+    hook.use(producer)
+    headers = folder / "headers"
+    headers.write_text(f"Content-Type: application/json\nX-Gitlab-Event: Push Hook\n"
+                       f"X-Gitlab-Token: {SECRET}\n")
+    headers.chmod(0o600)
+    env_file = folder / "cistate.env"
+    env_file.write_text(f"export CISTATE_RABBITMQ_URL={shlex.quote(amqp)}\n"
+                        f"export CISTATE_BUS_PREFIX={shlex.quote(prefix)}\n")
+    q = shlex.quote
+    script = bare / "hooks" / "post-receive"
+    script.write_text(HOOK.format(
+        off=q(str(hook.off)), producer_file=q(str(hook.producer_file)), repo=q(repo_url),
+        headers=q(str(headers)), url=q(f"http://127.0.0.1:{api_port}/api/v1/webhooks/gitlab"),
+        log=q(str(hook.log)), env_file=q(str(env_file)),
+        cistate=q(str(Path(sys.executable).with_name("cistate")))))
+    script.chmod(0o755)
+    return hook
 
 
 @dataclass
@@ -100,28 +138,10 @@ class Bench:
     async def setup(self, port: int, prefix: str) -> None:
         self.bare = self.work / "app.git"
         self.clone = self.work / "app"
-        hooks = self.work / "hook"
-        hooks.mkdir()
-        self.off = hooks / "off"
-        self.producer_file = hooks / "producer"
-        headers = hooks / "headers"
-        headers.write_text(f"Content-Type: application/json\nX-Gitlab-Event: Push Hook\n"
-                           f"X-Gitlab-Token: {SECRET}\n")
-        headers.chmod(0o600)
-        env_file = hooks / "cistate.env"
-        env_file.write_text(f"export CISTATE_RABBITMQ_URL={shlex.quote(self.sandbox.amqp)}\n"
-                            f"export CISTATE_BUS_PREFIX={shlex.quote(prefix)}\n")
-        exe = Path(sys.executable).with_name("cistate")
         await self.git("init", "-q", "--bare", "-b", "main", str(self.bare))
-        hook = self.bare / "hooks" / "post-receive"
-        q = shlex.quote
-        hook.write_text(HOOK.format(
-            off=q(str(self.off)), producer_file=q(str(self.producer_file)),
-            repo=q(REPO_URL), headers=q(str(headers)),
-            url=q(f"http://127.0.0.1:{port}/api/v1/webhooks/gitlab"),
-            log=q(str(hooks / "post-receive.log")), env_file=q(str(env_file)),
-            cistate=q(str(exe))))
-        hook.chmod(0o755)
+        self.hook = install_hook(self.bare, self.work / "hook", repo_url=REPO_URL,
+                                 api_port=port, amqp=self.sandbox.amqp, prefix=prefix,
+                                 producer="cli")
         await self.git("init", "-q", "-b", "main", str(self.clone))
         for key, value in (("user.name", "cistate bench"), ("user.email", "bench@invalid")):
             await self.git("config", key, value, cwd=self.clone)
@@ -140,17 +160,17 @@ class Bench:
 
     async def baseline(self, n: int) -> None:
         await self.commit(n)
-        self.off.touch()
+        self.hook.off.touch()
         try:
             began = await self.push()
             self.baseline_ms.append((time.time() - began) * 1000)
         finally:
-            self.off.unlink()
+            self.hook.off.unlink()
 
     async def one(self, producer: str, n: int, serve: tp.Child) -> None:
         import asyncpg
 
-        self.producer_file.write_text(producer)
+        self.hook.use(producer)
         sha = await self.commit(n)
         began = await self.push()
         pg = await asyncpg.connect(self.sandbox.dsn)
@@ -164,7 +184,7 @@ class Bench:
                 if problem:
                     raise RuntimeError(f"cistate serve: {problem}")
                 if time.monotonic() > deadline:
-                    log = (self.work / "hook" / "post-receive.log").read_text()[-2000:]
+                    log = self.hook.log.read_text()[-2000:]
                     raise RuntimeError(f"no finished run for push {n} ({producer}) within "
                                        f"60 s; the hook's log ends:\n{log}")
                 await asyncio.sleep(0.02)

@@ -12,8 +12,10 @@ git daemon, the chart repository process, the GitOps repo, kube-apiserver + etcd
 stand-ins of tests/infra/standins.py (the kubelet reports each Deployment generation rolled
 out, the pod stand-in serves the image with `buildah run`). cistate is a real `cistate serve`
 (orchestrator, worker, API) on a database and vhost of its own, with the packaged default
-pipeline (nodejs); a `git push` to the app's bare repo runs its post-receive hook, which runs
-`cistate push`, as in tests/e2e/test_pipeline.py.
+pipeline (nodejs); a `git push` to the app's bare repo runs its post-receive hook, which tells
+cistate of the push (bench/firststep.py's hook): by default as GitLab would, posting its push
+webhook (a stand-in, with curl), or with `--producer cli` by running `cistate push`, as in
+tests/e2e/test_pipeline.py.
 
 Each round, one after the other:
 1. cold: a new `cistate serve` with a fresh CISTATE_WORKDIR (and a fresh directory for each
@@ -40,7 +42,6 @@ import argparse
 import asyncio
 import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -57,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "scripts")]
 
+import firststep as fs  # noqa: E402
 import quickstart as qs  # noqa: E402
 import throughput as tp  # noqa: E402
 from throughput import log  # noqa: E402
@@ -71,17 +73,6 @@ TARGET_COLD = 1.1
 TARGET_OVERHEAD_MS = 100.0  # per step
 TARGET_FIRST_STEP_MS = 300.0
 RUN_TIMEOUT = 600.0
-
-HOOK = """\
-#!/bin/sh
-# post-receive: publish each pushed ref to cistate, as a producer would (off while {off}
-# exists: the push of the by-hand round's commit)
-[ -e {off} ] && exit 0
-. {env_file}
-while read -r old new ref; do
-    {cistate} push --repo {repo} --ref "$ref" --commit "$new" --pusher git-hook >>{log} 2>&1
-done
-"""
 
 # The by-hand script: the default pipeline's work, once, in one shell. `mark STEP` ends the
 # previous step and starts STEP (the marks are the per-step durations).
@@ -238,19 +229,9 @@ class Harness:
         self.bare = self.dir / "git" / "repos" / f"{APP}.git"
         self.repo_url = f"{self.qs.git_url}/{APP}.git"
         await qs.git("init", "-q", "--bare", "-b", "main", self.bare)
-        hook_dir = self.dir / "hook"
-        hook_dir.mkdir()
-        self.hook_off = hook_dir / "off"
-        env_file = hook_dir / "cistate.env"
-        env_file.write_text(f"export CISTATE_RABBITMQ_URL={shlex.quote(self.sandbox.amqp)}\n"
-                            f"export CISTATE_BUS_PREFIX={shlex.quote(self.prefix)}\n")
-        hook = self.bare / "hooks" / "post-receive"
-        hook.write_text(HOOK.format(off=shlex.quote(str(self.hook_off)),
-                                    env_file=shlex.quote(str(env_file)),
-                                    log=shlex.quote(str(hook_dir / "post-receive.log")),
-                                    repo=shlex.quote(self.repo_url),
-                                    cistate=shlex.quote(str(qs.CISTATE))))
-        hook.chmod(0o755)
+        self.hook = fs.install_hook(self.bare, self.dir / "hook", repo_url=self.repo_url,
+                                    api_port=self.port, amqp=self.sandbox.amqp,
+                                    prefix=self.prefix, producer=self.args.producer)
         shutil.copytree(APP_DIR, self.work,
                         ignore=shutil.ignore_patterns("node_modules", "dist"))
         await qs.git("init", "-q", "-b", "main", cwd=self.work)
@@ -282,6 +263,7 @@ class Harness:
             "CISTATE_BUS_PREFIX": self.prefix,
             "CISTATE_LISTEN": f"127.0.0.1:{self.port}",
             "CISTATE_API_READ_AUTH": "0",
+            "CISTATE_WEBHOOK_SECRET": fs.SECRET,
             "CISTATE_WORKDIR": str(fresh / "workdir"),
             "PATH": f"{self.tools}{os.pathsep}{os.environ.get('PATH', '')}",
         }
@@ -352,11 +334,11 @@ class Harness:
 
     async def by_hand(self, round_no: int) -> Outcome:
         sha = await self.commit(f"by hand, round {round_no}")
-        self.hook_off.touch()  # this push opens no run; the script's tag push runs the hook
+        self.hook.off.touch()  # this push opens no run; the script's tag push runs the hook
         try:
             await self.push()
         finally:
-            self.hook_off.unlink(missing_ok=True)
+            self.hook.off.unlink(missing_ok=True)
         work = self.dir / f"hand-{round_no}"
         work.mkdir()
         env = {k: v for k, v in os.environ.items() if not k.startswith("CISTATE_")} | {
@@ -388,7 +370,7 @@ class Harness:
 # -- report ------------------------------------------------------------------------------
 
 
-def report(rounds: list[dict[str, Outcome]], cli_text: str) -> dict[str, Any]:
+def report(rounds: list[dict[str, Outcome]], cli_text: str, producer: str) -> dict[str, Any]:
     kinds = ("cold", "warm", "by hand")
 
     def med(values: list[float]) -> float:
@@ -443,7 +425,8 @@ def report(rounds: list[dict[str, Outcome]], cli_text: str) -> dict[str, Any]:
               f"{TARGET_OVERHEAD_MS:.0f}: {verdict(overhead[k] < TARGET_OVERHEAD_MS)}")
     for k in ("cold", "warm"):
         print(f"git push -> first step running ({k}): {first[k]:.0f} ms (of it push -> "
-              f"run.requested {requested[k]:.0f} ms: git, the hook and `cistate push`)  "
+              f"run.requested {requested[k]:.0f} ms: git and the hook, producer "
+              f"{producer})  "
               f"target < {TARGET_FIRST_STEP_MS:.0f}: {verdict(first[k] < TARGET_FIRST_STEP_MS)}")
     if cli_text:
         print()
@@ -499,7 +482,7 @@ async def main(args: argparse.Namespace) -> int:
             else:
                 await asyncio.to_thread(shutil.rmtree, directory, True)
         cli_text = await cli_figures(args)
-    summary = report(rounds, cli_text)
+    summary = report(rounds, cli_text, args.producer)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0
@@ -511,6 +494,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cold-env", action="append", default=[], metavar="NAME",
                         help="a CISTATE_* variable naming a cache folder of the worker: "
                              "fresh for each cold run (CISTATE_WORKDIR always is)")
+    parser.add_argument("--producer", choices=fs.PRODUCERS, default="webhook",
+                        help="how the repo's post-receive hook tells cistate of a push: a "
+                             "GitLab-webhook stand-in posted with curl (default), or "
+                             "`cistate push` (see bench/firststep.py)")
     parser.add_argument("--no-cli", action="store_true", help="skip bench/cli.py")
     parser.add_argument("--cli-calls", type=int, default=7, help="bench/cli.py --calls")
     parser.add_argument("--json", type=Path)
