@@ -501,11 +501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-cli", action="store_true", help="skip bench/cli.py")
     parser.add_argument("--cli-calls", type=int, default=7, help="bench/cli.py --calls")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--database-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
-    parser.add_argument("--rabbitmq-url", default=os.environ.get(
-        "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    tp.add_sandbox_args(parser)
     return parser.parse_args(argv)
 
 

@@ -228,6 +228,18 @@ async def sandboxed(args: argparse.Namespace, kind: str
             await asyncio.to_thread(shutil.rmtree, work, True)
 
 
+def add_sandbox_args(parser: argparse.ArgumentParser) -> None:
+    """The options of `sandboxed`: where to make the database and vhost, and --keep."""
+    parser.add_argument("--database-url", default=os.environ.get(
+        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a database to connect to for CREATE/DROP DATABASE")
+    parser.add_argument("--rabbitmq-url", default=os.environ.get(
+        "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        help="broker URL; the vhost part is replaced by the benchmark's own")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the database, vhost and temp dir (logs) afterwards")
+
+
 def run_main(main: Callable[[argparse.Namespace], Awaitable[int]],
              args: argparse.Namespace) -> None:
     """Run a benchmark's main and exit with its status: 130 on Ctrl-C, 1 with one line for a
@@ -987,14 +999,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--min-ratio", type=float,
                         help="exit 1 if cistate/bare 2hop is below this")
-    parser.add_argument("--database-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
-        help="a database to connect to for CREATE/DROP DATABASE")
-    parser.add_argument("--rabbitmq-url", default=os.environ.get(
-        "BENCH_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-        help="broker URL; the vhost part is replaced by the benchmark's own")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the database, vhost and temp dir (logs) afterwards")
+    add_sandbox_args(parser)
     parser.add_argument("--cprofile", type=Path,
                         help="run cistate serve under cProfile, writing stats here")
     parser.add_argument("--py-spy", type=Path,
