@@ -43,6 +43,9 @@ class StepRequest:
     # which step of `inputs` each handler this one reads made (the pipeline resolved it:
     # StepCommand.sources); None, in commands of runs pinned before: read by step name
     sources: Mapping[str, str] | None = field(default=None, kw_only=True)
+    # the worker's folder of repo mirrors that checkouts borrow from (handlers.mirror); None:
+    # each checkout fetches the commit from the repo itself
+    mirrors: Path | None = field(default=None, kw_only=True)
 
     def outputs_from(self, producer: str) -> Mapping[str, Any]:
         """The outputs of the earlier step that used handler `producer` (`setup`), whatever

@@ -1,7 +1,8 @@
 """Git for the handlers: validate push data, check out a run's commit, read and push tags.
 
 Every handler that needs the source calls `checkout(request)`: steps are stateless and may
-run on different machines, so each one fetches the commit itself.
+run on different machines, so each one gets the commit itself; a worker keeps a mirror of each
+repo (`handlers.mirror`) and fetches from the repo only when the mirror lacks the commit.
 
 GitPython holds the repository model (init, remote config, commits, tags, checkout); the git
 commands that talk to the remote (fetch, push) run through `handlers.process`, so their output
@@ -21,7 +22,7 @@ from pathlib import Path
 import git
 
 from cistate.config import RepoSettings
-from handlers import process
+from handlers import mirror, process
 from handlers.base import StepFailed, StepRequest
 
 SOURCE_DIR = "source"
@@ -155,13 +156,13 @@ async def checkout(request: StepRequest) -> Path:
     sha = validate_commit(request.commit)
     path = request.workdir / SOURCE_DIR
     try:
-        full = await _fetch_commit(request, path, url, sha)
+        full, how = await _fetch_commit(request, path, url, sha)
     except BaseException:
         # Leave no half-made checkout behind (a failed or cancelled fetch); synchronous, so
         # a second cancellation cannot interrupt the cleanup.
         shutil.rmtree(path, ignore_errors=True)
         raise
-    request.log.line(f"checked out {full} of repo {redact(url)} into {path}")
+    request.log.line(f"checked out {full} of repo {redact(url)} into {path}{how}")
     return path
 
 
@@ -172,7 +173,7 @@ async def fetch(request: StepRequest) -> tuple[Path, str]:
     sha = validate_commit(request.commit)
     path = request.workdir / SOURCE_DIR
     try:
-        full = await _fetch_commit(request, path, request.repo, sha, detach=False)
+        full, _ = await _fetch_commit(request, path, request.repo, sha, detach=False)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
@@ -200,8 +201,87 @@ def read_file(path: Path, commit: str, name: str, max_bytes: int) -> tuple[str, 
 
 
 async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str,
-                        detach: bool = True) -> str:
-    await asyncio.to_thread(init_repo, path, url)
+                        detach: bool = True) -> tuple[str, str]:
+    """The full sha, and how it was got (for the log line), of `sha` in a fresh repo at path:
+    borrowed from the worker's mirror of the repo when the worker keeps mirrors, else
+    fetched from the repo into it."""
+    if request.mirrors is None:
+        await asyncio.to_thread(init_repo, path, url)
+        full = await _fetch_into(request, path, url, sha)
+        how = ""
+    else:
+        full, how = await _borrow_from_mirror(request, path, url, sha)
+    if detach:
+        await asyncio.to_thread(_detach, path, full)
+    return full, how
+
+
+async def _borrow_from_mirror(request: StepRequest, path: Path, url: str,
+                              sha: str) -> tuple[str, str]:
+    assert request.mirrors is not None
+    mirror_dir = mirror.path_for(request.mirrors, url)
+    where = f"repo {redact(url)}"
+    for last in (False, True):
+        async with mirror.locked(mirror_dir):
+            rebuilt = await asyncio.to_thread(mirror.ready, mirror_dir, url)
+            if rebuilt:
+                request.log.line(f"made the worker's mirror of {where} again: {rebuilt}")
+            full = await asyncio.to_thread(mirror.resolve, mirror_dir, sha)
+            if full is None:
+                full = await _fetch_into_mirror(request, mirror_dir, url, sha)
+                request.log.line(f"fetched {full} of {where} into the worker's mirror")
+        try:
+            await asyncio.to_thread(_init_borrowing, path, url, mirror.objects_of(mirror_dir),
+                                    full)
+            return full, " from the worker's mirror"
+        except (git.GitError, git.BadName, git.BadObject, ValueError) as exc:
+            failed = StepFailed(f"cannot check out {full} of {where} from the worker's mirror: "
+                                f"{type(exc).__name__}: {exc}")
+            if last:
+                raise failed from exc
+            async with mirror.locked(mirror_dir):
+                if await asyncio.to_thread(mirror.resolve, mirror_dir, full) is not None:
+                    # still there: the mirror lost objects, or this is no fault of the mirror
+                    if await asyncio.to_thread(mirror.connected, mirror_dir):
+                        raise failed from exc
+                    await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+                    request.log.line(f"made the worker's mirror of {where} again: a checkout "
+                                     "from it failed and it is broken")
+                # else another worker made the mirror again under us: fetch once more
+    raise AssertionError("unreachable")
+
+
+async def _fetch_into_mirror(request: StepRequest, mirror_dir: Path, url: str,
+                             sha: str) -> str:
+    """Fetch `sha` from the repo into its mirror (under the mirror's lock); a mirror whose refs
+    lead to objects it lost is made again first, one that a failed fetch shows to be broken
+    is made again and fetched into once more."""
+    where = f"repo {redact(url)}"
+    if not await asyncio.to_thread(mirror.tips_present, mirror_dir):
+        await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+        request.log.line(f"made the worker's mirror of {where} again: objects its refs "
+                         "point at are missing")
+    for last in (False, True):
+        await asyncio.to_thread(mirror.begin_fetch, mirror_dir)
+        try:
+            full = await _fetch_into(request, mirror_dir, url, sha)
+        except StepFailed:
+            broken = not await asyncio.to_thread(mirror.connected, mirror_dir)
+            if not broken or last:
+                await asyncio.to_thread(mirror.end_fetch, mirror_dir, None)
+                raise
+            await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+            request.log.line(f"made the worker's mirror of {where} again: a fetch into it "
+                             "failed and it is broken")
+            continue
+        # a cancelled or killed fetch leaves the marker: whoever comes next checks the mirror
+        await asyncio.to_thread(mirror.end_fetch, mirror_dir, full)
+        return full
+    raise AssertionError("unreachable")
+
+
+async def _fetch_into(request: StepRequest, path: Path, url: str, sha: str) -> str:
+    """Fetch commit `sha` from the repo (remote `origin` of the repo at path); its full sha."""
     where = f"repo {redact(url)}"
     if len(sha) in _FULL_SHA_LENGTHS:
         done = await run_git(request, path, "fetch", "--no-tags", REMOTE, sha, check=False)
@@ -211,15 +291,7 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str,
     if not fetched:
         # The server may refuse wants by sha (uploadpack.allowReachableSHA1InWant off), or
         # the sha is abbreviated: fetch the branches and look for it among them.
-        done = await run_git(
-            request,
-            path,
-            "fetch",
-            "--no-tags",
-            REMOTE,
-            "+refs/heads/*:refs/remotes/origin/*",
-            check=False,
-        )
+        done = await run_git(request, path, "fetch", "--no-tags", REMOTE, check=False)
         if done.exit_code != 0:
             raise _unreachable(where, done)
     full = await asyncio.to_thread(_resolve_commit, path, sha)
@@ -229,8 +301,6 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str,
             "another repo?); nothing to build",
             retryable=False,
         )
-    if detach:
-        await asyncio.to_thread(_detach, path, full)
     return full
 
 
@@ -246,6 +316,16 @@ def init_repo(path: Path, url: str) -> None:
         config.set_value(f'remote "{REMOTE}"', "url", url)
         config.set_value(f'remote "{REMOTE}"', "fetch", "+refs/heads/*:refs/remotes/origin/*")
         config.set_value("advice", "detachedHead", "false")
+
+
+def _init_borrowing(path: Path, url: str, objects: Path, full: str) -> None:
+    """A fresh repo at path that reads its objects from the mirror's (alternates, no copy and
+    no hard link) and has commit `full`; writes go to its own objects folder only."""
+    init_repo(path, url)
+    alternates = path / ".git" / "objects" / "info" / "alternates"
+    alternates.write_text(f"{objects}\n", encoding="utf-8")
+    if _resolve_commit(path, full) != full:
+        raise ValueError(f"commit {full} cannot be read through the mirror's objects")
 
 
 def _resolve_commit(path: Path, sha: str) -> str | None:

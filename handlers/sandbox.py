@@ -8,8 +8,9 @@ chart, so every such process goes through `Sandbox.command` (called by
   PID, IPC, UTS and mount namespaces (and a network namespace for `network: none`) with the
   host read-only, a private /tmp, and only the attempt's workspace and HOME writable; the
   worker's own folders, the secrets directory and whatever `CISTATE_SANDBOX_HIDE` names are
-  covered by empty tmpfs. `setpriv` then drops to the sandbox uid/gid with no capabilities
-  before the command runs. (No user namespace: bwrap's `--unshare-user --uid N`, started by
+  covered by empty tmpfs, except `read_only_binds` (the repo mirror's objects a checkout
+  borrows), bound back read-only. `setpriv` then drops to the sandbox uid/gid with no
+  capabilities before the command runs. (No user namespace: bwrap's `--unshare-user --uid N`, started by
   root, would map the step onto outside root.)
 - `BUILDER` (buildah): the builder needs to be root to unpack layers and chroot into them,
   so it is root of its own user namespace whose ids map onto the worker user's subordinate
@@ -128,6 +129,10 @@ class Sandbox:
     secrets: Sequence[Secret] = ()
     network: bool = True
     hidden: Sequence[Path] = ()  # the worker's folders: its workdir root, ...
+    # host folders a STEP process may read and never write, at the same path, even below a
+    # hidden one (the repo mirror's objects, which the checkout borrows); never chowned, and
+    # left out while they do not exist
+    read_only_binds: Sequence[Path] = ()
 
     @property
     def work(self) -> Path:
@@ -208,6 +213,8 @@ class Sandbox:
         for path in [*writable, *read_only]:
             path.mkdir(parents=True, exist_ok=True)
             _own_tree(path, *owner)
+        if profile is Profile.STEP:
+            read_only += [path for path in self.read_only_binds if path.is_dir()]
         view = self._view(writable, read_only,
                           network=self.network if network is None else network,
                           scratch=PRIVATE_TMP + (

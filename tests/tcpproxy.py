@@ -12,6 +12,9 @@ class TcpProxy:
         self.target = (target_host, target_port)
         self.port = 0
         self.cuts = 0
+        self.accepted = 0  # connections let through
+        self.forwarded = 0  # bytes, both ways
+        self.rate: float | None = None  # bytes per second each way; None: as they come
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._refusing = False
@@ -31,6 +34,7 @@ class TcpProxy:
         except OSError:
             client_w.close()
             return
+        self.accepted += 1
         pair = (client_w, server_w)
         self._pairs.add(pair)
         try:
@@ -40,12 +44,14 @@ class TcpProxy:
             for w in pair:
                 w.close()
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
+            while data := await reader.read(65536 if self.rate is None else 8192):
                 writer.write(data)
                 await writer.drain()
+                self.forwarded += len(data)
+                if self.rate is not None:
+                    await asyncio.sleep(len(data) / self.rate)
         writer.close()
 
     async def cut(self, down_for: float = 0.0) -> None:

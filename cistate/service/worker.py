@@ -40,7 +40,7 @@ from cistate.domain.messages import (
     storable_problem,
 )
 from cistate.service.livelog import LiveLog
-from handlers import NO_WORKSPACE
+from handlers import NO_WORKSPACE, mirror
 from handlers.base import (
     Handler,
     StepFailed,
@@ -66,6 +66,9 @@ class Worker:
         # running steps' output sent as it comes (cistate.service.livelog); off without a bus
         self.live_logs = live_logs and bus is not None
         self.workdir = workdir
+        # a bare mirror per repo that checkouts borrow from (handlers.mirror); hidden from the
+        # steps with the rest of the workdir, but for the objects of a step's own repo
+        self.mirrors = workdir / mirror.MIRRORS_DIR
         self.load_handler = load_handler
         self.concurrency = concurrency
         self.sandbox = sandbox or SandboxSettings()
@@ -199,12 +202,14 @@ class Worker:
             identity=identity_env(str(command.run_id), command.repo, command.ref,
                                   command.commit, command.step, command.attempt),
             step_env=command.env, secrets=secrets, network=command.network != "none",
-            hidden=(self.workdir,))
+            hidden=(self.workdir,),
+            read_only_binds=(mirror.objects_of(mirror.path_for(self.mirrors, command.repo)),))
         request = StepRequest(
             run_id=str(command.run_id), repo=command.repo, ref=command.ref,
             commit=command.commit, step=command.step, attempt=command.attempt,
             settings=command.settings, script=command.script, inputs=command.inputs,
             workdir=sandbox.work, log=step_log, sandbox=sandbox, sources=command.sources,
+            mirrors=self.mirrors,
         )
         try:
             if failure is not None:

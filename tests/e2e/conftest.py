@@ -36,6 +36,7 @@ from kubernetes_asyncio.client import (
 )
 from kubernetes_asyncio.config import new_client_from_config
 
+from handlers import mirror
 from handlers.base import StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
 from tests.infra.standins import KubeletStandIn as KubeletStandIn  # re-exported
@@ -458,6 +459,7 @@ class Requests:
             attempt=self.tmp_path / "steps" / f"{n:02d}-{step}",
             identity=identity_env(run_id, url, ref, commit, step, attempt),
             hidden=(self.tmp_path / "steps",),
+            read_only_binds=(mirror.objects_of(mirror.path_for(self.mirrors, url)),),
         )
         sandbox.prepare()
         return StepRequest(
@@ -473,7 +475,13 @@ class Requests:
             workdir=sandbox.work,
             log=log,
             sandbox=sandbox,
+            mirrors=self.mirrors,
         )
+
+    @property
+    def mirrors(self) -> Path:
+        """The worker's repo mirrors (handlers.mirror), shared by the test's steps."""
+        return self.tmp_path / "steps" / mirror.MIRRORS_DIR
 
     def close(self) -> None:
         for log in self.logs:

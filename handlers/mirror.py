@@ -1,0 +1,191 @@
+"""The worker's bare mirror of each repository, which steps check out from.
+
+A checkout fetches from the repository only when the mirror lacks the commit; otherwise a step's
+tree is a fresh `git init` whose `objects/info/alternates` names the mirror's objects, so a
+checkout is a local operation. The tree borrows objects, never hard links to them: the step
+sandbox chowns the workspace to its user, and a link would hand it the mirror's files too.
+In the sandbox the mirror's objects are bound read-only at the same path (`objects_of`,
+`Sandbox.read_only_binds`): a step's git can read them and never write them.
+
+`<workdir>/mirrors/<sha256(url)[:32]>.git`, bare. One fetch at a time per mirror: an
+asyncio.Lock within a worker, `flock` on `<mirror>.lock` between workers sharing the workdir.
+
+Crash safety. Fetches keep every pack whole (`fetch.unpackLimit=1`): git moves a pack into
+place only once it is complete, so an object is in the mirror only with everything it points
+to. Each fetched commit is pinned by a ref (`refs/cistate/<sha>`) and `gc.auto=0`: nothing a
+step tree borrows is ever pruned. A fetch writes MARKER first and removes it after; a worker
+killed mid-fetch leaves it, and whoever takes the lock next removes stale `*.lock` and
+temporary pack files and checks the mirror (`git fsck --connectivity-only`). A mirror that
+fails that check, whose ref tips are missing, or that is no git directory at all is deleted
+and fetched again. Removing `<workdir>/mirrors` while no step runs is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from handlers.base import StepFailed
+
+MIRRORS_DIR = "mirrors"
+MARKER = "cistate-fetch-in-progress"
+PIN_PREFIX = "refs/cistate/"
+REPACK_OVER = 32  # packs: one per fetch, merged into one beyond this many
+_GIT = ("git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never")
+_ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
+_LOCK_POLL = (0.01, 0.2)  # first and longest wait between tries of another worker's flock
+
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary())
+
+
+def path_for(root: Path, url: str) -> Path:
+    """The mirror of `url` under the worker's mirrors folder (the name hides the URL, which may
+    carry credentials)."""
+    return root / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.git"
+
+
+def objects_of(mirror: Path) -> Path:
+    return mirror / "objects"
+
+
+@contextlib.asynccontextmanager
+async def locked(mirror: Path) -> AsyncIterator[None]:
+    """Hold the mirror for this worker (asyncio.Lock) and for the others sharing the folder
+    (flock). The flock is tried without blocking and waited for here: a cancelled step leaves
+    no thread behind that would take the lock later and keep it."""
+    lock = _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(mirror, asyncio.Lock())
+    async with lock:
+        mirror.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{mirror}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            wait = _LOCK_POLL[0]
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, _LOCK_POLL[1])
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def ready(mirror: Path, url: str) -> str | None:
+    """Make the mirror usable (under its lock): a missing one is made, one left by a fetch
+    that never finished is cleaned and checked, a broken one is made again. Returns why it
+    was made again, None when it was usable (or new)."""
+    if not mirror.exists():
+        _create(mirror, url)
+        return None
+    if not _is_repo(mirror):
+        rebuild(mirror, url)
+        return "it was not a git repository"
+    if (mirror / MARKER).exists():
+        _remove_leftovers(mirror)
+        if not connected(mirror):
+            rebuild(mirror, url)
+            return "a fetch was interrupted and left it broken"
+        (mirror / MARKER).unlink()
+    return None
+
+
+def rebuild(mirror: Path, url: str) -> None:
+    shutil.rmtree(mirror, ignore_errors=True)
+    if mirror.exists() or mirror.is_symlink():
+        mirror.unlink()  # a file or a link in its place
+    _create(mirror, url)
+
+
+def resolve(mirror: Path, sha: str) -> str | None:
+    """The full sha of commit `sha` if the mirror has it."""
+    done = _git(mirror, "rev-parse", "--verify", "--quiet", "--end-of-options",
+                f"{sha}^{{commit}}")
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def tips_present(mirror: Path) -> bool:
+    """Whether every ref points at an object the mirror has (cheap: one lookup per ref); a
+    pack deleted under it is found here before a fetch trusts its refs."""
+    refs = _git(mirror, "for-each-ref", "--format=%(objectname)")
+    if refs.returncode != 0:
+        return False
+    if not refs.stdout.strip():
+        return True
+    check = _git(mirror, "cat-file", "--batch-check", stdin=refs.stdout)
+    return check.returncode == 0 and " missing" not in check.stdout
+
+
+def connected(mirror: Path) -> bool:
+    """Whether everything the mirror's refs reach is there."""
+    return _git(mirror, "fsck", "--connectivity-only", "--no-dangling").returncode == 0
+
+
+def begin_fetch(mirror: Path) -> None:
+    (mirror / MARKER).write_bytes(b"")
+
+
+def end_fetch(mirror: Path, full: str | None) -> None:
+    """After git fetched (or failed to, by itself): pin the commit, merge packs now and then,
+    and remove the marker."""
+    if full is not None:
+        _git(mirror, "update-ref", f"{PIN_PREFIX}{full}", full, check=True)
+        packs = list((mirror / "objects" / "pack").glob("*.pack"))
+        if len(packs) > REPACK_OVER:
+            _git(mirror, "repack", "-a", "-d", "-q", check=True)
+            _git(mirror, "pack-refs", "--all", check=True)
+    (mirror / MARKER).unlink(missing_ok=True)
+
+
+def _create(mirror: Path, url: str) -> None:
+    import git as gitpython  # here: the worker imports this module, and GitPython is big
+
+    mirror.parent.mkdir(parents=True, exist_ok=True)
+    with gitpython.Repo.init(mirror, bare=True) as repo, repo.config_writer() as config:
+        # written as config, not passed to a command: the URL never meets an argv parser
+        config.set_value('remote "origin"', "url", url)
+        config.set_value('remote "origin"', "fetch", "+refs/heads/*:refs/heads/*")
+        config.set_value("gc", "auto", "0")
+        config.set_value("fetch", "unpackLimit", "1")
+        config.set_value("transfer", "unpackLimit", "1")
+        config.set_value("core", "logAllRefUpdates", "false")
+
+
+def _is_repo(mirror: Path) -> bool:
+    if not mirror.is_dir() or mirror.is_symlink() or not (mirror / "objects").is_dir():
+        return False
+    done = _git(mirror, "rev-parse", "--is-bare-repository")
+    return done.returncode == 0 and done.stdout.strip() == "true"
+
+
+def _remove_leftovers(mirror: Path) -> None:
+    """What a killed git leaves: lock files (which would refuse every later ref update) and
+    temporary packs and objects."""
+    for folder, _dirs, files in os.walk(mirror):
+        for name in files:
+            if name.endswith(".lock") or name.startswith(("tmp_pack_", "tmp_idx_", "tmp_rev_",
+                                                          "tmp_obj_")):
+                Path(folder, name).unlink(missing_ok=True)
+
+
+def _git(mirror: Path, *args: str, stdin: str | None = None,
+         check: bool = False) -> subprocess.CompletedProcess[str]:
+    """A local git command on the mirror, named by --git-dir: a broken mirror is never taken
+    for some repository above it."""
+    done = subprocess.run(
+        [*_GIT, f"--git-dir={mirror}", *args], cwd=mirror.parent, env={**os.environ, **_ENV},
+        input=stdin, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise StepFailed(f"git {args[0]} in the worker's mirror {mirror} failed: "
+                         f"{done.stderr.strip()}", exit_code=done.returncode,
+                         output_tail=done.stderr)
+    return done

@@ -1,0 +1,348 @@
+"""End to end: the worker's repo mirrors (handlers.mirror) against a real git daemon, real git
+and bubblewrap. Connections to the repo are counted through a TCP proxy in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handlers import git as git_client
+from handlers import mirror, process
+from handlers.base import StepRequest
+from tests.conftest import wait_until
+from tests.e2e.conftest import GitRepo, GitServer, Requests, git, log_text
+from tests.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def proxy(git_server: GitServer) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the git daemon: `proxied(repo)` is the repo's URL through it."""
+    port = int(git_server.url.rsplit(":", 1)[1])
+    tcp = await TcpProxy("127.0.0.1", port).start()
+    yield tcp
+    await tcp.close()
+
+
+def proxied(proxy: TcpProxy, repo: GitRepo) -> str:
+    return f"git://127.0.0.1:{proxy.port}/{repo.name}.git"
+
+
+async def checkout(make_request: Requests, url: str, sha: str,
+                   step: str = "setup") -> StepRequest:
+    request = make_request(url, sha, step)
+    await git_client.checkout(request)
+    return request
+
+
+def source(request: StepRequest) -> Path:
+    return request.workdir / git_client.SOURCE_DIR
+
+
+def mirror_of(make_request: Requests, url: str) -> Path:
+    return mirror.path_for(make_request.mirrors, url)
+
+
+def mirror_files(folder: Path) -> dict[str, int]:
+    """Every file of a mirror and its size: what a step must not change."""
+    return {str(p.relative_to(folder)): p.stat().st_size
+            for p in folder.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------ once per worker --
+
+
+async def test_a_second_checkout_of_a_commit_does_not_contact_the_repo(
+    make_repo: Any, make_request: Requests, proxy: TcpProxy
+) -> None:
+    repo: GitRepo = make_repo()
+    url = proxied(proxy, repo)
+
+    first = await checkout(make_request, url, repo.initial)
+    assert proxy.accepted == 1
+    assert f"fetched {repo.initial} of repo {url} into the worker's mirror" in log_text(first)
+
+    second = await checkout(make_request, url, repo.initial, "test")
+    assert proxy.accepted == 1, "the second checkout is a local operation"
+    assert "fetched" not in log_text(second)
+    assert (f"checked out {repo.initial} of repo {url} into {source(second)} from the "
+            "worker's mirror") in log_text(second)
+    assert git(source(second), "rev-parse", "HEAD") == repo.initial
+    assert (source(second) / "package.json").read_text() == (
+        repo.work / "package.json").read_text()
+    assert git(source(second), "config", "remote.origin.url") == url, "origin is the repo"
+    assert git(source(second), "status", "--porcelain") == ""
+
+    # even with the repo gone, the commit is still checked out, and read (repo-pipeline)
+    hidden = repo.bare.with_name(repo.bare.name + ".away")
+    repo.bare.rename(hidden)
+    try:
+        third = make_request(url, repo.initial, "repo-pipeline")
+        path, full = await git_client.fetch(third)
+        assert full == repo.initial
+        assert git_client.read_file(path, full, "package.json", 1 << 20) is not None
+    finally:
+        hidden.rename(repo.bare)
+    assert proxy.accepted == 1
+
+    # a new commit is fetched again, once
+    newer = repo.commit({"NEWS": "second\n"}, "second commit")
+    fourth = await checkout(make_request, url, newer)
+    assert proxy.accepted == 2
+    assert (source(fourth) / "NEWS").read_text() == "second\n"
+    await checkout(make_request, url, newer[:10], "build")
+    assert proxy.accepted == 2, "an abbreviated sha the mirror has needs no fetch either"
+
+
+async def test_a_checkout_borrows_objects_and_never_links_to_the_mirror(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    request = await checkout(make_request, repo.url, repo.initial)
+    objects = mirror.objects_of(mirror_of(make_request, repo.url))
+    alternates = source(request) / ".git" / "objects" / "info" / "alternates"
+    assert alternates.read_text().strip() == str(objects)
+    own = [p for p in (source(request) / ".git" / "objects").rglob("*") if p.is_file()]
+    assert [p.name for p in own] == ["alternates"], "no object is copied into the step's tree"
+    assert all(p.stat().st_nlink == 1 for p in objects.rglob("*") if p.is_file()), (
+        "no hard link: the sandbox chowns the step's tree")
+    config = (mirror_of(make_request, repo.url) / "config").read_text()
+    assert "unpackLimit = 1" in config and "auto = 0" in config
+
+
+async def test_concurrent_checkouts_get_their_own_trees_and_fetch_each_commit_once(
+    make_repo: Any, make_request: Requests, proxy: TcpProxy
+) -> None:
+    repo: GitRepo = make_repo()
+    url = proxied(proxy, repo)
+    commits = [repo.commit({"WHICH": f"{n}\n"}, f"commit {n}", branch=f"b{n}",
+                           base=repo.initial) for n in range(8)]
+
+    async def one(n: int, sha: str) -> StepRequest:
+        return await checkout(make_request, url, sha, f"s{n}")
+
+    requests = await asyncio.gather(*(one(n, sha) for n, sha in enumerate(commits * 2)))
+
+    for n, request in enumerate(requests):
+        assert git(source(request), "rev-parse", "HEAD") == commits[n % 8]
+        assert (source(request) / "WHICH").read_text() == f"{n % 8}\n"
+    fetched = [line for request in requests for line in log_text(request).splitlines()
+               if "into the worker's mirror" in line and line.startswith("fetched")]
+    assert sorted(fetched) == sorted(
+        f"fetched {sha} of repo {url} into the worker's mirror" for sha in commits), (
+        "each missing commit is fetched once, whichever step wanted it first")
+    assert proxy.accepted == 8
+
+    await asyncio.gather(*(one(n, sha) for n, sha in enumerate(commits)))
+    assert proxy.accepted == 8
+
+
+async def test_a_step_tree_is_independent_of_the_others_and_of_the_mirror(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    one = await checkout(make_request, repo.url, repo.initial)
+    other = await checkout(make_request, repo.url, repo.initial, "test")
+    folder = mirror_of(make_request, repo.url)
+    before = mirror_files(folder)
+
+    (source(one) / "package.json").write_text("{}\n")
+    (source(one) / "made-by-one").write_text("one\n")
+    git(source(one), "add", "-A")
+    git(source(one), "commit", "-q", "-m", "a step's own commit")
+    made = git(source(one), "rev-parse", "HEAD")
+    git(source(one), "tag", "mine")
+    git(source(one), "repack", "-a", "-d", "-q")
+    git(source(one), "gc", "-q", "--prune=now")
+
+    assert git(source(other), "rev-parse", "HEAD") == repo.initial
+    assert git(source(other), "status", "--porcelain") == ""
+    assert not (source(other) / "made-by-one").exists()
+    assert git(source(other), "tag") == ""
+    assert mirror_files(folder) == before, "the mirror is unchanged"
+    assert mirror.resolve(folder, made) is None
+    third = await checkout(make_request, repo.url, repo.initial, "build")
+    assert git(source(third), "status", "--porcelain") == ""
+
+
+async def test_a_sandboxed_step_reads_the_mirror_and_cannot_write_it(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    other: GitRepo = make_repo()
+    await checkout(make_request, other.url, other.initial)  # another repo's mirror
+    request = await checkout(make_request, repo.url, repo.initial)
+    folder = mirror_of(make_request, repo.url)
+    pack = next((folder / "objects" / "pack").glob("*.pack"))
+    before = mirror_files(folder)
+    probe = f"""
+attempt() {{
+  name=$1; shift
+  if "$@" 2>/dev/null; then echo "$name=ok"; else echo "$name=refused"; fi
+}}
+seen() {{ if [ -e "$2" ]; then echo "$1=seen"; else echo "$1=hidden"; fi; }}
+cd source
+echo "head=$(git rev-parse HEAD)"
+echo "readme=$(git cat-file -t HEAD:package.json)"
+attempt new-object touch {folder}/objects/probe
+attempt pack-write sh -c 'echo x >> "$1"' - {pack}
+attempt pack-rm rm -f {pack}
+seen config {folder}/config
+seen other {mirror_of(make_request, other.url)}
+echo change > package.json
+git -c user.name=step -c user.email=step@example.com commit -qam "step commit" && echo "commit=ok"
+git gc -q --prune=now && echo "gc=ok"
+echo "uid=$(id -u)"
+"""
+    done = await process.run_sandboxed(["/bin/sh", "-c", probe], sandbox=request.sandbox,
+                                       cwd=request.workdir, log=request.log, what="probe")
+    assert done.exit_code == 0
+    expected = {
+        "head": repo.initial, "readme": "blob", "new-object": "refused",
+        "pack-write": "refused", "pack-rm": "refused", "config": "hidden",
+        "other": "hidden", "commit": "ok", "gc": "ok", "uid": "65534"}
+    found = dict(line.split("=", 1) for line in done.tail.splitlines()
+                 if line.split("=", 1)[0] in expected)
+    assert found == expected
+    assert mirror_files(folder) == before
+    assert mirror.connected(folder)
+    again = await checkout(make_request, repo.url, repo.initial, "test")
+    assert git(source(again), "status", "--porcelain") == ""
+
+
+# ---------------------------------------------------------------- crashes --
+
+CHECKOUT = """
+import asyncio, sys
+from pathlib import Path
+from handlers import git
+from handlers.base import StepLog, StepRequest
+from handlers.sandbox import Sandbox, SandboxSettings
+url, sha, mirrors, attempt = sys.argv[1:]
+sandbox = Sandbox(settings=SandboxSettings(sandbox="none"), attempt=Path(attempt), identity={})
+sandbox.prepare()
+request = StepRequest(run_id="r", repo=url, ref="refs/heads/main", commit=sha, step="setup",
+                      attempt=1, settings={}, script=None, inputs={}, workdir=sandbox.work,
+                      log=StepLog(), sandbox=sandbox, mirrors=Path(mirrors))
+asyncio.run(git.checkout(request))
+"""
+
+
+def git_processes_in(folder: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"git") and cwd.is_relative_to(folder):
+            found.append(int(entry.name))
+    return found
+
+
+async def test_a_checkout_after_a_kill_9_mid_fetch_cleans_the_mirror_and_succeeds(
+    make_repo: Any, make_request: Requests, proxy: TcpProxy, tmp_path: Path
+) -> None:
+    repo: GitRepo = make_repo()
+    big = repo.commit({"blob.bin": os.urandom(3 << 20).hex()}, "a big file")
+    url = proxied(proxy, repo)
+    folder = mirror_of(make_request, url)
+    proxy.rate = 256 * 1024
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHECKOUT, url, big, str(make_request.mirrors),
+        str(tmp_path / "killed"), env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+        start_new_session=True)
+    async def mid_fetch() -> bool:
+        return (folder / mirror.MARKER).exists() and proxy.forwarded > 500_000
+
+    await wait_until(mid_fetch, timeout=30, what="the fetch to be under way")
+    # the worker and the git it started die at once, as in a machine's crash
+    os.killpg(worker.pid, signal.SIGKILL)
+    for pid in git_processes_in(make_request.mirrors):
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    await worker.wait()
+    await proxy.cut()
+    stale_pin = folder / "refs" / "cistate" / f"{big}.lock"  # a ref update that never ended
+    stale_pin.parent.mkdir(parents=True, exist_ok=True)
+    stale_pin.write_text(big)
+    assert (folder / mirror.MARKER).exists()
+    assert list((folder / "objects" / "pack").glob("tmp_pack_*")), "killed mid-pack"
+    assert mirror.resolve(folder, big) is None
+
+    proxy.rate = None
+    request = await checkout(make_request, url, big)
+
+    assert (source(request) / "blob.bin").read_text() == (repo.work / "blob.bin").read_text()
+    assert not (folder / mirror.MARKER).exists()
+    assert not stale_pin.exists()
+    assert not list(folder.rglob("tmp_*")), "no temporary pack is left"
+    assert mirror.connected(folder)
+    assert "made the worker's mirror" not in log_text(request), "cleaned, not made again"
+
+
+async def test_a_broken_mirror_is_made_again(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    await checkout(make_request, repo.url, repo.initial)
+    folder = mirror_of(make_request, repo.url)
+
+    for pack in (folder / "objects" / "pack").iterdir():
+        pack.unlink()  # lost objects
+    request = await checkout(make_request, repo.url, repo.initial, "test")
+    assert git(source(request), "rev-parse", "HEAD") == repo.initial
+    assert "made the worker's mirror of repo" in log_text(request)
+    assert mirror.connected(folder)
+
+    newer = repo.commit({"NEWS": "x\n"}, "newer")
+    pack = next((folder / "objects" / "pack").glob("*.pack"))
+    pack.write_bytes(b"\0" * pack.stat().st_size)  # a pack gone bad in place
+    request = await checkout(make_request, repo.url, newer, "build")
+    assert (source(request) / "NEWS").read_text() == "x\n"
+    assert "made the worker's mirror of repo" in log_text(request)
+    request = await checkout(make_request, repo.url, repo.initial, "build")
+    assert git(source(request), "rev-parse", "HEAD") == repo.initial
+
+    for broken in ("file", "empty", "marker-and-garbage"):
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+        if broken == "file":
+            folder.write_text("not a repository")
+        else:
+            folder.mkdir()
+        if broken == "marker-and-garbage":
+            (folder / mirror.MARKER).touch()
+            (folder / "objects").mkdir()
+        request = await checkout(make_request, repo.url, newer, f"after-{broken}")
+        assert (source(request) / "NEWS").read_text() == "x\n", broken
+        assert "made the worker's mirror of repo" in log_text(request), broken
+        assert mirror.connected(folder)
+
+
+async def test_a_checkout_waits_for_another_worker_holding_the_mirror(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    folder = mirror_of(make_request, repo.url)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(1.5)", f"{folder}.lock",
+        stdout=asyncio.subprocess.PIPE)
+    assert holder.stdout is not None
+    assert await holder.stdout.readline() == b"held\n"
+    started = asyncio.get_running_loop().time()
+    await checkout(make_request, repo.url, repo.initial)
+    waited = asyncio.get_running_loop().time() - started
+    await holder.wait()
+    assert waited > 1.0, "it waited for the other worker's fetch"
