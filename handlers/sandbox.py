@@ -10,8 +10,8 @@ chart, so every such process goes through `Sandbox.command` (called by
   worker's own folders, the secrets directory and whatever `CISTATE_SANDBOX_HIDE` names are
   covered by empty tmpfs, except `read_only_binds` (the repo mirror's objects a checkout
   borrows), bound back read-only. `setpriv` then drops to the sandbox uid/gid with no
-  capabilities before the command runs. (No user namespace: bwrap's `--unshare-user --uid N`, started by
-  root, would map the step onto outside root.)
+  capabilities before the command runs. (No user namespace: bwrap's `--unshare-user --uid
+  N`, started by root, would map the step onto outside root.)
 - `BUILDER` (buildah): the builder needs to be root to unpack layers and chroot into them,
   so it is root of its own user namespace whose ids map onto the worker user's subordinate
   ids (/etc/subuid, /etc/subgid); a `RUN` that climbs out of its chroot lands in the same

@@ -117,6 +117,29 @@ async def test_a_checkout_borrows_objects_and_never_links_to_the_mirror(
         "no hard link: the sandbox chowns the step's tree")
     config = (mirror_of(make_request, repo.url) / "config").read_text()
     assert "unpackLimit = 1" in config and "auto = 0" in config
+    loose = [p for p in objects.iterdir() if len(p.name) == 2]
+    assert loose == [], "a fetch keeps its pack whole: no loose object a kill could cut short"
+
+
+async def test_many_fetches_are_merged_into_one_pack_and_every_commit_stays(
+    make_repo: Any, make_request: Requests, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "REPACK_OVER", 2)
+    repo: GitRepo = make_repo()
+    commits = [repo.initial]
+    for n in range(5):
+        # each on a branch of its own, force-pushed away by the next: only the pin keeps it
+        commits.append(repo.commit({"N": f"{n}\n"}, f"commit {n}", branch="moving",
+                                   base=repo.initial))
+        await checkout(make_request, repo.url, commits[-1], f"s{n}")
+    folder = mirror_of(make_request, repo.url)
+    assert len(list((folder / "objects" / "pack").glob("*.pack"))) <= 3
+    assert mirror.connected(folder)
+    for n, sha in enumerate(commits):
+        assert mirror.resolve(folder, sha) == sha
+        request = await checkout(make_request, repo.url, sha, f"again-{n}")
+        assert git(source(request), "rev-parse", "HEAD") == sha
+        assert "fetched" not in log_text(request)
 
 
 async def test_concurrent_checkouts_get_their_own_trees_and_fetch_each_commit_once(
