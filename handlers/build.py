@@ -54,6 +54,7 @@ async def run(request: StepRequest) -> dict[str, Any]:
 
         source = await git.checkout(request)
         sha = await git.head_sha(source)
+        await git.standalone(request, source)  # the builder cannot see the worker's mirror
         await _build_app(request, settings, source)
         containerfile = _containerfile(settings, source)
         context = _inside(source, settings.build_context, "build_context")

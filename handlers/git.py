@@ -328,6 +328,18 @@ def _init_borrowing(path: Path, url: str, objects: Path, full: str) -> None:
         raise ValueError(f"commit {full} cannot be read through the mirror's objects")
 
 
+async def standalone(request: StepRequest, path: Path) -> None:
+    """Copy what the checkout at path borrows from the mirror into its own objects and stop
+    borrowing: a tree that leaves the sandbox's view (an image build's context, whose `.git`
+    the Containerfile may COPY and run git in) is then a whole repository, as a fetched one was.
+    """
+    alternates = path / ".git" / "objects" / "info" / "alternates"
+    if not alternates.exists():
+        return
+    await run_git(request, path, "repack", "-a", "-d", "-q")
+    alternates.unlink()
+
+
 def _resolve_commit(path: Path, sha: str) -> str | None:
     with git.Repo(path) as repo:
         try:

@@ -121,6 +121,21 @@ async def test_a_checkout_borrows_objects_and_never_links_to_the_mirror(
     assert loose == [], "a fetch keeps its pack whole: no loose object a kill could cut short"
 
 
+async def test_a_standalone_checkout_is_whole_without_the_mirror(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    newer = repo.commit({"NEWS": "x\n"}, "newer")
+    request = await checkout(make_request, repo.url, newer, "build")
+    await git_client.standalone(request, source(request))
+    folder = mirror_of(make_request, repo.url)
+    folder.rename(folder.with_name("away"))  # as an image build sees it: no mirror
+    assert not (source(request) / ".git" / "objects" / "info" / "alternates").exists()
+    assert git(source(request), "log", "--format=%H") == f"{newer}\n{repo.initial}"
+    git(source(request), "fsck", "--no-dangling")
+    assert git(source(request), "status", "--porcelain") == ""
+
+
 async def test_many_fetches_are_merged_into_one_pack_and_every_commit_stays(
     make_repo: Any, make_request: Requests, monkeypatch: pytest.MonkeyPatch
 ) -> None:
