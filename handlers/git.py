@@ -223,10 +223,10 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str,
     where = f"repo {redact(url)}"
     for last in (False, True):
         async with mirror.locked(mirror_dir):
-            rebuilt = await asyncio.to_thread(mirror.ready, mirror_dir, url)
+            rebuilt = await mirror.call(mirror.ready, mirror_dir, url)
             if rebuilt:
                 request.log.line(f"made the worker's mirror of {where} again: {rebuilt}")
-            full = await asyncio.to_thread(mirror.resolve, mirror_dir, sha)
+            full = await mirror.call(mirror.resolve, mirror_dir, sha)
             if full is None:
                 full = await _fetch_into_mirror(request, mirror_dir, url, sha)
                 request.log.line(f"fetched {full} of {where} into the worker's mirror")
@@ -240,11 +240,11 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str,
             if last:
                 raise failed from exc
             async with mirror.locked(mirror_dir):
-                if await asyncio.to_thread(mirror.resolve, mirror_dir, full) is not None:
+                if await mirror.call(mirror.resolve, mirror_dir, full) is not None:
                     # still there: the mirror lost objects, or this is no fault of the mirror
-                    if await asyncio.to_thread(mirror.connected, mirror_dir):
+                    if await mirror.call(mirror.connected, mirror_dir):
                         raise failed from exc
-                    await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+                    await mirror.call(mirror.rebuild, mirror_dir, url)
                     request.log.line(f"made the worker's mirror of {where} again: a checkout "
                                      "from it failed and it is broken")
                 # else another worker made the mirror again under us: fetch once more
@@ -257,25 +257,25 @@ async def _fetch_into_mirror(request: StepRequest, mirror_dir: Path, url: str,
     lead to objects it lost is made again first, one that a failed fetch shows to be broken
     is made again and fetched into once more."""
     where = f"repo {redact(url)}"
-    if not await asyncio.to_thread(mirror.tips_present, mirror_dir):
-        await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+    if not await mirror.call(mirror.tips_present, mirror_dir):
+        await mirror.call(mirror.rebuild, mirror_dir, url)
         request.log.line(f"made the worker's mirror of {where} again: objects its refs "
                          "point at are missing")
     for last in (False, True):
-        await asyncio.to_thread(mirror.begin_fetch, mirror_dir)
+        await mirror.call(mirror.begin_fetch, mirror_dir)
         try:
             full = await _fetch_into(request, mirror_dir, url, sha)
         except StepFailed:
-            broken = not await asyncio.to_thread(mirror.connected, mirror_dir)
+            broken = not await mirror.call(mirror.connected, mirror_dir)
             if not broken or last:
-                await asyncio.to_thread(mirror.end_fetch, mirror_dir, None)
+                await mirror.call(mirror.end_fetch, mirror_dir, None)
                 raise
-            await asyncio.to_thread(mirror.rebuild, mirror_dir, url)
+            await mirror.call(mirror.rebuild, mirror_dir, url)
             request.log.line(f"made the worker's mirror of {where} again: a fetch into it "
                              "failed and it is broken")
             continue
         # a cancelled or killed fetch leaves the marker: whoever comes next checks the mirror
-        await asyncio.to_thread(mirror.end_fetch, mirror_dir, full)
+        await mirror.call(mirror.end_fetch, mirror_dir, full)
         return full
     raise AssertionError("unreachable")
 

@@ -30,8 +30,9 @@ import os
 import shutil
 import subprocess
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from handlers.base import StepFailed
 
@@ -42,6 +43,8 @@ REPACK_OVER = 32  # packs: one per fetch, merged into one beyond this many
 _GIT = ("git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never")
 _ENV = {"GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
 _LOCK_POLL = (0.01, 0.2)  # first and longest wait between tries of another worker's flock
+
+T = TypeVar("T")
 
 _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.Lock]] = (
     weakref.WeakKeyDictionary())
@@ -78,6 +81,20 @@ async def locked(mirror: Path) -> AsyncIterator[None]:
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+async def call(operation: Callable[..., T], *args: Any) -> T:
+    """Run a blocking operation on a mirror in a thread. A caller cancelled meanwhile waits for
+    it to end before it goes on cancelling: the mirror's lock is never let go while a thread
+    still changes the mirror."""
+    job = asyncio.ensure_future(asyncio.to_thread(operation, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        while not job.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([job])
+        raise
 
 
 def ready(mirror: Path, url: str) -> str | None:

@@ -328,6 +328,35 @@ async def test_a_checkout_after_a_kill_9_mid_fetch_cleans_the_mirror_and_succeed
     assert "made the worker's mirror" not in log_text(request), "cleaned, not made again"
 
 
+async def test_a_checkout_cancelled_mid_fetch_leaves_the_mirror_to_be_checked_and_used(
+    make_repo: Any, make_request: Requests, proxy: TcpProxy
+) -> None:
+    repo: GitRepo = make_repo()
+    big = repo.commit({"blob.bin": os.urandom(2 << 20).hex()}, "a big file")
+    url = proxied(proxy, repo)
+    folder = mirror_of(make_request, url)
+    proxy.rate = 256 * 1024
+    step = asyncio.create_task(checkout(make_request, url, big))
+
+    async def mid_fetch() -> bool:
+        return proxy.forwarded > 300_000
+
+    await wait_until(mid_fetch, timeout=30, what="the fetch to be under way")
+    step.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await step
+    assert git_processes_in(make_request.mirrors) == [], "cancelling stops the fetch"
+    assert (folder / mirror.MARKER).exists()
+
+    proxy.rate = None
+    waiting = asyncio.create_task(checkout(make_request, url, repo.initial, "test"))
+    request = await asyncio.wait_for(waiting, 30)
+    assert git(source(request), "rev-parse", "HEAD") == repo.initial
+    assert not (folder / mirror.MARKER).exists()
+    request = await checkout(make_request, url, big, "build")
+    assert (source(request) / "blob.bin").read_text() == (repo.work / "blob.bin").read_text()
+
+
 async def test_a_broken_mirror_is_made_again(
     make_repo: Any, make_request: Requests
 ) -> None:
