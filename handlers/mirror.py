@@ -67,7 +67,7 @@ async def locked(mirror: Path) -> AsyncIterator[None]:
     no thread behind that would take the lock later and keep it."""
     lock = _locks.setdefault(asyncio.get_running_loop(), {}).setdefault(mirror, asyncio.Lock())
     async with lock:
-        mirror.parent.mkdir(parents=True, exist_ok=True)
+        mirror.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(f"{mirror}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             wait = _LOCK_POLL[0]
@@ -166,8 +166,12 @@ def end_fetch(mirror: Path, full: str | None) -> None:
 def _create(mirror: Path, url: str) -> None:
     import git as gitpython  # here: the worker imports this module, and GitPython is big
 
-    mirror.parent.mkdir(parents=True, exist_ok=True)
-    with gitpython.Repo.init(mirror, bare=True) as repo, repo.config_writer() as config:
+    mirror.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # shared=0644: the objects are readable by the sandbox user, whatever the worker's umask;
+    # on the host the mirrors folder is the worker's alone (0700), and a step reaches only the
+    # objects of its own repo's mirror, through the sandbox's read-only bind
+    with gitpython.Repo.init(mirror, bare=True, shared="0644") as repo, \
+            repo.config_writer() as config:
         # written as config, not passed to a command: the URL never meets an argv parser
         config.set_value('remote "origin"', "url", url)
         config.set_value('remote "origin"', "fetch", "+refs/heads/*:refs/heads/*")

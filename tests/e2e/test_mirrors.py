@@ -257,6 +257,22 @@ echo "uid=$(id -u)"
     assert git(source(again), "status", "--porcelain") == ""
 
 
+async def test_a_sandboxed_step_reads_the_mirror_of_a_worker_with_a_strict_umask(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    previous = os.umask(0o077)
+    try:
+        request = await checkout(make_request, repo.url, repo.initial)
+    finally:
+        os.umask(previous)
+    done = await process.run_sandboxed(
+        ["git", "-C", "source", "cat-file", "-t", "HEAD:package.json"], sandbox=request.sandbox,
+        cwd=request.workdir, log=request.log, what="git", check=False)
+    assert done.tail.splitlines()[-1] == "blob", done.tail
+    assert make_request.mirrors.stat().st_mode & 0o777 == 0o700, "the host's others read none"
+
+
 # ---------------------------------------------------------------- crashes --
 
 CHECKOUT = """
