@@ -87,3 +87,27 @@ def test_unsandboxed_mode_runs_the_command_itself_with_the_same_environment(
     command = box.command(["npm", "test"], cwd=box.work)
     assert command.argv == ["npm", "test"] and not command.sandboxed
     assert "TOKEN" in command.env and "CISTATE_DATABASE_URL" not in command.env
+
+
+def test_read_only_binds_reach_a_step_below_the_hidden_workdir_and_stay_the_workers(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    objects = tmp_path / "worker" / "mirrors" / "m.git" / "objects"
+    missing = tmp_path / "worker" / "mirrors" / "none.git" / "objects"
+    bound = Sandbox(box.settings, box.attempt, identity=IDENTITY, hidden=box.hidden,
+                    read_only_binds=(objects, missing))
+    objects.mkdir(parents=True)
+    (objects / "pack").mkdir()
+    argv = bound.command(["git", "log"], cwd=bound.work).argv
+    view = argv[:argv.index("setpriv")]
+    text = " ".join(view)
+    assert f"--ro-bind {objects} {objects}" in text
+    assert str(missing) not in text, "a mirror not made yet is left out"
+    cover = next(i for i, word in enumerate(view[:-1]) if word == "--tmpfs"
+                 and (tmp_path / "worker").is_relative_to(view[i + 1])
+                 and view[i + 1] != "/tmp")
+    assert cover < view.index(str(objects)), "bound after the workdir is covered"
+    assert f"--bind {objects}" not in text
+    assert (objects / "pack").stat().st_uid != 4242, "the mirror is never given to the step"
+    builder = bound.command(["buildah", "bud", "."], cwd=bound.work, profile=Profile.BUILDER)
+    assert str(objects) not in " ".join(builder.argv), "the builder sees no mirror"
