@@ -8,12 +8,15 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from cistate.domain.messages import StepCommand
+from cistate.service.worker import Worker
 from handlers import git as git_client
 from handlers import mirror, process
 from handlers.base import StepRequest
@@ -271,6 +274,38 @@ async def test_a_sandboxed_step_reads_the_mirror_of_a_worker_with_a_strict_umask
         cwd=request.workdir, log=request.log, what="git", check=False)
     assert done.tail.splitlines()[-1] == "blob", done.tail
     assert make_request.mirrors.stat().st_mode & 0o777 == 0o700, "the host's others read none"
+
+
+async def test_the_worker_keeps_mirrors_in_its_workdir_and_binds_a_steps_own_read_only(
+    make_repo: Any, tmp_path: Path
+) -> None:
+    repo: GitRepo = make_repo()
+    workdir = tmp_path / "worker"
+    folder = mirror.path_for(workdir / mirror.MIRRORS_DIR, repo.url)
+
+    async def step(request: StepRequest) -> dict[str, Any]:
+        await git_client.checkout(request)
+        done = await process.run_sandboxed(
+            ["/bin/sh", "-c", 'git -C source rev-parse HEAD; touch "$MIRROR/objects/x" '
+             '2>/dev/null && echo wrote || echo refused'],
+            sandbox=request.sandbox, cwd=request.workdir, log=request.log,
+            env={"MIRROR": str(folder)})
+        return {"seen": done.tail.splitlines()[-2:]}
+
+    worker = Worker(cast(Any, None), workdir, lambda name: step)
+    command = StepCommand(run_id=uuid.uuid4(), step="probe", attempt=1, uses="setup",
+                          repo=repo.url, ref="refs/heads/main", commit=repo.initial)
+    first = await worker.execute(command)
+    second = await worker.execute(command.model_copy(update={"step": "again"}))
+
+    for result in (first, second):
+        assert result.status == "succeeded", result.error
+        assert result.outputs == {"seen": [repo.initial, "refused"]}
+    assert "into the worker's mirror" in (first.log or "")
+    assert "fetched" not in (second.log or "") and "from the worker's mirror" in (second.log or "")
+    assert mirror.connected(folder)
+    assert not (workdir / "runs").exists() or not any((workdir / "runs").iterdir()), (
+        "the steps' trees are gone, the mirror stays")
 
 
 # ---------------------------------------------------------------- crashes --
