@@ -4,6 +4,7 @@ and bubblewrap. Connections to the repo are counted through a TCP proxy in front
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,6 +26,8 @@ from tests.e2e.conftest import GitRepo, GitServer, Requests, git, log_text
 from tests.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout of cistate, for a subprocess
 
 
 @pytest.fixture
@@ -349,8 +352,9 @@ async def test_a_checkout_after_a_kill_9_mid_fetch_cleans_the_mirror_and_succeed
     proxy.rate = 256 * 1024
     worker = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CHECKOUT, url, big, str(make_request.mirrors),
-        str(tmp_path / "killed"), env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+        str(tmp_path / "killed"), env={**os.environ, "PYTHONPATH": str(ROOT)},
         start_new_session=True)
+
     async def mid_fetch() -> bool:
         return (folder / mirror.MARKER).exists() and proxy.forwarded > 500_000
 
@@ -358,7 +362,8 @@ async def test_a_checkout_after_a_kill_9_mid_fetch_cleans_the_mirror_and_succeed
     # the worker and the git it started die at once, as in a machine's crash
     os.killpg(worker.pid, signal.SIGKILL)
     for pid in git_processes_in(make_request.mirrors):
-        os.killpg(os.getpgid(pid), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # gone with a group killed before
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
     await worker.wait()
     await proxy.cut()
     stale_pin = folder / "refs" / "cistate" / f"{big}.lock"  # a ref update that never ended
