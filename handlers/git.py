@@ -205,19 +205,17 @@ async def _fetch_commit(request: StepRequest, path: Path, url: str, sha: str,
     """The full sha, and how it was got (for the log line), of `sha` in a fresh repo at path:
     borrowed from the worker's mirror of the repo when the worker keeps mirrors, else
     fetched from the repo into it."""
-    if request.mirrors is None:
-        await asyncio.to_thread(init_repo, path, url)
-        full = await _fetch_into(request, path, url, sha)
-        how = ""
-    else:
-        full, how = await _borrow_from_mirror(request, path, url, sha)
+    if request.mirrors is not None:
+        return await _borrow_from_mirror(request, path, url, sha, detach)
+    await asyncio.to_thread(init_repo, path, url)
+    full = await _fetch_into(request, path, url, sha)
     if detach:
         await asyncio.to_thread(_detach, path, full)
-    return full, how
+    return full, ""
 
 
-async def _borrow_from_mirror(request: StepRequest, path: Path, url: str,
-                              sha: str) -> tuple[str, str]:
+async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: str,
+                              detach: bool) -> tuple[str, str]:
     assert request.mirrors is not None
     mirror_dir = mirror.path_for(request.mirrors, url)
     where = f"repo {redact(url)}"
@@ -232,7 +230,7 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str,
                 request.log.line(f"fetched {full} of {where} into the worker's mirror")
         try:
             await asyncio.to_thread(_init_borrowing, path, url, mirror.objects_of(mirror_dir),
-                                    full)
+                                    full, detach)
             return full, " from the worker's mirror"
         except (git.GitError, git.BadName, git.BadObject, ValueError) as exc:
             failed = StepFailed(f"cannot check out {full} of {where} from the worker's mirror: "
@@ -318,14 +316,17 @@ def init_repo(path: Path, url: str) -> None:
         config.set_value("advice", "detachedHead", "false")
 
 
-def _init_borrowing(path: Path, url: str, objects: Path, full: str) -> None:
+def _init_borrowing(path: Path, url: str, objects: Path, full: str, detach: bool) -> None:
     """A fresh repo at path that reads its objects from the mirror's (alternates, no copy and
-    no hard link) and has commit `full`; writes go to its own objects folder only."""
+    no hard link) and has commit `full`, checked out when `detach`; writes go to its own
+    objects folder only."""
     init_repo(path, url)
     alternates = path / ".git" / "objects" / "info" / "alternates"
     alternates.write_text(f"{objects}\n", encoding="utf-8")
     if _resolve_commit(path, full) != full:
         raise ValueError(f"commit {full} cannot be read through the mirror's objects")
+    if detach:
+        _detach(path, full)
 
 
 async def standalone(request: StepRequest, path: Path) -> None:

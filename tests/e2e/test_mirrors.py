@@ -436,6 +436,20 @@ async def test_a_broken_mirror_is_made_again(
     request = await checkout(make_request, repo.url, repo.initial, "build")
     assert git(source(request), "rev-parse", "HEAD") == repo.initial
 
+    # the commit is there, its tree is not (a pack of the commit alone): found at checkout
+    only_commit = subprocess.run(
+        ["git", "pack-objects", "-q", str(folder / "objects" / "pack" / "pack")], cwd=folder,
+        input=f"{newer}\n", capture_output=True, text=True, check=True).stdout.strip()
+    for pack in (folder / "objects" / "pack").iterdir():
+        if only_commit not in pack.name:
+            pack.unlink()
+    git(folder, "update-ref", "-d", f"refs/cistate/{repo.initial}")  # its tip is gone too
+    assert mirror.resolve(folder, newer) == newer and mirror.tips_present(folder)
+    request = await checkout(make_request, repo.url, newer, "tree-lost")
+    assert (source(request) / "NEWS").read_text() == "x\n"
+    assert "a checkout from it failed and it is broken" in log_text(request)
+    assert mirror.connected(folder)
+
     for broken in ("file", "empty", "marker-and-garbage"):
         subprocess.run(["rm", "-rf", str(folder)], check=True)
         if broken == "file":
