@@ -33,6 +33,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from handlers.base import StepFailed
 
@@ -51,9 +52,20 @@ _locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Path, asyncio.
 
 
 def path_for(root: Path, url: str) -> Path:
-    """The mirror of `url` under the worker's mirrors folder (the name hides the URL, which may
-    carry credentials)."""
-    return root / f"{hashlib.sha256(url.encode()).hexdigest()[:32]}.git"
+    """The mirror of `url` under the worker's mirrors folder. The name is a hash of the URL
+    without its credentials: a token that rotates (a git host's app tokens last an hour)
+    keeps its repo's mirror, and the name shows nothing of the URL."""
+    key = _without_credentials(url)
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.git"
+
+
+def _without_credentials(url: str) -> str:
+    """`scheme://user:token@host/path` as `scheme://host/path`; scp-style `git@host:path`
+    keeps its user (it names the account, not a secret), and so does a URL without scheme."""
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def objects_of(mirror: Path) -> Path:
@@ -107,6 +119,7 @@ def ready(mirror: Path, url: str) -> str | None:
     if not _is_repo(mirror):
         rebuild(mirror, url)
         return "it was not a git repository"
+    _set_origin(mirror, url)
     if (mirror / MARKER).exists():
         _remove_leftovers(mirror)
         if not connected(mirror):
@@ -179,6 +192,19 @@ def _create(mirror: Path, url: str) -> None:
         config.set_value("fetch", "unpackLimit", "1")
         config.set_value("transfer", "unpackLimit", "1")
         config.set_value("core", "logAllRefUpdates", "false")
+
+
+def _set_origin(mirror: Path, url: str) -> None:
+    """The URL this fetch uses: the same repo's URL may come with other credentials than the
+    mirror was made with (a rotated token). Written as config, never on a command line."""
+    import git as gitpython
+
+    with gitpython.Repo(mirror) as repo:
+        with repo.config_reader() as config:
+            current = config.get_value('remote "origin"', "url", default="")
+        if current != url:
+            with repo.config_writer() as writer:
+                writer.set_value('remote "origin"', "url", url)
 
 
 def _is_repo(mirror: Path) -> bool:

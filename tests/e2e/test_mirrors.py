@@ -127,6 +127,23 @@ async def test_a_checkout_borrows_objects_and_never_links_to_the_mirror(
     assert loose == [], "a fetch keeps its pack whole: no loose object a kill could cut short"
 
 
+def test_a_rotated_token_keeps_the_mirror_and_the_next_fetch_uses_the_new_one(
+        tmp_path: Path) -> None:
+    old = "https://x-access-token:ghs_old@git.example.com/acme/app.git"
+    new = "https://x-access-token:ghs_new@git.example.com/acme/app.git"
+    folder = mirror.path_for(tmp_path, old)
+    assert folder == mirror.path_for(tmp_path, new), "one repo, one mirror"
+    assert "ghs_" not in folder.name and "example" not in folder.name
+    assert folder != mirror.path_for(tmp_path, "https://git.example.com/acme/other.git")
+    assert folder != mirror.path_for(tmp_path, "https://git.example.com/acme/app")
+    # scp style: the user names the account, so it stays part of the repo's identity
+    assert (mirror.path_for(tmp_path, "git@github.com:acme/app.git")
+            != mirror.path_for(tmp_path, "deploy@github.com:acme/app.git"))
+    assert mirror.ready(folder, old) is None  # made
+    assert mirror.ready(folder, new) is None  # still usable: not made again
+    assert git(folder, "config", "remote.origin.url") == new, "a fetch now sends the new token"
+
+
 async def test_a_standalone_checkout_is_whole_without_the_mirror(
     make_repo: Any, make_request: Requests
 ) -> None:
