@@ -1,1 +1,1 @@
-"""The `cistate` command line (typer)."""
+"""The `cistate` command line (argparse)."""

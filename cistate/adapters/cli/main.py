@@ -1,17 +1,17 @@
-"""The `cistate` command."""
+"""The `cistate` command: its commands are declared in `parser()` (argparse, at the end of
+this file), each a function of the options it takes."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
-
-import typer
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cistate import SOURCE_ROOT
 from cistate.environment import ROLES, redact
@@ -27,40 +27,43 @@ if TYPE_CHECKING:
     from cistate.environment import Urls
     from cistate.service.orchestrator import Orchestrator, Outcome
 
-# Every module but typer's loads in the command that uses it: `cistate --help` needs none,
-# `runs list` and `runs show` the store (asyncpg) and rich's tables but no pydantic model,
-# no machine and none of the service's (aiohttp, aio-pika, handlers). tests/unit/
-# test_cli_imports.py holds the line; bench/cli.py measures it.
-
-cli = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="CI/CD pipelines as event-sourced state machines.")
-db_cli = typer.Typer(no_args_is_help=True, help="The event store's database.")
-runs_cli = typer.Typer(no_args_is_help=True, help="Look at runs.")
-schema_cli = typer.Typer(no_args_is_help=True, help="Message and API schemas.")
-projections_cli = typer.Typer(no_args_is_help=True, help="Read models built from events.")
-audit_cli = typer.Typer(help="Events across all runs, and checks of their hash chains.")
-cli.add_typer(audit_cli, name="audit")
-cli.add_typer(projections_cli, name="projections")
-cli.add_typer(db_cli, name="db")
-cli.add_typer(runs_cli, name="runs")
-cli.add_typer(schema_cli, name="schema")
+# Every module loads in the command that uses it, and the parser is the standard library's:
+# `cistate --help` loads no third-party module, `runs list` and `runs show` the store
+# (asyncpg) and rich's tables but no pydantic model, no machine and none of the service's
+# (aiohttp, aio-pika, handlers). tests/unit/test_cli_imports.py holds the line; bench/cli.py
+# measures it.
 
 T = TypeVar("T")
 SCHEMA_DIR = SOURCE_ROOT / "schema"
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+
+class Exit(Exception):
+    """Ends the command with `code`; `main` turns it into the process's exit status. An
+    Exception, not SystemExit, so that it leaves a coroutine the way any error does."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def echo(text: str = "", *, err: bool = False, nl: bool = True) -> None:
+    """A line on stdout (or stderr), flushed: what is printed keeps its order with the
+    other stream's."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n" if nl else text)
+    stream.flush()
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"cistate: {message}", err=True)
-    raise typer.Exit(code)
+    echo(f"cistate: {message}", err=True)
+    raise Exit(code)
 
 
 def fail_lines(lines: list[str], code: int) -> NoReturn:
     """Every problem on its own line, so that a person can fix them all in one go."""
     for line in lines:
-        typer.echo(f"cistate: {line}", err=True)
-    raise typer.Exit(code)
+        echo(f"cistate: {line}", err=True)
+    raise Exit(code)
 
 
 _console: Console | None = None
@@ -151,7 +154,7 @@ def configure_logging(fmt: str, level: str = "info") -> None:
 
 
 def print_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
+    echo(json.dumps(value, indent=2, default=str))
 
 
 def parse_run_id(raw: str) -> uuid.UUID:
@@ -164,7 +167,6 @@ def parse_run_id(raw: str) -> uuid.UUID:
 # -- db
 
 
-@db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Create the database if needed and apply migrations; safe to run twice."""
     from cistate.adapters.postgres.store import connect
@@ -180,7 +182,7 @@ def db_upgrade() -> None:
             await store.close()
 
     applied = run_async(go())
-    typer.echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
+    echo(f"applied: {', '.join(applied)}" if applied else "database is up to date")
 
 
 async def _ensure_database(dsn: str) -> None:
@@ -207,13 +209,7 @@ async def _ensure_database(dsn: str) -> None:
 # -- serve
 
 
-@cli.command()
-def serve(
-    role: Annotated[list[str] | None, typer.Option(
-        "--role", help="api, orchestrator or worker (repeatable); default: all")] = None,
-    step: Annotated[list[str] | None, typer.Option(
-        "--step", help="with --role worker: only these steps (repeatable)")] = None,
-) -> None:
+def serve(role: list[str] | None, step: list[str] | None) -> None:
     """Run the API, the orchestrator and workers (or the roles given)."""
     import contextlib
 
@@ -229,11 +225,7 @@ def serve(
         run_async(wiring.serve(s, roles, steps=step))
 
 
-@cli.command()
-def check(
-    step: Annotated[list[str] | None, typer.Option(
-        "--step", help="only these steps, as `serve --role worker --step` would serve")] = None,
-) -> None:
+def check(step: list[str] | None) -> None:
     """Check the configuration without starting anything: the pipeline, the settings of every
     enabled step and the secrets they declare (exit 2 with one line per problem)."""
     from cistate import bootstrap as wiring
@@ -248,11 +240,10 @@ def check(
         fail_lines(problems, 2)
     pipeline = wiring.load_pipeline(s.pipeline)
     checked = [x for x in pipeline.steps if x.enabled and (not step or x.name in step)]
-    typer.echo(f"ok: pipeline {pipeline.name!r}, {len(checked)} enabled steps checked")
+    echo(f"ok: pipeline {pipeline.name!r}, {len(checked)} enabled steps checked")
 
 
-@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def quickstart(ctx: typer.Context) -> None:
+def quickstart(extra: list[str]) -> None:
     """The default pipeline from a `git push` to the QA GitOps commit, on this machine alone:
     starts local stand-ins (registry, git server, chart repository, GitOps repo,
     kube-apiserver), a sample app, and cistate; Ctrl-C stops everything it started.
@@ -261,22 +252,14 @@ def quickstart(ctx: typer.Context) -> None:
     if not script.is_file():
         fail(f"the quickstart runs from a checkout of cistate ({script} is missing)", 2)
     # the quickstart replaces this process, so that Ctrl-C reaches it alone
-    os.execv(sys.executable, [sys.executable, str(script), *ctx.args])  # noqa: S606
+    os.execv(sys.executable, [sys.executable, str(script), *extra])  # noqa: S606
 
 
 # -- push
 
 
-@cli.command()
-def push(
-    repo: Annotated[str, typer.Option(help="Clone URL of the code repository.")],
-    ref: Annotated[str, typer.Option(help="The pushed ref, e.g. refs/heads/main.")],
-    commit: Annotated[str, typer.Option(help="The pushed commit sha.")],
-    delivery_id: Annotated[str | None, typer.Option(
-        help="Message id; the same id twice opens one run.")] = None,
-    pusher: Annotated[str | None, typer.Option(help="Who pushed.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def push(repo: str, ref: str, commit: str, delivery_id: str | None, pusher: str | None,
+         as_json: bool) -> None:
     """Publish a push event on the bus, as any producer would."""
     from pydantic import ValidationError
 
@@ -316,12 +299,12 @@ def push(
         if as_json:
             print_json({"delivery_id": message_id, "run_id": None, "ignored": why})
         else:
-            typer.echo(f"published push {message_id}; it is {why}, so it opens no run")
+            echo(f"published push {message_id}; it is {why}, so it opens no run")
         return
     if as_json:
         print_json({"delivery_id": message_id, "run_id": run_id})
     else:
-        typer.echo(f"published push {message_id}; its run will be {run_id}")
+        echo(f"published push {message_id}; its run will be {run_id}")
 
 
 # -- runs
@@ -342,37 +325,15 @@ def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]], connections: int = 
     return run_async(go())
 
 
-StateOpt = Annotated[str | None, typer.Option(
-    help="queued, running, succeeded, failed or cancelled")]
-RepoOpt = Annotated[str | None, typer.Option(help="Repo URL, exactly.")]
-RefOpt = Annotated[str | None, typer.Option(help="Ref, e.g. refs/heads/main.")]
-CommitOpt = Annotated[str | None, typer.Option(help="Commit sha or a prefix of it.")]
-SinceOpt = Annotated[datetime | None, typer.Option(
-    help="From this time (ISO 8601, UTC if no zone).", formats=["%Y-%m-%dT%H:%M:%S%z",
-    "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"])]
-UntilOpt = Annotated[datetime | None, typer.Option(
-    help="Before this time.", formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S",
-                                       "%Y-%m-%d"])]
-
-
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
 
 
-@runs_cli.command("list")
-def runs_list(
-    state: StateOpt = None,
-    repo: RepoOpt = None,
-    ref: RefOpt = None,
-    commit: CommitOpt = None,
-    step: Annotated[str | None, typer.Option(help="The step the run is in or ended in.")] = None,
-    since: SinceOpt = None,
-    until: UntilOpt = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 50,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_list(state: str | None, repo: str | None, ref: str | None, commit: str | None,
+              step: str | None, since: datetime | None, until: datetime | None, limit: int,
+              as_json: bool) -> None:
     """Runs, newest first."""
     from cistate.adapters.postgres.store import RunQuery
 
@@ -391,13 +352,7 @@ def runs_list(
     out().print(table)
 
 
-@runs_cli.command("show")
-def runs_show(
-    run: str,
-    at: Annotated[int | None, typer.Option(
-        "--at", min=1, help="The run as it stood after event SEQ.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_show(run: str, at: int | None, as_json: bool) -> None:
     """One run and its steps (now, or --at an earlier event)."""
     run_id = parse_run_id(run)
 
@@ -439,8 +394,7 @@ def runs_show(
                     highlight=False)
 
 
-@runs_cli.command("events")
-def runs_events(run: str, as_json: JsonFlag = False) -> None:
+def runs_events(run: str, as_json: bool) -> None:
     """The run's events, in order."""
     run_id = parse_run_id(run)
     events = _with_store(lambda st: st.events(run_id))
@@ -459,20 +413,17 @@ def runs_events(run: str, as_json: JsonFlag = False) -> None:
     out().print(table)
 
 
-@runs_cli.command("logs")
-def runs_logs(run: str, step: str, follow_: Annotated[bool, typer.Option(
-        "--follow", "-f", help="Print the output as it comes while the step runs; exit, "
-        "when it ends, with its exit status (0: succeeded or skipped).")] = False) -> None:
+def runs_logs(run: str, step: str, follow_: bool) -> None:
     """The full output of a step (every attempt)."""
     run_id = parse_run_id(run)
     if follow_:
-        raise typer.Exit(_follow(run_id, step))
+        raise Exit(_follow(run_id, step))
     logs = _with_store(lambda st: st.step_log(run_id, step))
     if not logs:
         fail(f"no log for step {step!r} of run {run_id}")
     for attempt, text in logs:
-        typer.echo(f"--- attempt {attempt} ---")
-        typer.echo(text, nl=False)
+        echo(f"--- attempt {attempt} ---")
+        echo(text, nl=False)
 
 
 def _timing(timing: dict[str, float] | None) -> str:
@@ -492,8 +443,8 @@ def _follow(run_id: uuid.UUID, step: str) -> int:
             fail(f"no step {step!r} in run {run_id}" if state else f"no run {run_id}")
         if current.state in ENDED:  # over already: its stored log, and how it ended
             for attempt, text in await st.step_log(run_id, step):
-                typer.echo(f"--- attempt {attempt} ---")
-                typer.echo(text, nl=False)
+                echo(f"--- attempt {attempt} ---")
+                echo(text, nl=False)
             return _ended(step, current.state, exit_status(current.state, current.error))
         try:
             async for item in follow(st, run_id, step):
@@ -510,7 +461,7 @@ def _follow(run_id: uuid.UUID, step: str) -> int:
 
 
 def _ended(step: str, state: str, code: int) -> int:
-    typer.echo(f"--- step {step} {state}" + (f" (exit status {code})" if code else "") + " ---",
+    echo(f"--- step {step} {state}" + (f" (exit status {code})" if code else "") + " ---",
                err=True)
     return code
 
@@ -546,53 +497,29 @@ def _operate(run: str, action: Callable[[Orchestrator, uuid.UUID], Coroutine[Any
     if as_json:
         print_json(outcome.state.to_json())
     else:
-        typer.echo(done.format(id=outcome.state.id, step=outcome.state.step or "",
+        echo(done.format(id=outcome.state.id, step=outcome.state.step or "",
                                state=outcome.state.status))
 
 
-@runs_cli.command("retry")
-def runs_retry(
-    run: str,
-    from_step: Annotated[str | None, typer.Option(
-        "--from", help="Retry from this step (default: the step that failed).")] = None,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_retry(run: str, from_step: str | None, reason: str | None, as_json: bool) -> None:
     """Continue a failed or cancelled run from the failed step (or --from a named one)."""
     _operate(run, lambda o, rid: o.control(rid, "retry", _actor(), reason=reason,
                                            step=from_step),
              as_json, "run {id} retried: step {step} is running again")
 
 
-@runs_cli.command("cancel")
-def runs_cancel(
-    run: str,
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_cancel(run: str, reason: str | None, as_json: bool) -> None:
     """Cancel a run: its running step is stopped; the run ends cancelled."""
     _operate(run, lambda o, rid: o.control(rid, "cancel", _actor(), reason=reason),
              as_json, "run {id} {state}")
 
 
-@runs_cli.command("approve")
-def runs_approve(
-    run: str,
-    step: Annotated[str, typer.Argument(help="The approval step that waits.")],
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_approve(run: str, step: str, reason: str | None, as_json: bool) -> None:
     """Approve an approval step that holds the run (you must be one of its approvers)."""
     _decide(run, step, "approve", reason, as_json)
 
 
-@runs_cli.command("reject")
-def runs_reject(
-    run: str,
-    step: Annotated[str, typer.Argument(help="The approval step that waits.")],
-    reason: Annotated[str | None, typer.Option(help="Why, for the audit log.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def runs_reject(run: str, step: str, reason: str | None, as_json: bool) -> None:
     """Reject an approval step that holds the run: the step fails, and so does the run."""
     _decide(run, step, "reject", reason, as_json)
 
@@ -603,18 +530,13 @@ def _decide(run: str, step: str, action: ControlAction, reason: str | None,
              as_json, "run {id} {state}: step " + step + f" {action}d")
 
 
-@runs_cli.command("rerun")
-def runs_rerun(run: str, as_json: JsonFlag = False) -> None:
+def runs_rerun(run: str, as_json: bool) -> None:
     """Start a new run for the same push."""
     _operate(run, lambda o, rid: o.rerun(rid, _actor()), as_json,
              "new run {id} ({state}) for the same push")
 
 
-@runs_cli.command("watch")
-def runs_watch(
-    run: str,
-    interval: Annotated[float, typer.Option(min=0.1, help="Seconds between looks.")] = 0.5,
-) -> None:
+def runs_watch(run: str, interval: float) -> None:
     """Show the run's steps live until it ends; exit 0 if it succeeded, 1 if not."""
     import asyncio
 
@@ -642,30 +564,13 @@ def runs_watch(
             await store.close()
 
     final = run_async(go())
-    raise typer.Exit(0 if final.status == "succeeded" else 1)
+    raise Exit(0 if final.status == "succeeded" else 1)
 
 
-@audit_cli.callback(invoke_without_command=True)
-def audit(
-    ctx: typer.Context,
-    run: Annotated[str | None, typer.Option(help="Only this run's events.")] = None,
-    repo: RepoOpt = None,
-    ref: RefOpt = None,
-    commit: CommitOpt = None,
-    type_: Annotated[str | None, typer.Option("--type", help="Event type, e.g. run.retried.")
-                     ] = None,
-    step: Annotated[str | None, typer.Option(help="Events of this step.")] = None,
-    actor: Annotated[str | None, typer.Option(help="e.g. cli:alice, api:deploy-bot.")] = None,
-    since: SinceOpt = None,
-    until: UntilOpt = None,
-    before: Annotated[int | None, typer.Option(help="Page: events older than this position."
-                                               )] = None,
-    limit: Annotated[int, typer.Option(min=1, max=1000)] = 100,
-    as_json: JsonFlag = False,
-) -> None:
+def audit(run: str | None, repo: str | None, ref: str | None, commit: str | None,
+          type_: str | None, step: str | None, actor: str | None, since: datetime | None,
+          until: datetime | None, before: int | None, limit: int, as_json: bool) -> None:
     """Events across all runs, newest first, filtered (or a command below)."""
-    if ctx.invoked_subcommand is not None:
-        return
     from cistate.adapters.postgres.store import EventQuery
 
     query = EventQuery(
@@ -689,12 +594,7 @@ def audit(
         out().print(f"more: --before {events[-1].position}")
 
 
-@audit_cli.command("verify")
-def audit_verify(
-    run: Annotated[str | None, typer.Argument(help="Only this run (default: every run).")
-                   ] = None,
-    as_json: JsonFlag = False,
-) -> None:
+def audit_verify(run: str | None, as_json: bool) -> None:
     """Check every run's (or one run's) events against their hash chain and name each
     edited, deleted, inserted or moved event by run and seq. Exits 1 if there is one."""
     if run is None:
@@ -714,17 +614,16 @@ def audit_verify(
     if not as_json:
         for bad in broken:
             for problem in bad.problems:
-                typer.echo(f"run {bad.run_id} seq {problem.seq}: {problem.problem}")
+                echo(f"run {bad.run_id} seq {problem.seq}: {problem.problem}")
     if broken:
         fail(f"{len(broken)} of {runs} runs ({events} events) do not hold their hash chain: "
              "their events were changed in the database, not by cistate; see the lines above "
              "(or --json) for each one")
     if not as_json:
-        typer.echo(f"{runs} runs, {events} events verified")
+        echo(f"{runs} runs, {events} events verified")
 
 
-@projections_cli.command("rebuild")
-def projections_rebuild(as_json: JsonFlag = False) -> None:
+def projections_rebuild(as_json: bool) -> None:
     """Refold every run from its events into the runs projection; report rows that differed.
     Exits 1 if some run's events could not be folded, or break their hash chain (those rows
     are left as they are)."""
@@ -740,22 +639,22 @@ def projections_rebuild(as_json: JsonFlag = False) -> None:
                     "resources": report.resources,
                     "resources_differed": report.resources_differed})
     else:
-        typer.echo(f"refolded {report.runs} runs from {report.events} events; "
+        echo(f"refolded {report.runs} runs from {report.events} events; "
                    f"{len(report.differed)} row(s) differed and were rewritten")
         for run_id in report.differed:
-            typer.echo(f"  {run_id}")
-        typer.echo(f"refolded {report.resources} concurrency groups and locks; "
+            echo(f"  {run_id}")
+        echo(f"refolded {report.resources} concurrency groups and locks; "
                    f"{len(report.resources_differed)} row(s) differed and were rewritten")
         for name in report.resources_differed:
-            typer.echo(f"  {name}")
+            echo(f"  {name}")
         for run_id, error in report.unfoldable:
-            typer.echo(f"cannot fold run {run_id} (its row was left as it is): {error}",
+            echo(f"cannot fold run {run_id} (its row was left as it is): {error}",
                        err=True)
         for run_id, problem in report.broken:
-            typer.echo(f"did not fold run {run_id} (its row was left as it is): {problem}; "
+            echo(f"did not fold run {run_id} (its row was left as it is): {problem}; "
                        f"`cistate audit verify {run_id}` names each event", err=True)
     if report.unfoldable or report.broken:
-        raise typer.Exit(1)
+        raise Exit(1)
 
 
 def _run_table(state: RunState) -> Table:
@@ -772,13 +671,7 @@ def _run_table(state: RunState) -> Table:
 # -- graph and schemas
 
 
-@cli.command()
-def graph(
-    run: Annotated[str | None, typer.Argument(
-        help="A run: each step shows its state in it.")] = None,
-    machines: Annotated[bool, typer.Option(
-        "--machines", help="Draw the run's and a step's state machines instead.")] = False,
-) -> None:
+def graph(run: str | None, machines: bool) -> None:
     """The pipeline's steps and their needs as a Mermaid flowchart (finally steps dotted
     after the last steps); with RUN, the pipeline that run pinned, each step in its state."""
     from cistate import bootstrap as wiring
@@ -795,7 +688,7 @@ def graph(
     if machines:
         from cistate.domain.machine import RunMachine, StepMachine
 
-        typer.echo(f"%% a run\n{RunMachine(pipeline).mermaid()}\n"
+        echo(f"%% a run\n{RunMachine(pipeline).mermaid()}\n"
                    f"%% each step of it\n{StepMachine(pipeline).mermaid()}", nl=False)
         return
     states: dict[str, str] | None = None
@@ -812,17 +705,14 @@ def graph(
             fail(f"no run {run_id}")
         pipeline = decider.pipeline
         states = {name: step.state for name, step in state.steps.items()}
-    typer.echo(step_graph.mermaid(pipeline.graph, states), nl=False)
+    echo(step_graph.mermaid(pipeline.graph, states), nl=False)
 
 
-@schema_cli.command("export")
-def schema_export(
-    directory: Annotated[Path, typer.Option(help="Where to write.")] = SCHEMA_DIR,
-) -> None:
+def schema_export(directory: Path) -> None:
     """Write the JSON Schemas of bus messages (schema/<name>.schema.json)."""
     for name, text in message_schemas().items():
         (directory / f"{name}.schema.json").write_text(text, encoding="utf-8")
-        typer.echo(f"wrote {directory / f'{name}.schema.json'}")
+        echo(f"wrote {directory / f'{name}.schema.json'}")
 
 
 def message_schemas() -> dict[str, str]:
@@ -844,8 +734,227 @@ def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
-def main() -> None:
-    cli()
+# -- the command line: every command is declared here
+
+
+def parser() -> argparse.ArgumentParser:
+    """The whole command line, each command with the function that runs it. Adding one is
+    a line here (a `group` for a new word, a `command` with its options) and its function."""
+    top = _parser("cistate", "CI/CD pipelines as event-sourced state machines.")
+    cli = _Group(top)
+    (cli.command("serve", serve)
+     .option("--role", action="append", metavar="ROLE",
+             help="api, orchestrator or worker (repeatable); default: all")
+     .option("--step", action="append", metavar="STEP",
+             help="with --role worker: only these steps (repeatable)"))
+    cli.command("check", check).option(
+        "--step", action="append", metavar="STEP",
+        help="only these steps, as `serve --role worker --step` would serve")
+    cli.command("quickstart", quickstart, extra=True)
+    (cli.command("push", push)
+     .option("--repo", required=True, help="Clone URL of the code repository.")
+     .option("--ref", required=True, help="The pushed ref, e.g. refs/heads/main.")
+     .option("--commit", required=True, help="The pushed commit sha.")
+     .option("--delivery-id", metavar="ID", help="Message id; the same id twice opens one run.")
+     .option("--pusher", help="Who pushed.")
+     .json())
+    (cli.command("graph", graph)
+     .option("run", nargs="?", metavar="RUN", help="A run: each step shows its state in it.")
+     .option("--machines", action="store_true",
+             help="Draw the run's and a step's state machines instead."))
+
+    audit_ = cli.group("audit", "Events across all runs, and checks of their hash chains.")
+    (audit_.own(audit)
+     .option("--run", help="Only this run's events.")
+     .option("--repo", help=REPO_HELP).option("--ref", help=REF_HELP)
+     .option("--commit", help=COMMIT_HELP)
+     .option("--type", dest="type_", metavar="TYPE", help="Event type, e.g. run.retried.")
+     .option("--step", help="Events of this step.")
+     .option("--actor", help="e.g. cli:alice, api:deploy-bot.")
+     .option("--since", type=_when, metavar="TIME", help=SINCE_HELP)
+     .option("--until", type=_when, metavar="TIME", help=UNTIL_HELP)
+     .option("--before", type=int, metavar="POSITION",
+             help="Page: events older than this position.")
+     .option("--limit", type=_int_in(1, 1000), default=100, metavar="N",
+             help="At most N events, 1-1000 [default: 100].")
+     .json())
+    (audit_.command("verify", audit_verify)
+     .option("run", nargs="?", metavar="RUN", help="Only this run (default: every run).")
+     .json())
+
+    cli.group("projections", "Read models built from events.").command(
+        "rebuild", projections_rebuild).json()
+    cli.group("db", "The event store's database.").command("upgrade", db_upgrade)
+
+    runs = cli.group("runs", "Look at runs.")
+    (runs.command("list", runs_list)
+     .option("--state", help="queued, running, succeeded, failed or cancelled")
+     .option("--repo", help=REPO_HELP).option("--ref", help=REF_HELP)
+     .option("--commit", help=COMMIT_HELP)
+     .option("--step", help="The step the run is in or ended in.")
+     .option("--since", type=_when, metavar="TIME", help=SINCE_HELP)
+     .option("--until", type=_when, metavar="TIME", help=UNTIL_HELP)
+     .option("--limit", type=_int_in(1, 1000), default=50, metavar="N",
+             help="At most N runs, 1-1000 [default: 50].")
+     .json())
+    (runs.command("show", runs_show).run()
+     .option("--at", type=_int_in(1), metavar="SEQ", help="The run as it stood after event SEQ.")
+     .json())
+    runs.command("events", runs_events).run().json()
+    (runs.command("logs", runs_logs).run().option("step", metavar="STEP", help="The step.")
+     .option("--follow", "-f", dest="follow_", action="store_true",
+             help="Print the output as it comes while the step runs; exit, when it ends, with "
+                  "its exit status (0: succeeded or skipped)."))
+    (runs.command("retry", runs_retry).run()
+     .option("--from", dest="from_step", metavar="STEP",
+             help="Retry from this step (default: the step that failed).")
+     .option("--reason", metavar="TEXT", help=REASON_HELP).json())
+    (runs.command("cancel", runs_cancel).run()
+     .option("--reason", metavar="TEXT", help=REASON_HELP).json())
+    for name, decide in (("approve", runs_approve), ("reject", runs_reject)):
+        (runs.command(name, decide).run()
+         .option("step", metavar="STEP", help="The approval step that waits.")
+         .option("--reason", metavar="TEXT", help=REASON_HELP).json())
+    runs.command("rerun", runs_rerun).run().json()
+    runs.command("watch", runs_watch).run().option(
+        "--interval", type=_float_from(0.1), default=0.5, metavar="SECONDS",
+        help="Seconds between looks (at least 0.1) [default: 0.5].")
+
+    cli.group("schema", "Message and API schemas.").command("export", schema_export).option(
+        "--directory", type=Path, default=SCHEMA_DIR, metavar="PATH",
+        help=f"Where to write [default: {SCHEMA_DIR}].")
+    return top
+
+
+REPO_HELP = "Repo URL, exactly."
+REF_HELP = "Ref, e.g. refs/heads/main."
+COMMIT_HELP = "Commit sha or a prefix of it."
+SINCE_HELP = "From this time (ISO 8601, UTC if no zone): YYYY-MM-DD[THH:MM:SS[+HHMM]]."
+UNTIL_HELP = "Before this time."
+REASON_HELP = "Why, for the audit log."
+WHEN_FORMATS = ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d")
+
+
+def _parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
+                                   formatter_class=_Formatter, **kwargs)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help with room for the longer names (`projections`, `--delivery-id ID`) beside
+    their text."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
+class _Command:
+    """One command's parser, and the names of the arguments its function takes: the options
+    declared on it, passed by name."""
+
+    def __init__(self, parser: argparse.ArgumentParser, function: Callable[..., None]) -> None:
+        self.parser = parser
+        self.names: list[str] = []
+        parser.set_defaults(_command=function, _names=self.names, _parser=parser)
+
+    def option(self, *flags: str, **kwargs: Any) -> _Command:
+        self.names.append(self.parser.add_argument(*flags, **kwargs).dest)
+        return self
+
+    def run(self) -> _Command:
+        return self.option("run", metavar="RUN", help="A run id (as `cistate runs list` shows).")
+
+    def json(self) -> _Command:
+        return self.option("--json", dest="as_json", action="store_true",
+                           help="Print machine-readable JSON.")
+
+
+class _Group:
+    """A word that commands follow (`runs`, `db`, ...); alone it prints its help, unless it
+    is a command of its own too (`audit`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+        parser.set_defaults(_command=None, _names=[], _parser=parser)
+
+    def own(self, function: Callable[..., None]) -> _Command:
+        """The group run without a command runs `function`."""
+        return _Command(self.parser, function)
+
+    def command(self, name: str, function: Callable[..., None],
+                extra: bool = False) -> _Command:
+        """`extra`: the arguments it does not know are passed on to it (as `extra`)."""
+        declared = _Command(self._add(name, function.__doc__ or ""), function)
+        if extra:
+            declared.parser.set_defaults(_extra=True, extra=[])
+            declared.names.append("extra")
+        return declared
+
+    def group(self, name: str, description: str) -> _Group:
+        return _Group(self._add(name, description))
+
+    def _add(self, name: str, description: str) -> argparse.ArgumentParser:
+        return self.subparsers.add_parser(
+            name, help=" ".join(description.split()).replace("%", "%%"),
+            description=description, allow_abbrev=False, formatter_class=_Formatter)
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value} is not in the range {low}<=x" + (f"<={high}" if high else ""))
+        return value
+
+    return parse
+
+
+def _float_from(low: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not in the range x>={low}")
+        return value
+
+    return parse
+
+
+def _when(raw: str) -> datetime:
+    for fmt in WHEN_FORMATS:
+        try:
+            return datetime.strptime(raw, fmt)  # no zone: UTC, set by _utc
+        except ValueError:
+            continue
+    raise argparse.ArgumentTypeError(
+        f"{raw!r} does not match the formats " + ", ".join(f"'{f}'" for f in WHEN_FORMATS))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    command: Callable[..., None] | None = args._command
+    if command is None:  # a group alone: what it has
+        args._parser.print_help()
+        sys.exit(2)
+    if extra:
+        if not getattr(args, "_extra", False):
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra
+    try:
+        command(**{name: getattr(args, name) for name in args._names})
+    except Exit as exc:
+        sys.exit(exc.code)
+    except KeyboardInterrupt:  # Ctrl-C in `runs watch` or `runs logs -f`: no traceback
+        echo("\nAborted!", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
