@@ -23,6 +23,9 @@ import asyncpg
 import orjson
 
 from cistate import SOURCE_ROOT
+from cistate.adapters.postgres import reads
+from cistate.adapters.postgres.reads import RunQuery as RunQuery
+from cistate.adapters.postgres.reads import init_connection
 from cistate.domain.events import (
     Chained,
     ChainProblem,
@@ -33,7 +36,7 @@ from cistate.domain.events import (
     dumps,
     loads,
 )
-from cistate.domain.resource import Claim, ResourceDecision, ResourceState
+from cistate.domain.resource import ResourceDecision, ResourceState
 from cistate.domain.resource import fold as fold_resource
 from cistate.domain.state import RunState, StepState
 
@@ -58,20 +61,6 @@ class Conflict(Exception):
 
 class Duplicate(Exception):
     """The message was handled before."""
-
-
-@dataclass(frozen=True)
-class RunQuery:
-    state: str | None = None
-    repo: str | None = None
-    ref: str | None = None
-    commit: str | None = None  # a prefix is enough
-    step: str | None = None  # the step the run is in, or ended in
-    since: datetime | None = None
-    until: datetime | None = None
-    before: tuple[datetime, uuid.UUID] | None = None  # keyset cursor: older than this run
-    pipeline: str | None = None  # the name of the pipeline the run pinned
-    limit: int = 50
 
 
 @dataclass(frozen=True)
@@ -202,11 +191,6 @@ def encoded_body(body: BaseModel) -> bytes:
     return body.model_dump_json(by_alias=True).encode()
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=dumps, decoder=loads,
-                              schema="pg_catalog")
-
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Released connections skip asyncpg's reset queries (a round trip each time): they hold
     no session state, the relay LISTENs on a connection of its own, and asyncpg still rolls
@@ -215,7 +199,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def connect(dsn: str, min_size: int = 2, max_size: int = 10) -> Store:
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                     init=_init_connection, reset=_keep_session)
+                                     init=init_connection, reset=_keep_session)
     return Store(pool, dsn)
 
 
@@ -415,38 +399,15 @@ class Store:
     async def load_resource(self, name: str) -> ResourceState:
         """A resource's state from its row (none yet: free, nobody waiting)."""
         record = await self.pool.fetchrow("SELECT * FROM resources WHERE name = $1", name)
-        return _resource_from_row(record) if record else ResourceState(name)
+        return reads.resource_from_row(record) if record else ResourceState(name)
 
     async def resources(self, names: Sequence[str] | None = None) -> list[ResourceState]:
-        """The resources named (every one when None), by name: who holds each and who
-        waits for it, for runs show, the API and metrics."""
-        if names is None:
-            records = await self.pool.fetch("SELECT * FROM resources ORDER BY name")
-        else:
-            records = await self.pool.fetch(
-                "SELECT * FROM resources WHERE name = ANY($1::text[]) ORDER BY name",
-                list(names))
-        return [_resource_from_row(r) for r in records]
+        """The resources named (every one when None), by name (reads.resources)."""
+        return await reads.resources(self.pool, names)
 
     async def waits_of(self, state: RunState) -> list[dict[str, Any]]:
-        """What the run waits for: each concurrency group or lock its claim still waits
-        for, with the run that holds it now and the claim's place in the queue (1: next)."""
-        waiting = {name: hold for name, hold in state.holds.items()
-                   if hold["state"] == "waiting"}
-        if not waiting:
-            return []
-        found = {r.name: r for r in await self.resources(list(waiting))}
-        waits: list[dict[str, Any]] = []
-        for name, hold in waiting.items():
-            resource = found.get(name)
-            place = next((n for n, c in enumerate(resource.waiting, 1)
-                          if str(c.claim) == hold["claim"]), None) if resource else None
-            holder = resource.holder if resource else None
-            kind, _, label = name.partition(":")
-            waits.append({"resource": name, "kind": kind, "name": label,
-                          "holder_run_id": str(holder.run_id) if holder else None,
-                          "position": place})
-        return waits
+        """What the run waits for, and who holds it (reads.waits_of)."""
+        return await reads.waits_of(self.pool, state)
 
     async def resource_events(self, name: str) -> list[tuple[str, dict[str, Any]]]:
         """A resource's events in order, as (type, data), for folds and audits."""
@@ -500,9 +461,8 @@ class Store:
     # -- reading
 
     async def load(self, run_id: uuid.UUID) -> RunState | None:
-        """The run's state from its projection row (a snapshot kept with every append)."""
-        record = await self.pool.fetchrow("SELECT * FROM runs WHERE id = $1", run_id)
-        return _state_from_row(record) if record else None
+        """The run's state from its projection row (reads.load)."""
+        return await reads.load(self.pool, run_id)
 
     async def pinned_pipeline(self, run_id: uuid.UUID, sha256: str) -> dict[str, Any] | None:
         """The event data that pinned the run's pipeline of hash `sha256` (its
@@ -604,24 +564,9 @@ class Store:
         return int(result.split()[-1])
 
     async def list_runs(self, query: RunQuery | None = None, **filters: Any) -> list[RunState]:
-        """Runs matching the query, newest first (keyset pagination on created_at, id),
-        without their steps (a listing shows none; decoding them is most of its cost)."""
-        q = query or RunQuery(**filters)
-        records = await self.pool.fetch(
-            f"SELECT {_SUMMARY_COLUMNS}, '[]'::jsonb AS steps FROM runs WHERE"  # noqa: S608
-            " ($1::text IS NULL OR state = $1)"
-            " AND ($2::text IS NULL OR repo = $2) AND ($3::text IS NULL OR ref = $3)"
-            " AND ($4::text IS NULL OR commit LIKE $4 || '%') AND ($5::text IS NULL OR step = $5)"
-            " AND ($6::timestamptz IS NULL OR created_at >= $6)"
-            " AND ($7::timestamptz IS NULL OR created_at < $7)"
-            " AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9::uuid))"
-            " AND ($11::text IS NULL OR pipeline = $11)"
-            " ORDER BY created_at DESC, id DESC LIMIT $10",
-            q.state, q.repo, q.ref, q.commit, q.step, q.since, q.until,
-            q.before[0] if q.before else None, q.before[1] if q.before else None, q.limit,
-            q.pipeline,
-        )
-        return [_state_from_row(r) for r in records]
+        """Runs matching the query (or the filters: RunQuery's fields), newest first
+        (reads.list_runs)."""
+        return await reads.list_runs(self.pool, query or RunQuery(**filters))
 
     async def audit(self, query: EventQuery) -> list[Event]:
         """Events matching the query, newest first (keyset pagination on position)."""
@@ -943,10 +888,6 @@ def steps_json(steps: Iterable[StepState]) -> str:
         return dumps([st.to_json() for st in steps])
 
 
-_SUMMARY_COLUMNS = ("id, repo, ref, commit, pipeline, pipeline_sha256, state, step,"
-                    " machine_state, active, push, version, created_at, updated_at, holds,"
-                    " notices")
-
 # Decisions, one statement. Every data-modifying CTE runs whether or not it is read. The
 # runs rows' jsonb columns come as JSON text (a list inside an array parameter would be
 # taken for another array dimension).
@@ -1007,18 +948,6 @@ RETURNING id, message_id
 """
 
 
-def _state_from_row(r: asyncpg.Record) -> RunState:
-    steps = [StepState.from_json(raw) for raw in r["steps"]]
-    return RunState(
-        id=r["id"], repo=r["repo"], ref=r["ref"], commit=r["commit"], pipeline=r["pipeline"],
-        machine_state=r["machine_state"], step=r["step"],
-        steps={s.name: s for s in steps}, active=list(r["active"]), push=r["push"],
-        version=r["version"], created_at=r["created_at"], updated_at=r["updated_at"],
-        pipeline_sha256=r.get("pipeline_sha256"), holds=r.get("holds") or {},
-        notices=r.get("notices") or {},
-    )
-
-
 _APPEND_RESOURCE_SQL = """
 WITH ev AS (
   INSERT INTO resource_events (resource, seq, type, data, meta, message_id, recorded_at)
@@ -1037,15 +966,6 @@ SELECT m, k, b::jsonb, t FROM unnest($12::uuid[], $13::text[], $14::text[], $15:
   AS o(m, k, b, t)
 RETURNING id, message_id
 """
-
-
-def _resource_from_row(r: asyncpg.Record) -> ResourceState:
-    holder = r["holder"]
-    return ResourceState(
-        name=r["name"], version=r["version"],
-        holder=Claim.from_json(holder) if holder else None,
-        waiting=[Claim.from_json(c) for c in r["waiting"]],
-        holder_superseded=r["holder_superseded"])
 
 
 def _event(r: asyncpg.Record) -> Event:
