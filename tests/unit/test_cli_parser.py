@@ -14,10 +14,17 @@ pytestmark = pytest.mark.unit
 
 
 def parsed(*argv: str) -> tuple[str, dict[str, Any]]:
-    args, extra = cli.parser().parse_known_args(argv)
-    if extra:
-        args.extra = extra
-    return args._command.__name__, {name: getattr(args, name) for name in args._names}
+    """What the command line `argv` runs, with what; the same whether every command's
+    parser is built or only those named on the line (as `main` builds them)."""
+    found = []
+    for words in (None, set(argv)):
+        args, extra = cli.parser(words).parse_known_args(argv)
+        if extra:
+            args.extra = extra
+        found.append((args._command.__name__,
+                      {name: getattr(args, name) for name in args._names}))
+    assert found[0] == found[1]
+    return found[0]
 
 
 def test_each_command_gets_its_options_by_name() -> None:
@@ -68,8 +75,23 @@ def test_a_mistake_is_exit_status_2(argv: tuple[str, ...],
     assert "usage: cistate" in printed.out + printed.err
 
 
-def test_help_is_exit_status_0(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["runs", "list", "--help"])
-    assert exited.value.code == 0
-    assert "Runs, newest first." in capsys.readouterr().out
+@pytest.mark.parametrize("argv", [("--help",), ("runs", "--help"), ("runs", "list", "--help"),
+                                  ("audit", "--help"), ("audit", "verify", "--help")])
+def test_help_is_exit_status_0_and_lists_every_command(
+        argv: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    helps = []
+    for words in (None, set(argv)):
+        with pytest.raises(SystemExit) as exited:
+            cli.parser(words).parse_known_args(argv)
+        assert exited.value.code == 0
+        helps.append(capsys.readouterr().out)
+    assert helps[0] == helps[1]
+    assert "usage: cistate" in helps[0]
+
+
+def test_an_unknown_command_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["runs", "sohw"])
+    error = capsys.readouterr().err
+    assert "invalid choice: 'sohw'" in error
+    assert all(f"'{name}'" in error for name in ("list", "show", "watch", "rerun"))

@@ -4,21 +4,21 @@ this file), each a function of the options it takes."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from cistate import SOURCE_ROOT
-from cistate.environment import ROLES, redact
 
 if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.table import Table
+    import asyncpg
+    from rich.table import Table as RichTable
 
     from cistate.adapters.postgres.store import RunCheck, Store, VerifyReport
     from cistate.config import Settings
@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 # Every module loads in the command that uses it, and the parser is the standard library's:
 # `cistate --help` loads no third-party module, `runs list` and `runs show` the store
-# (asyncpg) and rich's tables but no pydantic model, no machine and none of the service's
-# (aiohttp, aio-pika, handlers). tests/unit/test_cli_imports.py holds the line; bench/cli.py
-# measures it.
+# (asyncpg) but no pydantic, no machine and none of the service's (aiohttp, aio-pika,
+# handlers), and rich only on a terminal (output.py). tests/unit/test_cli_imports.py holds
+# the line; bench/cli.py measures it.
 
 T = TypeVar("T")
 SCHEMA_DIR = SOURCE_ROOT / "schema"
@@ -64,20 +64,6 @@ def fail_lines(lines: list[str], code: int) -> NoReturn:
     for line in lines:
         echo(f"cistate: {line}", err=True)
     raise Exit(code)
-
-
-_console: Console | None = None
-
-
-def out() -> Console:
-    """stdout's console. Piped output (grep, logs) gets wide tables rather than cells
-    folded to 80 columns."""
-    global _console  # made once, when a command first prints
-    if _console is None:
-        from rich.console import Console
-
-        _console = Console(width=None if sys.stdout.isatty() else 200)
-    return _console
 
 
 def settings() -> Settings:
@@ -129,6 +115,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _what_failed(exc: BaseException, postgres: tuple[type[BaseException], ...]) -> str:
+    from cistate.environment import redact
+
     s = urls()
     if isinstance(exc, postgres):
         return f"PostgreSQL at {redact(s.database_url)}"
@@ -214,6 +202,7 @@ def serve(role: list[str] | None, step: list[str] | None) -> None:
     import contextlib
 
     from cistate import bootstrap as wiring
+    from cistate.environment import ROLES
 
     s = settings()
     roles = role or list(ROLES)
@@ -265,6 +254,7 @@ def push(repo: str, ref: str, commit: str, delivery_id: str | None, pusher: str 
 
     from cistate.domain.events import run_id_for
     from cistate.domain.messages import Push, message_uuid
+    from cistate.environment import redact
 
     s = settings()
     try:
@@ -325,6 +315,20 @@ def _with_store(fn: Callable[[Any], Coroutine[Any, Any, T]], connections: int = 
     return run_async(go())
 
 
+def _reading(fn: Callable[[asyncpg.Connection], Coroutine[Any, Any, T]]) -> T:
+    """`fn` on a connection of the reads module: for runs list and runs show, which load
+    neither the store's module nor a pool."""
+    from cistate.adapters.postgres import reads
+
+    dsn = urls().database_url
+
+    async def go() -> T:
+        async with reads.connection(dsn) as conn:
+            return await fn(conn)
+
+    return run_async(go())
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -335,43 +339,50 @@ def runs_list(state: str | None, repo: str | None, ref: str | None, commit: str 
               step: str | None, since: datetime | None, until: datetime | None, limit: int,
               as_json: bool) -> None:
     """Runs, newest first."""
-    from cistate.adapters.postgres.store import RunQuery
+    from cistate.adapters.postgres import reads
 
-    query = RunQuery(state=state, repo=repo, ref=ref, commit=commit, step=step,
-                     since=_utc(since), until=_utc(until), limit=limit)
-    runs: list[RunState] = _with_store(lambda st: st.list_runs(query))
+    query = reads.RunQuery(state=state, repo=repo, ref=ref, commit=commit, step=step,
+                           since=_utc(since), until=_utc(until), limit=limit)
+    runs = _reading(lambda conn: reads.list_runs(conn, query))
     if as_json:
         print_json([r.to_json(with_steps=False) for r in runs])
         return
-    from rich.table import Table
+    from cistate.adapters.cli.output import Table, show
 
     table = Table("id", "state", "step", "repo", "ref", "commit", "created")
     for r in runs:
         table.add_row(str(r.id), _styled(r.status), r.step or "", r.repo, r.ref, r.commit[:12],
                       _time(r.created_at))
-    out().print(table)
+    show(table)
 
 
 def runs_show(run: str, at: int | None, as_json: bool) -> None:
     """One run and its steps (now, or --at an earlier event)."""
+    from cistate.adapters.postgres import reads
+
     run_id = parse_run_id(run)
 
-    async def load(st: Store) -> tuple[RunState | None, list[dict[str, Any]]]:
-        found = await (st.state_at(run_id, at) if at else st.load(run_id))
-        return found, (await st.waits_of(found) if found is not None and not at else [])
+    async def load(conn: asyncpg.Connection
+                   ) -> tuple[RunState | None, list[dict[str, Any]]]:
+        found = await reads.load(conn, run_id)
+        return found, (await reads.waits_of(conn, found) if found is not None else [])
 
-    state, waits = _with_store(load)
+    async def load_at(st: Store) -> tuple[RunState | None, list[dict[str, Any]]]:
+        return await st.state_at(run_id, at), []  # a fold of its events up to SEQ
+
+    state, waits = _with_store(load_at) if at else _reading(load)
     if state is None:
         fail(f"no run {run_id}")
     if as_json:
         print_json({**state.to_json(), "waiting_for": waits})
         return
-    out().print(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
-                f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
+    from cistate.adapters.cli.output import Table, line, show
+
+    line(f"run [bold]{state.id}[/]  {_styled(state.status)}  "
+         f"{state.repo} {state.ref} {state.commit[:12]}  (version {state.version})")
     pinned = (f" (pinned {state.pipeline_sha256[:12]})" if state.pipeline_sha256
               else " (not pinned: recorded before runs pinned their pipeline)")
-    out().print(f"pipeline {state.pipeline}{pinned}", highlight=False)
-    from rich.table import Table
+    line(f"pipeline {state.pipeline}{pinned}", highlight=False)
 
     table = Table("step", "state", "attempts", "outputs / error", "started", "finished",
                   "waiting / queued / running")
@@ -380,18 +391,18 @@ def runs_show(run: str, at: int | None, as_json: bool) -> None:
             ", ".join(f"{k}={v}" for k, v in step.outputs.items()))
         table.add_row(step.name, _styled(step.state), str(step.attempts), detail[:80],
                       _time(step.started_at), _time(step.finished_at), _timing(step.timing))
-    out().print(table)
+    show(table)
     for key, notice in state.notices.items():
         if notice["kind"] != "status":
             continue
         why = f": {notice['reason']}" if notice.get("reason") else ""
-        out().print(f"status {key}: {notice['state']} ({notice['description']}), "
-                    f"{notice['delivery']}{why}", highlight=False)
+        line(f"status {key}: {notice['state']} ({notice['description']}), "
+             f"{notice['delivery']}{why}", highlight=False)
     for wait in waits:
         holder = wait["holder_run_id"] or "nobody (its turn is on the way)"
         place = f", place {wait['position']} in its queue" if wait["position"] else ""
-        out().print(f"waits for {wait['kind']} {wait['name']!r}: held by run {holder}{place}",
-                    highlight=False)
+        line(f"waits for {wait['kind']} {wait['name']!r}: held by run {holder}{place}",
+             highlight=False)
 
 
 def runs_events(run: str, as_json: bool) -> None:
@@ -403,14 +414,14 @@ def runs_events(run: str, as_json: bool) -> None:
     if as_json:
         print_json([e.to_json() for e in events])
         return
-    from rich.table import Table
+    from cistate.adapters.cli.output import Table, show
 
     table = Table("seq", "type", "step", "attempt", "actor", "recorded")
     for e in events:
         table.add_row(str(e.seq), e.type, str(e.data.get("step", "")),
                       str(e.data.get("attempt", "")), str(e.meta.get("actor", "")),
                       _time(e.recorded_at))
-    out().print(table)
+    show(table)
 
 
 def runs_logs(run: str, step: str, follow_: bool) -> None:
@@ -542,6 +553,7 @@ def runs_watch(run: str, interval: float) -> None:
 
     from rich.live import Live
 
+    from cistate.adapters.cli.output import console
     from cistate.adapters.postgres.store import connect
     from cistate.domain.status import TERMINAL
 
@@ -554,7 +566,7 @@ def runs_watch(run: str, interval: float) -> None:
             state = await store.load(run_id)
             if state is None:
                 fail(f"no run {run_id}")
-            with Live(_run_table(state), console=out(), auto_refresh=False) as live:
+            with Live(_run_table(state), console=console(), auto_refresh=False) as live:
                 while state.status not in TERMINAL:
                     await asyncio.sleep(interval)
                     state = await store.load(run_id) or state
@@ -581,7 +593,7 @@ def audit(run: str | None, repo: str | None, ref: str | None, commit: str | None
     if as_json:
         print_json([e.to_json() for e in events])
         return
-    from rich.table import Table
+    from cistate.adapters.cli.output import Table, line, show
 
     table = Table("position", "run", "seq", "type", "step", "actor", "recorded", "detail")
     for e in events:
@@ -589,9 +601,9 @@ def audit(run: str | None, repo: str | None, ref: str | None, commit: str | None
         table.add_row(str(e.position), str(e.run_id)[:8], str(e.seq), e.type,
                       str(e.data.get("step", "")), str(e.meta.get("actor", "")),
                       _time(e.recorded_at), str(detail or "")[:60])
-    out().print(table)
+    show(table)
     if len(events) == limit:
-        out().print(f"more: --before {events[-1].position}")
+        line(f"more: --before {events[-1].position}")
 
 
 def audit_verify(run: str | None, as_json: bool) -> None:
@@ -657,7 +669,7 @@ def projections_rebuild(as_json: bool) -> None:
         raise Exit(1)
 
 
-def _run_table(state: RunState) -> Table:
+def _run_table(state: RunState) -> RichTable:
     from rich.table import Table
 
     table = Table("step", "state", "attempts", "detail",
@@ -737,11 +749,16 @@ def _time(value: datetime | None) -> str:
 # -- the command line: every command is declared here
 
 
-def parser() -> argparse.ArgumentParser:
-    """The whole command line, each command with the function that runs it. Adding one is
-    a line here (a `group` for a new word, a `command` with its options) and its function."""
+def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The command line, each command with the function that runs it. Adding one is a line
+    here (a `group` for a new word, a `command` with its options) and its function.
+
+    With `words` (the command line's), only the groups and commands named in them get
+    their options; the others are listed in the help, and nothing can reach them: building
+    every parser took longer than importing argparse (gettext looks for a translation of
+    each parser's headings)."""
     top = _parser("cistate", "CI/CD pipelines as event-sourced state machines.")
-    cli = _Group(top)
+    cli = _Group(top, words)
     (cli.command("serve", serve)
      .option("--role", action="append", metavar="ROLE",
              help="api, orchestrator or worker (repeatable); default: all")
@@ -842,23 +859,43 @@ def _parser(prog: str, description: str, **kwargs: Any) -> argparse.ArgumentPars
 
 class _Formatter(argparse.HelpFormatter):
     """Help with room for the longer names (`projections`, `--delivery-id ID`) beside
-    their text."""
+    their text, as wide as the terminal."""
 
     def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=30)
+        super().__init__(prog, max_help_position=30, width=_columns() - 2)
+
+
+@functools.cache
+def _columns() -> int:
+    """The terminal's width as argparse would ask shutil.get_terminal_size (COLUMNS, else
+    stdout's terminal, else 80), asked once: argparse asks at every option it adds, and
+    importing shutil (with bz2 and lzma) costs more than the rest of `--help`."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 class _Command:
     """One command's parser, and the names of the arguments its function takes: the options
     declared on it, passed by name."""
 
-    def __init__(self, parser: argparse.ArgumentParser, function: Callable[..., None]) -> None:
-        self.parser = parser
+    def __init__(self, parser: argparse.ArgumentParser | None,
+                 function: Callable[..., None]) -> None:
+        self.parser = parser  # None: not on this command line, not built
         self.names: list[str] = []
-        parser.set_defaults(_command=function, _names=self.names, _parser=parser)
+        if parser is not None:
+            parser.set_defaults(_command=function, _names=self.names, _parser=parser)
 
     def option(self, *flags: str, **kwargs: Any) -> _Command:
-        self.names.append(self.parser.add_argument(*flags, **kwargs).dest)
+        if self.parser is not None:
+            self.names.append(self.parser.add_argument(*flags, **kwargs).dest)
         return self
 
     def run(self) -> _Command:
@@ -873,10 +910,14 @@ class _Group:
     """A word that commands follow (`runs`, `db`, ...); alone it prints its help, unless it
     is a command of its own too (`audit`)."""
 
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        self.parser = parser
-        self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-        parser.set_defaults(_command=None, _names=[], _parser=parser)
+    def __init__(self, parser: argparse.ArgumentParser | None,
+                 words: Collection[str] | None) -> None:
+        self.parser = parser  # None: not on this command line, not built
+        self.words = words
+        self.subparsers = None
+        if parser is not None:
+            self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+            parser.set_defaults(_command=None, _names=[], _parser=parser)
 
     def own(self, function: Callable[..., None]) -> _Command:
         """The group run without a command runs `function`."""
@@ -886,18 +927,25 @@ class _Group:
                 extra: bool = False) -> _Command:
         """`extra`: the arguments it does not know are passed on to it (as `extra`)."""
         declared = _Command(self._add(name, function.__doc__ or ""), function)
-        if extra:
+        if extra and declared.parser is not None:
             declared.parser.set_defaults(_extra=True, extra=[])
             declared.names.append("extra")
         return declared
 
     def group(self, name: str, description: str) -> _Group:
-        return _Group(self._add(name, description))
+        return _Group(self._add(name, description), self.words)
 
-    def _add(self, name: str, description: str) -> argparse.ArgumentParser:
-        return self.subparsers.add_parser(
-            name, help=" ".join(description.split()).replace("%", "%%"),
-            description=description, allow_abbrev=False, formatter_class=_Formatter)
+    def _add(self, name: str, description: str) -> argparse.ArgumentParser | None:
+        """The parser of the command or group `name`, if it is on the command line; else
+        it is only listed (a parser with no options: no word on this line leads to it)."""
+        if self.subparsers is None:
+            return None
+        listed = " ".join(description.split()).replace("%", "%%")
+        if self.words is not None and name not in self.words:
+            self.subparsers.add_parser(name, help=listed, add_help=False)
+            return None
+        return self.subparsers.add_parser(name, help=listed, description=description,
+                                          allow_abbrev=False, formatter_class=_Formatter)
 
 
 def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -938,8 +986,8 @@ def _when(raw: str) -> datetime:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    top = parser()
-    args, extra = top.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, extra = parser(set(argv)).parse_known_args(argv)
     command: Callable[..., None] | None = args._command
     if command is None:  # a group alone: what it has
         args._parser.print_help()
