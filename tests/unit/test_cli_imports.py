@@ -2,7 +2,7 @@
 times it): its parser is the standard library's, so `cistate --help` loads no third-party
 module (no typer, click, rich, pydantic or asyncpg); `runs list` and `runs show` load the
 store's reads (asyncpg) but not the store, no pydantic at all, no machine and none of the
-service."""
+service. And a command that is over in a moment runs without the cyclic GC."""
 
 from __future__ import annotations
 
@@ -94,3 +94,30 @@ def test_reading_runs_loads_the_reads_but_not_the_store_a_model_or_the_service(
     assert code == 1  # cannot connect: it got as far as the database
     assert {"asyncpg", "cistate.adapters.postgres.reads", "cistate.domain.state"} <= modules
     assert among(modules, NEVER) == []
+
+
+# Runs the command line as the program and prints, as it exits, whether the cyclic GC ran.
+GC_CHILD = """
+import atexit, gc, runpy, sys
+atexit.register(lambda: print(f"GC {gc.isenabled()} {gc.get_freeze_count() > 0}",
+                              file=sys.stderr))
+sys.argv = ["cistate", *sys.argv[1:]]
+runpy.run_module("cistate", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize(("args", "collected"), [
+    (("--help",), False), (("runs", "list"), False),
+    (("runs", "show", "7d2b0c8e-51a6-5a8e-9d0e-3f1c2b4a5e6f"), False),
+    (("runs", "watch", "7d2b0c8e-51a6-5a8e-9d0e-3f1c2b4a5e6f"), True),
+    (("projections", "rebuild"), True)])
+def test_a_moment_runs_without_the_cyclic_gc_and_what_may_last_collects(
+        args: tuple[str, ...], collected: bool) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("CISTATE_")}
+    env["CISTATE_DATABASE_URL"] = "postgresql://cistate@127.0.0.1:1/cistate"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", GC_CHILD, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+    line = next(x for x in done.stderr.splitlines() if x.startswith("GC "))
+    # a moment's objects are frozen out of the collection the interpreter makes at exit
+    assert line == (f"GC {collected} {not collected}"), done.stderr[-500:]

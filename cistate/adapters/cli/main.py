@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import sys
@@ -764,24 +765,24 @@ def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
              help="api, orchestrator or worker (repeatable); default: all")
      .option("--step", action="append", metavar="STEP",
              help="with --role worker: only these steps (repeatable)"))
-    cli.command("check", check).option(
+    cli.command("check", check, moment=True).option(
         "--step", action="append", metavar="STEP",
         help="only these steps, as `serve --role worker --step` would serve")
     cli.command("quickstart", quickstart, extra=True)
-    (cli.command("push", push)
+    (cli.command("push", push, moment=True)
      .option("--repo", required=True, help="Clone URL of the code repository.")
      .option("--ref", required=True, help="The pushed ref, e.g. refs/heads/main.")
      .option("--commit", required=True, help="The pushed commit sha.")
      .option("--delivery-id", metavar="ID", help="Message id; the same id twice opens one run.")
      .option("--pusher", help="Who pushed.")
      .json())
-    (cli.command("graph", graph)
+    (cli.command("graph", graph, moment=True)
      .option("run", nargs="?", metavar="RUN", help="A run: each step shows its state in it.")
      .option("--machines", action="store_true",
              help="Draw the run's and a step's state machines instead."))
 
     audit_ = cli.group("audit", "Events across all runs, and checks of their hash chains.")
-    (audit_.own(audit)
+    (audit_.own(audit, moment=True)
      .option("--run", help="Only this run's events.")
      .option("--repo", help=REPO_HELP).option("--ref", help=REF_HELP)
      .option("--commit", help=COMMIT_HELP)
@@ -804,7 +805,7 @@ def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
     cli.group("db", "The event store's database.").command("upgrade", db_upgrade)
 
     runs = cli.group("runs", "Look at runs.")
-    (runs.command("list", runs_list)
+    (runs.command("list", runs_list, moment=True)
      .option("--state", help="queued, running, succeeded, failed or cancelled")
      .option("--repo", help=REPO_HELP).option("--ref", help=REF_HELP)
      .option("--commit", help=COMMIT_HELP)
@@ -814,10 +815,10 @@ def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
      .option("--limit", type=_int_in(1, 1000), default=50, metavar="N",
              help="At most N runs, 1-1000 [default: 50].")
      .json())
-    (runs.command("show", runs_show).run()
+    (runs.command("show", runs_show, moment=True).run()
      .option("--at", type=_int_in(1), metavar="SEQ", help="The run as it stood after event SEQ.")
      .json())
-    runs.command("events", runs_events).run().json()
+    runs.command("events", runs_events, moment=True).run().json()
     (runs.command("logs", runs_logs).run().option("step", metavar="STEP", help="The step.")
      .option("--follow", "-f", dest="follow_", action="store_true",
              help="Print the output as it comes while the step runs; exit, when it ends, with "
@@ -886,12 +887,13 @@ class _Command:
     """One command's parser, and the names of the arguments its function takes: the options
     declared on it, passed by name."""
 
-    def __init__(self, parser: argparse.ArgumentParser | None,
-                 function: Callable[..., None]) -> None:
+    def __init__(self, parser: argparse.ArgumentParser | None, function: Callable[..., None],
+                 moment: bool) -> None:
         self.parser = parser  # None: not on this command line, not built
         self.names: list[str] = []
         if parser is not None:
-            parser.set_defaults(_command=function, _names=self.names, _parser=parser)
+            parser.set_defaults(_command=function, _names=self.names, _parser=parser,
+                                _moment=moment)
 
     def option(self, *flags: str, **kwargs: Any) -> _Command:
         if self.parser is not None:
@@ -917,16 +919,18 @@ class _Group:
         self.subparsers = None
         if parser is not None:
             self.subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-            parser.set_defaults(_command=None, _names=[], _parser=parser)
+            parser.set_defaults(_command=None, _names=[], _parser=parser, _moment=True)
 
-    def own(self, function: Callable[..., None]) -> _Command:
+    def own(self, function: Callable[..., None], moment: bool = False) -> _Command:
         """The group run without a command runs `function`."""
-        return _Command(self.parser, function)
+        return _Command(self.parser, function, moment)
 
-    def command(self, name: str, function: Callable[..., None],
-                extra: bool = False) -> _Command:
-        """`extra`: the arguments it does not know are passed on to it (as `extra`)."""
-        declared = _Command(self._add(name, function.__doc__ or ""), function)
+    def command(self, name: str, function: Callable[..., None], extra: bool = False,
+                moment: bool = False) -> _Command:
+        """`extra`: the arguments it does not know are passed on to it (as `extra`).
+        `moment`: it is over in a moment, its work bounded (a read of at most 1000 rows,
+        one message): it runs without the cyclic GC (see `main`)."""
+        declared = _Command(self._add(name, function.__doc__ or ""), function, moment)
         if extra and declared.parser is not None:
             declared.parser.set_defaults(_extra=True, extra=[])
             declared.names.append("extra")
@@ -986,8 +990,28 @@ def _when(raw: str) -> datetime:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """The program (the command line in sys.argv), or `argv` run in a process that goes on
+    (a test)."""
+    if argv is not None:
+        _run(argv)
+        return
+    # As the program, parsing, --help and a command declared a moment run without the
+    # cyclic GC: its collections while asyncio and asyncpg import took ~15 ms, and what is
+    # frozen out of it is not looked through again as the interpreter exits (~20 ms). Any
+    # other command (serve, runs watch, projections rebuild, ...) collects as usual once it
+    # is known.
+    gc.disable()
+    try:
+        _run(sys.argv[1:])
+    finally:
+        if not gc.isenabled():
+            gc.freeze()
+
+
+def _run(argv: Sequence[str]) -> None:
     args, extra = parser(set(argv)).parse_known_args(argv)
+    if not args._moment:
+        gc.enable()
     command: Callable[..., None] | None = args._command
     if command is None:  # a group alone: what it has
         args._parser.print_help()
