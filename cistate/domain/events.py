@@ -12,7 +12,6 @@ events no longer match their chain.
 from __future__ import annotations
 
 import hashlib
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-import orjson
+from cistate.domain.jsontext import dumps as dumps
+from cistate.domain.jsontext import loads as loads
 
 
 class EventType(StrEnum):
@@ -113,20 +113,6 @@ def run_id_for(message_id: uuid.UUID) -> uuid.UUID:
     Here, not in run.py, so that a producer (`cistate push`) can name the run it opened
     without loading the machines."""
     return derived_id(message_id, "run")
-
-
-def dumps(value: Any) -> str:
-    """JSON text, fast (orjson); values orjson refuses (integers beyond 64 bits) go through
-    the standard library rather than fail the message that carries them."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return json.dumps(value)
-
-
-def loads(text: str | bytes) -> Any:
-    """Parse JSON text (raises a ValueError subclass when it is not JSON)."""
-    return orjson.loads(text)
 
 
 # What a run's first event is chained to.

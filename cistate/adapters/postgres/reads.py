@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from cistate.domain.events import dumps, loads
+from cistate.domain.jsontext import dumps, loads
 from cistate.domain.state import RunState, StepState
 
 if TYPE_CHECKING:
