@@ -5,6 +5,7 @@ the same goes to rich."""
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 from rich.console import Console
@@ -84,3 +85,15 @@ def test_the_usual_tables_and_lines_are_drawn_without_rich() -> None:
         for row in rows:
             table.add_row(*row)
         assert table.plain() is None, rows
+
+
+def test_to_an_encoding_other_than_utf8_rich_draws_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    table = output.Table(*TABLES[0][0])
+    for row in TABLES[0][1]:
+        table.add_row(*row)
+    latin1 = io.TextIOWrapper(io.BytesIO(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", latin1)
+    output.show(table)
+    latin1.flush()
+    printed = latin1.buffer.getvalue().decode("latin-1")  # type: ignore[attr-defined]
+    assert printed.startswith("+-"), printed[:200]  # rich's ASCII box

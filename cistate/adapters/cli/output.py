@@ -38,9 +38,12 @@ def console() -> Console:
 
 
 def _drawn_here() -> bool:
-    """Whether stdout gets rich's plain text: a pipe or file, and no FORCE_COLOR (with it
-    rich prints colours to a pipe too)."""
-    return not sys.stdout.isatty() and not os.environ.get("FORCE_COLOR")
+    """Whether stdout gets rich's plain text drawn here: a pipe or file that takes UTF-8
+    (to another encoding rich draws its boxes in ASCII), and no FORCE_COLOR (with it rich
+    prints colours to a pipe too)."""
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower()
+    return (not sys.stdout.isatty() and encoding.startswith("utf")
+            and not os.environ.get("FORCE_COLOR"))
 
 
 def _plain(markup: str) -> str | None:
