@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     from cistate.service.orchestrator import Orchestrator, Outcome
 
 # Every module loads in the command that uses it, and the parser is the standard library's:
-# `cistate --help` loads no third-party module, `runs list` and `runs show` the store
-# (asyncpg) but no pydantic, no machine and none of the service's (aiohttp, aio-pika,
-# handlers), and rich only on a terminal (output.py). tests/unit/test_cli_imports.py holds
-# the line; bench/cli.py measures it.
+# `cistate --help` loads no third-party module; `runs list` and `runs show` the store's reads
+# (asyncpg; postgres/reads.py) but not the store, no pydantic, no machine and none of the
+# service's (aiohttp, aio-pika, handlers), and rich only on a terminal (output.py).
+# tests/unit/test_cli_imports.py holds the line; bench/cli.py measures it.
 
 T = TypeVar("T")
 SCHEMA_DIR = SOURCE_ROOT / "schema"
@@ -752,7 +752,8 @@ def _time(value: datetime | None) -> str:
 
 def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
     """The command line, each command with the function that runs it. Adding one is a line
-    here (a `group` for a new word, a `command` with its options) and its function.
+    here (a `group` for a new word, a `command` with its options; `moment=True` if it is
+    over in a moment, see `_Group.command`) and its function.
 
     With `words` (the command line's), only the groups and commands named in them get
     their options; the others are listed in the help, and nothing can reach them: building
@@ -840,7 +841,7 @@ def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
 
     cli.group("schema", "Message and API schemas.").command("export", schema_export).option(
         "--directory", type=Path, default=SCHEMA_DIR, metavar="PATH",
-        help=f"Where to write [default: {SCHEMA_DIR}].")
+        help=f"Where to write [default: {str(SCHEMA_DIR).replace('%', '%%')}].")
     return top
 
 
