@@ -46,6 +46,10 @@ class StepRequest:
     # the worker's folder of repo mirrors that checkouts borrow from (handlers.mirror); None:
     # each checkout fetches the commit from the repo itself
     mirrors: Path | None = field(default=None, kw_only=True)
+    # the worker's cache folder (handlers.cache); None: this step caches nothing
+    cache_root: Path | None = field(default=None, kw_only=True)
+    # a fork's pull request: reads the caches, never writes them (StepCommand.untrusted)
+    untrusted: bool = field(default=False, kw_only=True)
 
     def outputs_from(self, producer: str) -> Mapping[str, Any]:
         """The outputs of the earlier step that used handler `producer` (`setup`), whatever

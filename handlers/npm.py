@@ -6,12 +6,15 @@ goes through the step sandbox.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from handlers import process
+from handlers import cache, node_modules, process
 from handlers.base import StepFailed, StepRequest
 
 LOCK_FILES = ("package-lock.json", "npm-shrinkwrap.json")
@@ -55,9 +58,30 @@ def has_script(package: dict[str, Any], name: str) -> bool:
 
 
 async def install(request: StepRequest, source: Path, npm: str) -> str:
-    """`npm ci` when a lock file exists, else `npm install`. Returns the command it ran."""
+    """`npm ci` when a lock file exists, else `npm install`. Returns the command it ran, or
+    `cache` when node_modules came from the worker's cache instead (handlers.node_modules).
+
+    The install downloads through the repo's npm cache of this worker (a fork's pull request
+    gets an empty one of its own); the tree `npm ci` made is cached before anything else of
+    the repo runs."""
     command = "ci" if any((source / name).is_file() for name in LOCK_FILES) else "install"
-    await run(request, source, npm, [command], what=f"npm {command}", retryable=True)
+    tree = None
+    if command == "ci":
+        tree = await node_modules.Tree.of(request, source, npm,
+                                          package_json(source) or {})
+        if tree is not None and await tree.restore():
+            return "cache"
+    downloads = await asyncio.to_thread(node_modules.npm_cache, request)
+    with contextlib.ExitStack() as held:
+        if downloads is not None and not held.enter_context(cache.using(downloads)):
+            downloads = None  # evicted just now: this install goes without
+        shared = [downloads.data] if downloads is not None else []
+        await run(request, source, npm, [command], what=f"npm {command}", retryable=True,
+                  env={"npm_config_cache": str(shared[0])} if shared else None, shared=shared)
+    if tree is not None:
+        await tree.save()
+    if request.cache_root is not None and not request.untrusted:  # after each write
+        await asyncio.to_thread(cache.evict, request.cache_root, node_modules.limit())
     return f"npm {command}"
 
 
@@ -70,6 +94,7 @@ async def run(
     what: str,
     retryable: bool,
     env: dict[str, str] | None = None,
+    shared: Sequence[Path] = (),
 ) -> process.Completed:
     return await process.run_sandboxed(
         [*shlex.split(npm), *args],
@@ -79,4 +104,5 @@ async def run(
         env={**NPM_ENV, **(env or {})},
         what=what,
         retryable=retryable,
+        shared=shared,
     )

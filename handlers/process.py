@@ -77,13 +77,15 @@ async def run_sandboxed(
     what: str | None = None,
     check: bool = True,
     retryable: bool = False,
+    shared: Sequence[Path] = (),
 ) -> Completed:
     """Run argv inside the attempt's sandbox (see `handlers.sandbox`); `env` adds to the
-    environment the sandbox builds from nothing."""
+    environment the sandbox builds from nothing; `shared` are cache folders bound writable."""
     status_read, status_write = os.pipe() if sandbox.settings.enabled else (-1, -1)
     try:
         command = sandbox.command(argv, cwd=cwd, profile=profile, env=env, network=network,
-                                  status_fd=status_write if status_write >= 0 else None)
+                                  status_fd=status_write if status_write >= 0 else None,
+                                  shared=shared)
         extra = (status_write,) if status_write >= 0 else ()
         try:
             done = await _spawn(command, shown=argv, log=log, what=what, check=False,

@@ -193,12 +193,16 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
         network: bool | None = None,
         status_fd: int | None = None,
+        shared: Sequence[Path] = (),
     ) -> Command:
         """argv wrapped in the launcher, with the environment it must be started with.
 
         `network` overrides the step's setting (the builder pulls and pushes images). The
         bwrap that starts the command itself reports on `status_fd` once it does: a sandbox
-        that could not start is told apart from a command that failed.
+        that could not start is told apart from a command that failed. `shared` are cache
+        folders of the worker (handlers.cache) bound writable too; only the folder itself is
+        given to the sandbox's owner, never what is in it (an image store holds files of
+        many ids, and walking a big cache at every command would cost its size).
         """
         environment = self.environment(profile, env)
         if profile is Profile.BUILDER:
@@ -215,7 +219,10 @@ class Sandbox:
             _own_tree(path, *owner)
         if profile is Profile.STEP:
             read_only += [path for path in self.read_only_binds if path.is_dir()]
-        view = self._view(writable, read_only,
+        for path in shared:
+            path.mkdir(parents=True, exist_ok=True)
+            _own(str(path), *owner)
+        view = self._view([*writable, *shared], read_only,
                           network=self.network if network is None else network,
                           scratch=PRIVATE_TMP + (
                               BUILDER_PRIVATE if profile is Profile.BUILDER else ()))

@@ -5,7 +5,8 @@ Like the Cloud-Native Toolkit's nodejs `test` task: `npm ci` when a lock file ex
 A failing install is retryable (registries and networks fail); failing tests are not: the
 same commit fails the same way.
 
-Outputs: `install`: the install command it ran (`npm ci` or `npm install`).
+Outputs: `install`: the install command it ran (`npm ci` or `npm install`), or `cache` when
+node_modules came from the worker's cache (handlers.node_modules) and npm did not run.
 """
 
 from __future__ import annotations

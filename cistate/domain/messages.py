@@ -253,6 +253,9 @@ class StepCommand(_Message):
     origin: Literal["deployment", "repo"] = Field(
         default="deployment", description="whose pipeline the step is of: the deployment's, "
         "or the pushed repository's own (which gets secrets only through their scopes)")
+    untrusted: bool = Field(
+        default=False, description="the run is of a pull request from a fork: the step reads "
+        "the worker's caches but never writes them")
 
 
 class StepResult(_Message):

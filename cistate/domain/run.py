@@ -495,6 +495,7 @@ class _Builder:
             env=env, secrets=[] if self.run.from_fork else spec.secrets,
             network=spec.network,
             origin=self.pipeline.origin,
+            untrusted=self.run.from_fork,
         )
         self.out(self.decider.command_key(spec), command,
                  derived_id(self.run.id, "run", name, attempt))

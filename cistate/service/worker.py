@@ -210,6 +210,7 @@ class Worker:
             settings=command.settings, script=command.script, inputs=command.inputs,
             workdir=sandbox.work, log=step_log, sandbox=sandbox, sources=command.sources,
             mirrors=self.mirrors,
+            cache_root=self.workdir / "cache", untrusted=command.untrusted,
         )
         try:
             if failure is not None:

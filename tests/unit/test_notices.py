@@ -184,7 +184,8 @@ def test_a_pull_request_runs_when_steps_only_when_they_say_pull_request() -> Non
     assert h.state.status == "succeeded"
 
 
-def test_a_forks_pull_request_waits_for_ok_to_test_and_gets_no_secrets() -> None:
+def test_a_forks_pull_request_waits_for_ok_to_test_gets_no_secrets_and_writes_no_cache(
+) -> None:
     h = harness(PR_PIPELINE)
     opened = h.send(pr_push(fork=True))
     assert h.state.status == "waiting"
@@ -192,12 +193,14 @@ def test_a_forks_pull_request_waits_for_ok_to_test_and_gets_no_secrets() -> None
     decision = h.send(h.control("ok_to_test"), actor="github:octocat")
     [command] = [o.body for o in decision.outgoing if isinstance(o.body, StepCommand)]
     assert command.step == "build" and command.secrets == []
+    assert command.untrusted  # reads the worker's caches, never writes them
     with pytest.raises(r.Rejected, match="does not wait for /ok-to-test"):
         h.decide(h.control("ok_to_test"), actor="github:octocat")
     same_repo = harness(PR_PIPELINE)
     [own] = [o.body for o in same_repo.send(pr_push(fork=False)).outgoing
              if isinstance(o.body, StepCommand)]
     assert [s.name for s in own.secrets] == ["NPM_TOKEN"]
+    assert not own.untrusted
 
 
 def test_a_hosts_token_comes_from_the_environment_or_the_secret_source(

@@ -1,0 +1,266 @@
+"""The worker's caches, keyed by content, under `<workdir>/cache/` (hidden from every step).
+
+One folder per entry, `<root>/<kind>/<id>/`, holding `meta.json` (kind, key, repo, branch),
+`last-used` (its mtime is the entry's last use: least recently used goes first), `lock` and
+`data/` (the cached thing itself). Kinds:
+
+- `npm`: npm's download cache of one repository (`npm_config_cache`), bound writable into the
+  sandbox of that repository's installs. Per repository: a hostile repo's install scripts
+  could otherwise plant index entries another repo's install reads.
+- `node_modules`: the tree `npm ci` installed, for one key (repo, lock file, package.json,
+  .npmrc, npm and node versions) on one branch; see handlers.node_modules.
+- `buildah`: one repository's image store, so that `buildah bud --layers` reuses its layers.
+
+Entries are written whole or not at all: filled in a temporary folder and renamed into place.
+A reader holds a shared lock on the entry while it copies from it (or a build uses it);
+eviction takes the exclusive lock without waiting, and skips an entry that is in use.
+Pull requests from forks (`StepRequest.untrusted`) read entries but never write one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+KINDS = ("npm", "node_modules", "buildah")
+TRASH = ".trash"
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> Any:
+    """`5G`, `512M`, `100k`, `2GiB`, `1048576`: a number of bytes (binary units)."""
+    if isinstance(value, str):
+        found = _SIZE.match(value)
+        if found is None:
+            raise ValueError(f"{value!r} is not a size: give bytes, or a number with K, M, G "
+                             "or T (5G, 512M)")
+        return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+    return value
+
+
+def format_size(size: int) -> str:
+    for unit in ("T", "G", "M", "K"):
+        if size >= _UNITS[unit.lower()]:
+            return f"{size / _UNITS[unit.lower()]:.1f}{unit}"
+    return f"{size}B"
+
+
+ByteCount = Annotated[int, BeforeValidator(parse_size)]
+
+
+class CacheSettings(BaseSettings):
+    """The worker's caches (the environment only)."""
+
+    model_config = SettingsConfigDict(env_prefix="CISTATE_", extra="ignore",
+                                      use_attribute_docstrings=True)
+
+    cache_max: ByteCount = Field(default="5G", ge=0, validate_default=True)
+    """The most the worker's caches (npm downloads, node_modules, image layers) may take on
+    disk, in bytes or with K/M/G/T; least recently used entries go first after each write
+    """
+
+
+def digest(*parts: str | bytes) -> str:
+    """sha256 of the parts, each length-prefixed (no two lists of parts give one digest)."""
+    hashed = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        hashed.update(len(data).to_bytes(8, "big"))
+        hashed.update(data)
+    return hashed.hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: Path
+    kind: str
+    key: str
+    repo: str
+    branch: str
+
+    @property
+    def data(self) -> Path:
+        return self.path / "data"
+
+    @property
+    def last_used(self) -> float:
+        try:
+            return (self.path / "last-used").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def size(self) -> int:
+        return disk_usage(self.path)
+
+    def touch(self) -> None:
+        with contextlib.suppress(OSError):
+            (self.path / "last-used").touch()
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.path.name, "kind": self.kind, "key": self.key, "repo": self.repo,
+                "branch": self.branch, "size": self.size(), "last_used": self.last_used}
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes on disk below `path` (links are not followed)."""
+    total = 0
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
+def read(root: Path, kind: str, entry_id: str) -> Entry | None:
+    """The entry, if it is there (whole: written entries always have their meta.json)."""
+    path = root / kind / entry_id
+    try:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Entry(path, kind, str(meta.get("key", "")), str(meta.get("repo", "")),
+                 str(meta.get("branch", "")))
+
+
+def entries(root: Path) -> list[Entry]:
+    found = []
+    for kind in KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        for child in sorted(folder.iterdir()):
+            entry = read(root, kind, child.name) if not child.name.startswith(".") else None
+            if entry is not None:
+                found.append(entry)
+    return found
+
+
+@contextlib.contextmanager
+def using(entry: Entry) -> Iterator[bool]:
+    """Hold `entry` against eviction while the block reads it; False when it was evicted
+    before the lock was had (a miss). Counts as a use (its `last-used` is touched)."""
+    try:
+        fd = os.open(entry.path / "lock", os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        present = (entry.path / "meta.json").is_file()  # not renamed away meanwhile
+        if present:
+            entry.touch()
+        yield present
+    finally:
+        os.close(fd)
+
+
+def store(root: Path, kind: str, entry_id: str, meta: dict[str, str],
+          fill: Callable[[Path], None]) -> Entry | None:
+    """Write a new entry: `fill(data)` makes its data in a temporary folder, which is then
+    renamed into place. None when one with this id is there already (the same content, by
+    its key: the first one stays) or when `fill` raised (nothing is left behind)."""
+    folder = root / kind
+    if read(root, kind, entry_id) is not None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".tmp-{uuid.uuid4().hex}"
+    temporary.mkdir(mode=0o700)
+    try:
+        fill(temporary / "data")
+        _write_meta(temporary, kind, meta)
+        try:
+            os.rename(temporary, folder / entry_id)
+        except OSError:  # another writer was first
+            return None
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    return read(root, kind, entry_id)
+
+
+def ensure(root: Path, kind: str, entry_id: str, meta: dict[str, str]) -> Entry:
+    """The entry, made empty (its `data/` a folder) when it is not there yet."""
+    entry = read(root, kind, entry_id)
+    if entry is not None:
+        return entry
+    store(root, kind, entry_id, meta, lambda data: data.mkdir())
+    entry = read(root, kind, entry_id)
+    if entry is None:
+        raise OSError(f"cannot make the cache entry {root / kind / entry_id}")
+    return entry
+
+
+def _write_meta(folder: Path, kind: str, meta: dict[str, str]) -> None:
+    (folder / "lock").touch()
+    (folder / "last-used").touch()
+    (folder / "meta.json").write_text(json.dumps({"kind": kind, **meta}), encoding="utf-8")
+
+
+def evict(root: Path, limit: int) -> list[Entry]:
+    """Drop least recently used entries until the caches take at most `limit` bytes; an
+    entry in use is skipped. The entries dropped."""
+    found = [(entry.last_used, entry, entry.size()) for entry in entries(root)]
+    total = sum(size for _, _, size in found)
+    dropped = []
+    for _, entry, size in sorted(found, key=lambda item: item[0]):
+        if total <= limit:
+            break
+        if remove(root, entry):
+            total -= size
+            dropped.append(entry)
+    return dropped
+
+
+def remove(root: Path, entry: Entry) -> bool:
+    """Remove one entry unless it is in use; whether it was removed."""
+    try:
+        fd = os.open(entry.path / "lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        trash = root / TRASH
+        trash.mkdir(parents=True, exist_ok=True)
+        gone = trash / f"{entry.path.name}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(entry.path, gone)
+        except OSError:
+            return False
+    finally:
+        os.close(fd)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def prune(root: Path, *, limit: int | None) -> list[Entry]:
+    """`cistate cache prune`: down to `limit` bytes, or every entry not in use (None)."""
+    if limit is not None:
+        return evict(root, limit)
+    return [entry for entry in entries(root) if remove(root, entry)]
+
+
+def since(timestamp: float) -> str:
+    """How long ago, for a person: `12s`, `5m`, `3h`, `2d`."""
+    seconds = max(time.time() - timestamp, 0)
+    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)}{unit}"
+    return f"{int(seconds)}s"

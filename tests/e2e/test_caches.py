@@ -1,0 +1,203 @@
+"""End to end: the worker's caches (handlers.cache) with real npm, the real npm registry, a
+real git daemon and the real step sandbox.
+
+The app is tests/fixtures/bench-app (express + jest + supertest, 395 packages in its lock
+file). Steps are called as the worker calls them, with the worker's cache folder under the
+folder the sandbox hides (`<workdir>/cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import handlers
+from handlers import cache
+from handlers.base import StepFailed, StepLog, StepRequest, identity_env
+from handlers.sandbox import Sandbox, SandboxSettings
+from tests.e2e.conftest import ROOT, SAMPLE_APP, GitRepo
+
+pytestmark = pytest.mark.e2e
+
+BENCH_APP = ROOT / "tests" / "fixtures" / "bench-app"
+DEAD_REGISTRY = "http://127.0.0.1:9/"  # nothing listens: an npm that asks it fails
+
+
+@dataclass
+class Worker:
+    """Builds StepRequests as the worker does, all with one worker folder and its caches."""
+
+    folder: Path
+    logs: list[StepLog] = field(default_factory=list)
+
+    @property
+    def cache_root(self) -> Path:
+        return self.folder / "cache"
+
+    def request(self, repo: GitRepo, commit: str, step: str = "test", *,
+                ref: str = "refs/heads/main", untrusted: bool = False,
+                env: Mapping[str, str] | None = None) -> StepRequest:
+        n = len(self.logs) + 1
+        log = StepLog(self.folder.parent / "logs" / f"{n:02d}-{step}.log")
+        self.logs.append(log)
+        run_id = str(uuid.uuid4())
+        sandbox = Sandbox(
+            settings=SandboxSettings(),
+            attempt=self.folder / "runs" / run_id / f"{step}-1",
+            identity=identity_env(run_id, repo.url, ref, commit, step, 1),
+            step_env=dict(env or {}),
+            hidden=(self.folder,),
+        )
+        sandbox.prepare()
+        return StepRequest(
+            run_id=run_id, repo=repo.url, ref=ref, commit=commit, step=step, attempt=1,
+            settings={}, script=None, inputs={}, workdir=sandbox.work, log=log,
+            sandbox=sandbox, cache_root=self.cache_root, untrusted=untrusted)
+
+    async def run(self, repo: GitRepo, commit: str, step: str = "test",
+                  **kwargs: Any) -> tuple[dict[str, Any], str]:
+        request = self.request(repo, commit, step, **kwargs)
+        outputs = await handlers.load(step)(request)
+        assert request.log.path is not None
+        return outputs, request.log.path.read_text(encoding="utf-8")
+
+    def entries(self, kind: str) -> list[cache.Entry]:
+        return [e for e in cache.entries(self.cache_root) if e.kind == kind]
+
+
+@pytest.fixture
+def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker]:
+    for key in list(os.environ):
+        if key.startswith("CISTATE_"):
+            monkeypatch.delenv(key)
+    found = Worker(tmp_path / "worker")
+    yield found
+    for log in found.logs:
+        log.close()
+
+
+@pytest.fixture
+def bench_repo(make_repo: Callable[..., GitRepo]) -> GitRepo:
+    return make_repo(app=BENCH_APP)
+
+
+async def test_a_second_run_with_the_same_lock_file_restores_node_modules_without_npm(
+        worker: Worker, bench_repo: GitRepo) -> None:
+    first, first_log = await worker.run(bench_repo, bench_repo.initial)
+    assert first == {"install": "npm ci"}
+    [entry] = worker.entries("node_modules")
+    assert f"cached node_modules as {entry.key[:12]}" in first_log
+    assert (entry.data / "express" / "package.json").is_file()
+    [downloads] = worker.entries("npm")
+    assert (downloads.data / "_cacache").is_dir(), "npm downloaded through the repo's cache"
+
+    # a new commit, same lock file; a registry nobody answers: npm must not be asked
+    sha = bench_repo.commit({"server.js": (BENCH_APP / "server.js").read_text() + "\n"})
+    second, second_log = await worker.run(bench_repo, sha,
+                                          env={"npm_config_registry": DEAD_REGISTRY})
+    assert second == {"install": "cache"}
+    assert f"node_modules restored from cache {entry.key[:12]}" in second_log
+    assert "$ npm ci" not in second_log and "$ npm test" in second_log
+    assert "Tests:" in second_log and "passed" in second_log  # jest ran from the copy
+
+
+async def test_a_changed_lock_file_misses_and_is_cached_apart(
+        worker: Worker, bench_repo: GitRepo) -> None:
+    await worker.run(bench_repo, bench_repo.initial)
+    lock = (BENCH_APP / "package-lock.json").read_text()
+    sha = bench_repo.commit({"package-lock.json": lock.rstrip("\n") + "\n\n"})
+    outputs, log = await worker.run(bench_repo, sha)
+    assert outputs == {"install": "npm ci"} and "restored from cache" not in log
+    keys = {entry.key for entry in worker.entries("node_modules")}
+    assert len(keys) == 2 and "cached node_modules as " in log
+
+
+async def test_a_forks_pull_request_reads_the_caches_and_writes_none(
+        worker: Worker, bench_repo: GitRepo) -> None:
+    await worker.run(bench_repo, bench_repo.initial)
+    before = {(e.kind, e.path.name, e.size()) for e in cache.entries(worker.cache_root)}
+    downloads = worker.entries("npm")[0].data
+
+    same, same_log = await worker.run(bench_repo, bench_repo.initial, ref="refs/pull/7/head",
+                                      untrusted=True)
+    assert same == {"install": "cache"}, same_log  # reads main's entry
+    assert "node_modules restored from cache" in same_log
+
+    lock = (BENCH_APP / "package-lock.json").read_text()
+    sha = bench_repo.commit({"package-lock.json": lock + " "}, branch="fork-head")
+    installed, log = await worker.run(bench_repo, sha, ref="refs/pull/7/head", untrusted=True)
+    assert installed == {"install": "npm ci"}
+    assert "cached node_modules" not in log
+    after = {(e.kind, e.path.name, e.size()) for e in cache.entries(worker.cache_root)}
+    assert after == before, "nothing written: no entry, and the npm download cache untouched"
+    assert not any(p.name.startswith(".tmp") for p in downloads.parent.parent.iterdir())
+
+
+async def test_a_branch_reads_main_but_main_never_reads_a_branch(
+        worker: Worker, bench_repo: GitRepo) -> None:
+    lock = (BENCH_APP / "package-lock.json").read_text()
+    sha = bench_repo.commit({"package-lock.json": lock + "\n"}, branch="feature")
+    outputs, _ = await worker.run(bench_repo, sha, ref="refs/heads/feature")
+    assert outputs == {"install": "npm ci"}
+    [feature] = worker.entries("node_modules")
+    assert feature.branch == "feature"
+    again, _ = await worker.run(bench_repo, sha, ref="refs/heads/feature")
+    assert again == {"install": "cache"}
+    on_main, log = await worker.run(bench_repo, sha, ref="refs/heads/main")
+    assert on_main == {"install": "npm ci"}, "main does not use what a branch installed"
+    assert {e.branch for e in worker.entries("node_modules")} == {"feature", "main"}
+    # and a branch with main's tree reads main's
+    other, log = await worker.run(bench_repo, sha, ref="refs/heads/other")
+    assert other == {"install": "cache"} and "(branch main)" in log
+
+
+def local_package_app(folder: Path) -> Path:
+    """The sample app with a dependency on a package of its own folder (`file:`): npm ci
+    links node_modules/local-lib to ../local-lib, out of node_modules."""
+    shutil.copytree(SAMPLE_APP, folder)
+    (folder / "local-lib").mkdir()
+    (folder / "local-lib" / "package.json").write_text(
+        json.dumps({"name": "local-lib", "version": "1.0.0"}))
+    package = json.loads((folder / "package.json").read_text())
+    package["dependencies"] = {"local-lib": "file:./local-lib"}
+    (folder / "package.json").write_text(json.dumps(package, indent=2))
+    subprocess.run(["npm", "install", "--package-lock-only", "--no-audit", "--no-fund"],
+                   cwd=folder, check=True, capture_output=True)
+    return folder
+
+
+async def test_a_node_modules_with_a_link_out_of_it_is_not_cached(
+        worker: Worker, make_repo: Callable[..., GitRepo], tmp_path: Path) -> None:
+    repo = make_repo(app=local_package_app(tmp_path / "linked-app"))
+    outputs, log = await worker.run(repo, repo.initial)
+    assert outputs == {"install": "npm ci"}
+    assert "node_modules not cached: " in log and "local-lib is a link that leads out" in log
+    assert worker.entries("node_modules") == []
+
+
+async def test_a_checkout_with_a_node_modules_link_is_neither_restored_over_nor_cached(
+        worker: Worker, bench_repo: GitRepo, tmp_path: Path) -> None:
+    await worker.run(bench_repo, bench_repo.initial)  # main's entry exists
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("the host's\n")
+    sha = bench_repo.commit(links={"node_modules": str(outside)})
+    request = worker.request(bench_repo, sha)
+    with contextlib.suppress(StepFailed):  # whatever npm makes of it, without the cache
+        await handlers.load("test")(request)
+    assert request.log.path is not None
+    log = request.log.path.read_text(encoding="utf-8")
+    assert "node_modules not cached: the checkout has one of its own" in log
+    assert "restored from cache" not in log
+    assert [p.name for p in outside.iterdir()] == ["keep"]
+    assert len(worker.entries("node_modules")) == 1

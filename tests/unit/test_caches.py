@@ -1,0 +1,118 @@
+"""The worker's cache store (handlers.cache) and what node_modules it refuses, on tmp folders."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from handlers import cache
+from handlers.node_modules import refusal
+
+pytestmark = pytest.mark.unit
+
+
+def put(root: Path, name: str, size: int, used: float) -> cache.Entry:
+    def fill(data: Path) -> None:
+        data.mkdir()
+        (data / "blob").write_bytes(os.urandom(size))
+
+    entry = cache.store(root, "node_modules", name, {"key": name, "repo": "r", "branch": "main"},
+                        fill)
+    assert entry is not None
+    os.utime(entry.path / "last-used", (used, used))
+    return entry
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("5G", 5 * 2**30), ("512M", 512 * 2**20), ("100k", 100 * 1024), ("2GiB", 2 * 2**30),
+    ("1048576", 2**20), ("1.5G", int(1.5 * 2**30)), ("3 MB", 3 * 2**20)])
+def test_a_size_is_bytes_or_a_number_with_a_binary_unit(text: str, size: int) -> None:
+    assert cache.parse_size(text) == size
+
+
+def test_cache_max_reads_the_environment_and_refuses_nonsense(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cache.CacheSettings().cache_max == 5 * 2**30
+    monkeypatch.setenv("CISTATE_CACHE_MAX", "2G")
+    assert cache.CacheSettings().cache_max == 2 * 2**30
+    monkeypatch.setenv("CISTATE_CACHE_MAX", "lots")
+    with pytest.raises(ValueError, match="is not a size"):
+        cache.CacheSettings()
+
+
+def test_eviction_drops_the_least_recently_used_until_under_the_limit(tmp_path: Path) -> None:
+    now = time.time()
+    for age, name in enumerate(["newest", "newer", "older", "oldest"]):
+        put(tmp_path, name, 100_000, now - 100 * age)
+    size = {e.key: e.size() for e in cache.entries(tmp_path)}
+    limit = size["newest"] + size["newer"] + 10
+    dropped = cache.evict(tmp_path, limit)
+    assert [e.key for e in dropped] == ["oldest", "older"]
+    assert sorted(e.key for e in cache.entries(tmp_path)) == ["newer", "newest"]
+    assert sum(e.size() for e in cache.entries(tmp_path)) <= limit
+    assert not list((tmp_path / cache.TRASH).iterdir()), "the trash is emptied"
+
+
+def test_a_use_makes_an_entry_recent_and_an_entry_in_use_is_not_evicted(
+        tmp_path: Path) -> None:
+    now = time.time()
+    old = put(tmp_path, "old", 50_000, now - 1000)
+    put(tmp_path, "new", 50_000, now - 10)
+    with cache.using(old) as present:
+        assert present and old.last_used >= now
+        assert cache.prune(tmp_path, limit=None) != []  # "new" goes, "old" is in use
+        assert [e.key for e in cache.entries(tmp_path)] == ["old"]
+    assert [e.key for e in cache.prune(tmp_path, limit=None)] == ["old"]
+    with cache.using(old) as present:
+        assert not present, "an evicted entry is a miss"
+
+
+def test_an_entry_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    def broken(data: Path) -> None:
+        data.mkdir()
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        cache.store(tmp_path, "node_modules", "x", {"key": "x"}, broken)
+    assert cache.entries(tmp_path) == []
+    assert not [p for p in (tmp_path / "node_modules").iterdir()], "no temporary left"
+    put(tmp_path, "x", 10, time.time())
+    assert cache.store(tmp_path, "node_modules", "x", {"key": "x"},
+                       lambda data: data.mkdir()) is None, "the first one stays"
+
+
+def tree(tmp_path: Path) -> Path:
+    top = tmp_path / "node_modules"
+    (top / "pkg" / "bin").mkdir(parents=True)
+    (top / "pkg" / "bin" / "cli.js").write_text("#!/usr/bin/env node\n")
+    (top / ".bin").mkdir()
+    os.symlink("../pkg/bin/cli.js", top / ".bin" / "cli")
+    return top
+
+
+def test_a_tree_whose_links_stay_inside_is_cached(tmp_path: Path) -> None:
+    assert refusal(tree(tmp_path)) is None
+
+
+@pytest.mark.parametrize("make", [
+    lambda top: os.symlink("/etc", top / "pkg" / "etc"),
+    lambda top: os.symlink("../../outside", top / "pkg" / "up"),
+    # lexically inside, but `deep/sub` is a link to node_modules itself: `..` climbs from there
+    lambda top: ((top / "deep").mkdir(), os.symlink("..", top / "deep" / "sub"),
+                 os.symlink("deep/sub/../..", top / "sneaky")),
+    lambda top: os.mkfifo(top / "pkg" / "pipe"),
+])
+def test_a_tree_with_a_link_out_of_it_or_a_special_file_is_refused(
+        tmp_path: Path, make: object) -> None:
+    top = tree(tmp_path)
+    make(top)  # type: ignore[operator]
+    assert refusal(top) is not None
+
+
+def test_a_linked_node_modules_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "node_modules")
+    assert refusal(tmp_path / "node_modules") == "node_modules is a symbolic link"
