@@ -63,18 +63,19 @@ async def run(request: StepRequest) -> dict[str, Any]:
                                 f"the build context {settings.build_context!r}")
         builder = Buildah(settings, request)
         auths = registry_auths(settings, {image.host})
-        try:
-            await builder.pull_bases(containerfile, auths)
-            await builder.build(
-                context=context,
-                containerfile=containerfile,
-                image=image_url,
-                labels={REVISION_LABEL: sha, SOURCE_LABEL: git.redact(request.repo)},
-                build_args=settings.build_args,
-            )
-            pushed = await builder.push(image=image_url, auths=auths)
-        finally:
-            await builder.remove(image_url)
+        async with builder.layer_cache():
+            try:
+                await builder.pull_bases(containerfile, auths)
+                await builder.build(
+                    context=context,
+                    containerfile=containerfile,
+                    image=image_url,
+                    labels={REVISION_LABEL: sha, SOURCE_LABEL: git.redact(request.repo)},
+                    build_args=settings.build_args,
+                )
+                pushed = await builder.push(image=image_url, auths=auths)
+            finally:
+                await builder.remove(image_url)
 
         digest = await registry.manifest_digest(image.repository, image.tag)
         if digest is None:

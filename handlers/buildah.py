@@ -19,12 +19,13 @@ import json
 import os
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from handlers import process
+from handlers import cache, process
 from handlers.base import StepFailed, StepRequest
+from handlers.git import redact
 from handlers.sandbox import Profile
 from handlers.settings import HandlerSettings, docker_auth
 
@@ -35,10 +36,36 @@ class Buildah:
         self.request = request
         self.sandbox = request.sandbox
         self.store = self.sandbox.build_dir / "storage"
+        # the repo's own store in the worker's caches, kept between builds (`--layers`)
+        self.cached: cache.Entry | None = None
+
+    @contextlib.asynccontextmanager
+    async def layer_cache(self) -> AsyncIterator[None]:
+        """Build in the repo's image store of the worker's caches (held against eviction
+        meanwhile), so that `bud --layers` reuses the layers of earlier builds; evict after.
+        A fork's pull request builds in a store of its own (it would write the layers of its
+        `RUN` lines into the store the next trusted build reuses), as does a trusted worker
+        that names a store (CISTATE_BUILDER_ROOT with CISTATE_SANDBOX=none)."""
+        root = self.request.cache_root
+        own_store = not self.sandbox.settings.enabled and self.settings.builder_root
+        if root is None or self.request.untrusted or own_store:
+            yield
+            return
+        entry = await asyncio.to_thread(
+            cache.ensure, root, "buildah", cache.digest("buildah", self.request.repo),
+            {"key": "", "repo": redact(self.request.repo), "branch": ""})
+        with cache.using(entry) as present:
+            if present:
+                self.cached, self.store = entry, entry.data
+            try:
+                yield
+            finally:
+                self.cached, self.store = None, self.sandbox.build_dir / "storage"
+        await asyncio.to_thread(cache.evict, root, cache.CacheSettings().cache_max)
 
     def _base(self) -> list[str]:
         argv = shlex.split(self.settings.builder_command)
-        if self.sandbox.settings.enabled:
+        if self.sandbox.settings.enabled or self.cached is not None:
             root, runroot = str(self.store / "root"), str(self.store / "run")
         else:  # a trusted worker may keep one store for every build
             root = self.settings.builder_root or str(self.store / "root")
@@ -59,7 +86,8 @@ class Buildah:
                    network: bool | None = None) -> process.Completed:
         return await process.run_sandboxed(
             [*self._base(), *args], sandbox=self.sandbox, profile=Profile.BUILDER,
-            cwd=cwd, log=self.request.log, what=what, retryable=retryable, network=network)
+            cwd=cwd, log=self.request.log, what=what, retryable=retryable, network=network,
+            shared=[self.store] if self.cached is not None else [])
 
     async def pull_bases(self, containerfile: Path, auths: Mapping[str, Any]) -> None:
         """Pull the base images the `FROM` lines name, with credentials, before the build."""
@@ -90,6 +118,7 @@ class Buildah:
             "--format",
             self.settings.image_format,
             "--pull=false",
+            *(["--layers"] if self.cached is not None else []),
             *self._tls(),
             "-f",
             str(containerfile),
@@ -119,6 +148,8 @@ class Buildah:
     async def remove(self, image: str) -> None:
         """Drop the local copy from a shared store (a build's own store goes with its
         attempt); a failure here is not the step's."""
+        if self.cached is not None:
+            return  # the layers are the cache; CISTATE_CACHE_MAX bounds the store
         if self.sandbox.settings.enabled or not self.settings.builder_root:
             return
         await process.run(

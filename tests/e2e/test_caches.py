@@ -25,7 +25,7 @@ import handlers
 from handlers import cache
 from handlers.base import StepFailed, StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
-from tests.e2e.conftest import ROOT, SAMPLE_APP, GitRepo
+from tests.e2e.conftest import ROOT, SAMPLE_APP, Env, GitRepo
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,9 @@ class Worker:
 
     def request(self, repo: GitRepo, commit: str, step: str = "test", *,
                 ref: str = "refs/heads/main", untrusted: bool = False,
-                env: Mapping[str, str] | None = None) -> StepRequest:
+                env: Mapping[str, str] | None = None,
+                settings: Mapping[str, Any] | None = None,
+                inputs: Mapping[str, dict[str, Any]] | None = None) -> StepRequest:
         n = len(self.logs) + 1
         log = StepLog(self.folder.parent / "logs" / f"{n:02d}-{step}.log")
         self.logs.append(log)
@@ -61,7 +63,8 @@ class Worker:
         sandbox.prepare()
         return StepRequest(
             run_id=run_id, repo=repo.url, ref=ref, commit=commit, step=step, attempt=1,
-            settings={}, script=None, inputs={}, workdir=sandbox.work, log=log,
+            settings=dict(settings or {}), script=None, inputs=dict(inputs or {}),
+            workdir=sandbox.work, log=log,
             sandbox=sandbox, cache_root=self.cache_root, untrusted=untrusted)
 
     async def run(self, repo: GitRepo, commit: str, step: str = "test",
@@ -80,6 +83,15 @@ def worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Worker]:
     for key in list(os.environ):
         if key.startswith("CISTATE_"):
             monkeypatch.delenv(key)
+    found = Worker(tmp_path / "worker")
+    yield found
+    for log in found.logs:
+        log.close()
+
+
+@pytest.fixture
+def handler_worker(handler_env: Env, tmp_path: Path) -> Iterator[Worker]:
+    """A worker with the registry's settings (handler_env), for the build step."""
     found = Worker(tmp_path / "worker")
     yield found
     for log in found.logs:
@@ -201,3 +213,32 @@ async def test_a_checkout_with_a_node_modules_link_is_neither_restored_over_nor_
     assert "restored from cache" not in log
     assert [p.name for p in outside.iterdir()] == ["keep"]
     assert len(worker.entries("node_modules")) == 1
+
+
+async def build(worker: Worker, env: Env, repo: GitRepo, sha: str,
+                **kwargs: Any) -> tuple[dict[str, Any], str]:
+    setup, _ = await worker.run(repo, sha, "setup", **kwargs)
+    return await worker.run(repo, sha, "build", inputs={"setup": setup},
+                            settings={"build_args": {"BASE_IMAGE": env.base_image}}, **kwargs)
+
+
+async def test_a_second_image_build_of_the_repo_reuses_the_layers_of_the_first(
+        handler_worker: Worker, handler_env: Env, make_repo: Callable[..., GitRepo]) -> None:
+    repo = make_repo()
+    first, first_log = await build(handler_worker, handler_env, repo, repo.initial)
+    assert "Using cache" not in first_log
+    [store] = handler_worker.entries("buildah")
+    assert (store.data / "root").is_dir()
+    sha = repo.commit({"README.md": "a change outside the image\n"})
+    second, second_log = await build(handler_worker, handler_env, repo, sha)
+    assert second["image_digest"] != first["image_digest"]  # its own revision label
+    assert "Using cache" in second_log, second_log
+    assert handler_worker.entries("buildah") == [store]
+
+    # a fork's pull request builds in a store of its own: the repo's store is not written
+    size = store.size()
+    fork = repo.commit({"README.md": "from a fork\n"}, branch="fork-head")
+    _, fork_log = await build(handler_worker, handler_env, repo, fork,
+                              ref="refs/heads/fork-head", untrusted=True)
+    assert "Using cache" not in fork_log
+    assert store.size() == size
