@@ -88,7 +88,7 @@ class HandlerSettings(BaseSettings):
     """buildah's isolation for RUN lines (inside the step sandbox)"""
     builder_root: str = ""  # buildah --root; empty = buildah's default store
     """One buildah store shared by every build (only with CISTATE_SANDBOX=none; sandboxed builds
-    each have their own)
+    use their repo's store in the worker's caches)
     """
     builder_runroot: str = ""
     """buildah's run root for that shared store (only with CISTATE_SANDBOX=none)"""

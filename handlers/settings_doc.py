@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings
 
+from handlers.cache import CacheSettings
 from handlers.checks import NEEDS
 from handlers.sandbox import SandboxSettings
 
@@ -47,7 +48,8 @@ def rows() -> list[tuple[str, str, str, str]]:
     for step, needs in NEEDS.items():
         users.setdefault(needs.model, []).append(step)
     models: list[tuple[type[BaseSettings], Iterable[str]]] = [
-        *users.items(), (SandboxSettings, ["every step (the sandbox)"])]
+        *users.items(), (SandboxSettings, ["every step (the sandbox)"]),
+        (CacheSettings, ["test, build (the worker's caches)"])]
     found = []
     for model, steps in models:
         for name, info in model.model_fields.items():

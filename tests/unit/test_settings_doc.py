@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from handlers.cache import CacheSettings
 from handlers.checks import NEEDS
 from handlers.sandbox import SandboxSettings
 from handlers.settings_doc import README, in_readme, rows, table
 
 pytestmark = pytest.mark.unit
 
-MODELS = {needs.model for needs in NEEDS.values()} | {SandboxSettings}
+MODELS = {needs.model for needs in NEEDS.values()} | {SandboxSettings, CacheSettings}
 
 
 def test_the_readme_table_is_the_one_the_models_make() -> None:
