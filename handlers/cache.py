@@ -92,6 +92,7 @@ class Entry:
     key: str
     repo: str
     branch: str
+    fixed_size: int | None = None  # of an entry never written after it is stored
 
     @property
     def data(self) -> Path:
@@ -105,7 +106,7 @@ class Entry:
             return 0.0
 
     def size(self) -> int:
-        return disk_usage(self.path)
+        return self.fixed_size if self.fixed_size is not None else disk_usage(self.path)
 
     def touch(self) -> None:
         with contextlib.suppress(OSError):
@@ -133,8 +134,9 @@ def read(root: Path, kind: str, entry_id: str) -> Entry | None:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    size = meta.get("size")
     return Entry(path, kind, str(meta.get("key", "")), str(meta.get("repo", "")),
-                 str(meta.get("branch", "")))
+                 str(meta.get("branch", "")), size if isinstance(size, int) else None)
 
 
 def entries(root: Path) -> list[Entry]:
@@ -170,10 +172,11 @@ def using(entry: Entry) -> Iterator[bool]:
 
 
 def store(root: Path, kind: str, entry_id: str, meta: dict[str, str],
-          fill: Callable[[Path], None]) -> Entry | None:
+          fill: Callable[[Path], None], *, immutable: bool = False) -> Entry | None:
     """Write a new entry: `fill(data)` makes its data in a temporary folder, which is then
     renamed into place. None when one with this id is there already (the same content, by
-    its key: the first one stays) or when `fill` raised (nothing is left behind)."""
+    its key: the first one stays); when `fill` raises, nothing is left behind. The size of
+    an `immutable` entry is counted once, here, not at every eviction."""
     folder = root / kind
     if read(root, kind, entry_id) is not None:
         return None
@@ -182,7 +185,8 @@ def store(root: Path, kind: str, entry_id: str, meta: dict[str, str],
     temporary.mkdir(mode=0o700)
     try:
         fill(temporary / "data")
-        _write_meta(temporary, kind, meta)
+        size = disk_usage(temporary / "data") if immutable else None
+        _write_meta(temporary, kind, meta, size)
         try:
             os.rename(temporary, folder / entry_id)
         except OSError:  # another writer was first
@@ -205,10 +209,12 @@ def ensure(root: Path, kind: str, entry_id: str, meta: dict[str, str]) -> Entry:
     return entry
 
 
-def _write_meta(folder: Path, kind: str, meta: dict[str, str]) -> None:
+def _write_meta(folder: Path, kind: str, meta: dict[str, str], size: int | None) -> None:
     (folder / "lock").touch()
     (folder / "last-used").touch()
-    (folder / "meta.json").write_text(json.dumps({"kind": kind, **meta}), encoding="utf-8")
+    sized = {"size": size} if size is not None else {}
+    (folder / "meta.json").write_text(json.dumps({"kind": kind, **meta, **sized}),
+                                      encoding="utf-8")
 
 
 def evict(root: Path, limit: int) -> list[Entry]:

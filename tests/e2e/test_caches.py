@@ -123,15 +123,22 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
     assert "Tests:" in second_log and "passed" in second_log  # jest ran from the copy
 
 
-async def test_a_changed_lock_file_misses_and_is_cached_apart(
-        worker: Worker, bench_repo: GitRepo) -> None:
+async def test_a_changed_lock_file_misses_and_the_least_recently_used_tree_makes_room(
+        worker: Worker, bench_repo: GitRepo, monkeypatch: pytest.MonkeyPatch) -> None:
     await worker.run(bench_repo, bench_repo.initial)
+    [old] = worker.entries("node_modules")
+    [downloads] = worker.entries("npm")
+    # room for the npm cache and one tree, not two
+    limit = downloads.size() + old.size() * 3 // 2
+    monkeypatch.setenv("CISTATE_CACHE_MAX", str(limit))
     lock = (BENCH_APP / "package-lock.json").read_text()
     sha = bench_repo.commit({"package-lock.json": lock.rstrip("\n") + "\n\n"})
     outputs, log = await worker.run(bench_repo, sha)
     assert outputs == {"install": "npm ci"} and "restored from cache" not in log
-    keys = {entry.key for entry in worker.entries("node_modules")}
-    assert len(keys) == 2 and "cached node_modules as " in log
+    [new] = worker.entries("node_modules")
+    assert new.key != old.key and f"cached node_modules as {new.key[:12]}" in log
+    assert worker.entries("npm") == [downloads], "in use by the install: newer than the old tree"
+    assert sum(e.size() for e in cache.entries(worker.cache_root)) <= limit
 
 
 async def test_a_forks_pull_request_reads_the_caches_and_writes_none(

@@ -21,7 +21,7 @@ def put(root: Path, name: str, size: int, used: float) -> cache.Entry:
         (data / "blob").write_bytes(os.urandom(size))
 
     entry = cache.store(root, "node_modules", name, {"key": name, "repo": "r", "branch": "main"},
-                        fill)
+                        fill, immutable=True)
     assert entry is not None
     os.utime(entry.path / "last-used", (used, used))
     return entry
@@ -49,6 +49,7 @@ def test_eviction_drops_the_least_recently_used_until_under_the_limit(tmp_path: 
     for age, name in enumerate(["newest", "newer", "older", "oldest"]):
         put(tmp_path, name, 100_000, now - 100 * age)
     size = {e.key: e.size() for e in cache.entries(tmp_path)}
+    assert all(e.fixed_size == cache.disk_usage(e.data) for e in cache.entries(tmp_path))
     limit = size["newest"] + size["newer"] + 10
     dropped = cache.evict(tmp_path, limit)
     assert [e.key for e in dropped] == ["oldest", "older"]
