@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import handlers
+from cistate.adapters.cli.cache import list_caches
 from handlers import cache
 from handlers.base import StepFailed, StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
@@ -121,6 +122,12 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
     assert f"node_modules restored from cache {entry.key[:12]}" in second_log
     assert "$ npm ci" not in second_log and "$ npm test" in second_log
     assert "Tests:" in second_log and "passed" in second_log  # jest ran from the copy
+
+    shown = list_caches(worker.folder).splitlines()
+    assert [line.split()[:2] for line in shown[1:3]] == [
+        [entry.key[:12], "node_modules"], [downloads.path.name[:12], "npm"]]
+    assert bench_repo.url in shown[1] and " main " in shown[1]
+    assert shown[-1].startswith("2 entries, ")
 
 
 async def test_a_changed_lock_file_misses_and_the_least_recently_used_tree_makes_room(
