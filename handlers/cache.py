@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KINDS = ("npm", "node_modules", "buildah")
 TRASH = ".trash"
+STALE_SECONDS = 3600.0  # a temporary folder this old is a killed worker's
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 
@@ -219,7 +220,9 @@ def _write_meta(folder: Path, kind: str, meta: dict[str, str], size: int | None)
 
 def evict(root: Path, limit: int) -> list[Entry]:
     """Drop least recently used entries until the caches take at most `limit` bytes; an
-    entry in use is skipped. The entries dropped."""
+    entry in use is skipped. The entries dropped. Leftovers of a worker killed while it
+    wrote or removed an entry go first."""
+    sweep(root)
     found = [(entry.last_used, entry, entry.size()) for entry in entries(root)]
     total = sum(size for _, _, size in found)
     dropped = []
@@ -230,6 +233,24 @@ def evict(root: Path, limit: int) -> list[Entry]:
             total -= size
             dropped.append(entry)
     return dropped
+
+
+def sweep(root: Path, *, stale: float = STALE_SECONDS) -> None:
+    """Remove what a killed worker left: the trash, and temporary folders older than
+    `stale` seconds (a write in progress takes seconds)."""
+    trash = root / TRASH
+    if trash.is_dir():
+        for child in trash.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
+    cutoff = time.time() - stale
+    for kind in KINDS:
+        folder = root / kind
+        if not folder.is_dir():
+            continue
+        for child in folder.glob(".tmp-*"):
+            with contextlib.suppress(OSError):
+                if child.stat().st_mtime < cutoff:
+                    shutil.rmtree(child, ignore_errors=True)
 
 
 def remove(root: Path, entry: Entry) -> bool:

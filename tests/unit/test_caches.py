@@ -153,3 +153,17 @@ def test_cache_list_and_prune_show_and_trim_the_entries(
     everything = runner.invoke(cli, ["cache", "prune", "--all"])
     assert "removed 1 entries; 0 left" in everything.output
     assert "no caches in" in runner.invoke(cli, ["cache", "list"]).output
+
+
+def test_eviction_sweeps_what_a_killed_worker_left_behind(tmp_path: Path) -> None:
+    put(tmp_path, "kept", 10, time.time())
+    old = tmp_path / "node_modules" / ".tmp-killed"
+    (old / "data").mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * cache.STALE_SECONDS,) * 2)
+    fresh = tmp_path / "buildah" / ".tmp-writing"
+    fresh.mkdir(parents=True)
+    (tmp_path / cache.TRASH / "half-removed" / "data").mkdir(parents=True)
+    cache.evict(tmp_path, 10**9)
+    assert not old.exists() and fresh.exists(), "a write in progress is left alone"
+    assert not list((tmp_path / cache.TRASH).iterdir())
+    assert [e.key for e in cache.entries(tmp_path)] == ["kept"]

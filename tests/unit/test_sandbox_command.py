@@ -111,3 +111,23 @@ def test_read_only_binds_reach_a_step_below_the_hidden_workdir_and_stay_the_work
     assert (objects / "pack").stat().st_uid != 4242, "the mirror is never given to the step"
     builder = bound.command(["buildah", "bud", "."], cwd=bound.work, profile=Profile.BUILDER)
     assert str(objects) not in " ".join(builder.argv), "the builder sees no mirror"
+
+
+def test_a_shared_cache_folder_is_bound_writable_and_only_the_folder_is_given_over(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    shared = tmp_path / "worker" / "cache" / "npm" / "abc" / "data"
+    (shared / "_cacache").mkdir(parents=True)
+    (shared / "_cacache" / "index").write_text("{}")
+    before = (shared / "_cacache" / "index").stat().st_uid
+    argv = box.command(["npm", "ci"], cwd=box.work, shared=[shared]).argv
+    view = " ".join(argv[:argv.index("setpriv")])
+    assert f"--bind {shared} {shared}" in view
+    bind = next(i for i, word in enumerate(argv)
+                if word == "--bind" and argv[i + 1] == str(shared))
+    hides = [i for i, word in enumerate(argv) if word == "--tmpfs"
+             and (tmp_path / "worker").is_relative_to(argv[i + 1])]
+    assert hides and bind > max(hides), "bound after the tmpfs that hides the workdir"
+    assert shared.stat().st_uid == 4242
+    assert (shared / "_cacache" / "index").stat().st_uid == before, "its contents not walked"
+    assert str(shared) not in " ".join(box.command(["npm", "test"], cwd=box.work).argv)
