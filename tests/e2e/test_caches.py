@@ -31,7 +31,9 @@ from tests.e2e.conftest import ROOT, SAMPLE_APP, Env, GitRepo
 pytestmark = pytest.mark.e2e
 
 BENCH_APP = ROOT / "tests" / "fixtures" / "bench-app"
-DEAD_REGISTRY = "http://127.0.0.1:9/"  # nothing listens: an npm that asks it fails
+# nothing listens: an npm that fetches anything through it fails (a proxy, not
+# npm_config_registry: the step's npm_config_* is part of the node_modules key)
+DEAD_PROXY = {"https_proxy": "http://127.0.0.1:9/", "HTTPS_PROXY": "http://127.0.0.1:9/"}
 
 
 @dataclass
@@ -140,10 +142,9 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
     assert (entry.data / "express" / "package.json").is_file()
     [downloads] = worker.entries("npm")
 
-    # a new commit, same lock file; a registry nobody answers: npm must not be asked
+    # a new commit, same lock file; a proxy nobody answers: npm must not fetch anything
     sha = bench_repo.commit({"server.js": (BENCH_APP / "server.js").read_text() + "\n"})
-    second, second_log = await worker.run(bench_repo, sha,
-                                          env={"npm_config_registry": DEAD_REGISTRY})
+    second, second_log = await worker.run(bench_repo, sha, env=DEAD_PROXY)
     assert second == {"install": "cache"}
     assert f"node_modules restored from cache {entry.key[:12]}" in second_log
     assert "$ npm ci" not in second_log and "$ npm test" in second_log
@@ -154,6 +155,17 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
         [entry.key[:12], "node_modules"], [downloads.path.name[:12], "npm"]]
     assert bench_repo.url in shown[1] and " main " in shown[1]
     assert shown[-1].startswith("2 entries, ")
+
+    # the step's NODE_ENV changes what npm installs (no devDependencies: no jest): another key
+    production = worker.request(bench_repo, sha, env={"NODE_ENV": "production"})
+    with pytest.raises(StepFailed, match="npm test"):
+        await handlers.load("test")(production)
+    assert production.log.path is not None
+    third_log = production.log.path.read_text(encoding="utf-8")
+    assert "restored from cache" not in third_log and "$ npm ci" in third_log
+    assert len(worker.entries("node_modules")) == 2
+    assert not (worker.entries("node_modules")[0].data / "jest").exists() or not (
+        worker.entries("node_modules")[1].data / "jest").exists(), "one tree without jest"
 
 
 async def test_a_changed_lock_file_misses_and_the_least_recently_used_tree_makes_room(
