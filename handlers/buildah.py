@@ -51,9 +51,14 @@ class Buildah:
         if root is None or self.request.untrusted or own_store:
             yield
             return
+        # a store of another storage driver or buildah is not this one's to open
+        tool = await asyncio.to_thread(
+            cache.executables, shlex.split(self.settings.builder_command)[:1],
+            self.sandbox.settings.sandbox_path)
+        key = cache.digest("buildah", self.settings.builder_storage_driver, *(tool or ()))
         entry = await asyncio.to_thread(
-            cache.ensure, root, "buildah", cache.digest("buildah", self.request.repo),
-            {"key": "", "repo": redact(self.request.repo), "branch": ""})
+            cache.ensure, root, "buildah", cache.digest(key, self.request.repo),
+            {"key": key, "repo": redact(self.request.repo), "branch": ""})
         with cache.using(entry) as present:
             if present:
                 self.cached, self.store = entry, entry.data

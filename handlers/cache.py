@@ -9,7 +9,8 @@ One folder per entry, `<root>/<kind>/<id>/`, holding `meta.json` (kind, key, rep
   could otherwise plant index entries another repo's install reads.
 - `node_modules`: the tree `npm ci` installed, for one key (repo, lock file, package.json,
   .npmrc, npm and node versions) on one branch; see handlers.node_modules.
-- `buildah`: one repository's image store, so that `buildah bud --layers` reuses its layers.
+- `buildah`: one repository's image store (per buildah executable and storage driver), so
+  that `buildah bud --layers` reuses its layers.
 
 Entries are written whole or not at all: filled in a temporary folder and renamed into place.
 A reader holds a shared lock on the entry while it copies from it (or a build uses it);
@@ -84,6 +85,20 @@ def digest(*parts: str | bytes) -> str:
         hashed.update(len(data).to_bytes(8, "big"))
         hashed.update(data)
     return hashed.hexdigest()
+
+
+def executables(names: list[str], path: str) -> tuple[str, ...] | None:
+    """Which files the executables are (real path, mtime, size), as found on `path`: part of
+    a key that must change when a tool is upgraded. None when one is missing."""
+    stamp = []
+    for name in names:
+        found = shutil.which(name, path=path)
+        if found is None:
+            return None
+        real = os.path.realpath(found)
+        info = os.stat(real)
+        stamp.append(f"{real}:{info.st_mtime_ns}:{info.st_size}")
+    return tuple(stamp)
 
 
 @dataclass(frozen=True)

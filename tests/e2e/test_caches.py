@@ -281,6 +281,10 @@ async def test_a_second_image_build_of_the_repo_reuses_the_layers_of_the_first(
     assert "Using cache" not in first_log
     [store] = handler_worker.entries("buildah")
     assert (store.data / "root").is_dir()
+    buildah = cache.executables(["buildah"], SandboxSettings().sandbox_path)
+    assert buildah is not None
+    assert store.key == cache.digest("buildah", "vfs", *buildah), (
+        "another storage driver or buildah gets a store of its own")
     sha = repo.commit({"README.md": "a change outside the image\n"})
     second, second_log = await build(handler_worker, handler_env, repo, sha)
     assert second["image_digest"] != first["image_digest"]  # its own revision label
