@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -129,8 +130,9 @@ class Entry:
             (self.path / "last-used").touch()
 
     def as_json(self) -> dict[str, Any]:
+        used = datetime.fromtimestamp(self.last_used, UTC).isoformat()
         return {"id": self.path.name, "kind": self.kind, "key": self.key, "repo": self.repo,
-                "branch": self.branch, "size": self.size(), "last_used": self.last_used}
+                "branch": self.branch, "size": self.size(), "last_used": used}
 
 
 def disk_usage(path: Path) -> int:

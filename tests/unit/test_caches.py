@@ -143,6 +143,7 @@ def test_cache_list_and_prune_show_and_trim_the_entries(
     assert [(e["key"], e["kind"], e["branch"]) for e in listed] == [
         ("b" * 64, "node_modules", "main"), ("a" * 64, "node_modules", "main")]
     assert all(e["size"] > 200_000 for e in listed)
+    assert listed[0]["last_used"].endswith("+00:00")  # ISO 8601, UTC
 
     bad = runner.invoke(cli, ["cache", "prune", "--max", "lots"])
     assert bad.exit_code == 2 and "is not a size" in bad.output

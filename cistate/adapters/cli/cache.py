@@ -27,8 +27,8 @@ def list_caches(workdir: Path, *, as_json: bool = False) -> str:
         return f"no caches in {cache_root(workdir)}"
     header = ("key", "kind", "repo", "branch", "size", "last used")
     lines = [(_shown_key(row), row["kind"], row["repo"], row["branch"] or "-",
-              cache.format_size(row["size"]), f"{cache.since(row['last_used'])} ago")
-             for row in rows]
+              cache.format_size(row["size"]), f"{cache.since(entry.last_used)} ago")
+             for entry, row in zip(found, rows, strict=True)]
     total = sum(row["size"] for row in rows)
     widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
     text = ["  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True))
