@@ -339,6 +339,10 @@ def _own_tree(root: Path, uid: int, gid: int) -> None:
 
 def _own(path: str, uid: int, gid: int) -> None:
     info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1:
+        # a hard link: node_modules restored from the worker's cache (handlers.node_modules),
+        # read-only files the cache shares; given to the step, the step could write the cache
+        return
     if info.st_uid != uid or info.st_gid != gid:
         os.lchown(path, uid, gid)
 

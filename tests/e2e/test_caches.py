@@ -23,7 +23,7 @@ import pytest
 
 import handlers
 from cistate.adapters.cli.cache import list_caches
-from handlers import cache
+from handlers import cache, process
 from handlers.base import StepFailed, StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
 from tests.e2e.conftest import ROOT, SAMPLE_APP, Env, GitRepo
@@ -42,6 +42,7 @@ class Worker:
 
     folder: Path
     logs: list[StepLog] = field(default_factory=list)
+    requests: list[StepRequest] = field(default_factory=list)
 
     @property
     def cache_root(self) -> Path:
@@ -64,11 +65,12 @@ class Worker:
             hidden=(self.folder,),
         )
         sandbox.prepare()
-        return StepRequest(
+        self.requests.append(StepRequest(
             run_id=run_id, repo=repo.url, ref=ref, commit=commit, step=step, attempt=1,
             settings=dict(settings or {}), script=None, inputs=dict(inputs or {}),
             workdir=sandbox.work, log=log,
-            sandbox=sandbox, cache_root=self.cache_root, untrusted=untrusted)
+            sandbox=sandbox, cache_root=self.cache_root, untrusted=untrusted))
+        return self.requests[-1]
 
     async def run(self, repo: GitRepo, commit: str, step: str = "test",
                   **kwargs: Any) -> tuple[dict[str, Any], str]:
@@ -149,6 +151,19 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
     assert f"node_modules restored from cache {entry.key[:12]}" in second_log
     assert "$ npm ci" not in second_log and "$ npm test" in second_log
     assert "Tests:" in second_log and "passed" in second_log  # jest ran from the copy
+
+    # the restored files are hard links to the cache's, which the step cannot change
+    restored = worker.requests[-1]
+    source = restored.workdir / "source" / "node_modules" / "express"
+    cached = entry.data / "express" / "package.json"
+    assert (source / "package.json").stat().st_ino == cached.stat().st_ino
+    before = cached.read_bytes()
+    tried = await process.run_sandboxed(
+        ["sh", "-c", "echo x >> package.json; chmod u+w package.json; touch -d 2001-01-01 "
+         "package.json; echo tried"], sandbox=restored.sandbox, cwd=source, log=restored.log,
+        check=False)
+    assert "tried" in tried.tail and "Permission denied" in tried.tail
+    assert cached.read_bytes() == before and cached.stat().st_mode & 0o222 == 0
 
     shown = list_caches(worker.folder).splitlines()
     assert [line.split()[:2] for line in shown[1:3]] == [

@@ -3,6 +3,7 @@ processes themselves run in tests/integration/test_step_secrets.py and tests/e2e
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,18 @@ def test_a_shared_cache_folder_is_bound_writable_and_only_the_folder_is_given_ov
     assert shared.stat().st_uid == 4242
     assert (shared / "_cacache" / "index").stat().st_uid == before, "its contents not walked"
     assert str(shared) not in " ".join(box.command(["npm", "test"], cwd=box.work).argv)
+
+
+def test_a_hard_link_in_the_workspace_is_never_given_to_the_sandbox_user(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    cached = tmp_path / "cached.js"  # a file of node_modules in the worker's cache
+    cached.write_text("module.exports = 1\n")
+    cached.chmod(0o444)
+    (box.work / "node_modules").mkdir()
+    os.link(cached, box.work / "node_modules" / "index.js")
+    (box.work / "own.js").write_text("")
+    box.command(["npm", "test"], cwd=box.work)
+    assert cached.stat().st_uid == os.getuid(), "the cache's file stays the worker's"
+    assert (box.work / "node_modules").stat().st_uid == 4242
+    assert (box.work / "own.js").stat().st_uid == 4242
