@@ -121,39 +121,45 @@ def test_a_linked_node_modules_is_refused(tmp_path: Path) -> None:
 
 
 def test_cache_list_and_prune_show_and_trim_the_entries(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from typer.testing import CliRunner
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cistate.adapters.cli.main import main
 
-    from cistate.adapters.cli.main import cli
+    def cistate(*argv: str) -> tuple[int, str]:
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exited:
+            code = int(exited.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
 
     root = tmp_path / "cache"
     now = time.time()
     put(root, "a" * 64, 200_000, now - 7200)
     put(root, "b" * 64, 200_000, now - 60)
     monkeypatch.setenv("CISTATE_WORKDIR", str(tmp_path))
-    runner = CliRunner()
-    shown = runner.invoke(cli, ["cache", "list"])
-    assert shown.exit_code == 0, shown.output
-    lines = shown.output.splitlines()
+    code, shown = cistate("cache", "list")
+    assert code == 0, shown
+    lines = shown.splitlines()
     assert lines[0].split() == ["key", "kind", "repo", "branch", "size", "last", "used"]
     assert lines[1].split()[:4] == ["b" * 12, "node_modules", "r", "main"]
     assert lines[1].endswith("1m ago") and lines[2].endswith("2h ago")
     assert lines[3].startswith("2 entries, ") and "(CISTATE_CACHE_MAX)" in lines[3]
-    listed = json.loads(runner.invoke(cli, ["cache", "list", "--json"]).output)
+    listed = json.loads(cistate("cache", "list", "--json")[1])
     assert [(e["key"], e["kind"], e["branch"]) for e in listed] == [
         ("b" * 64, "node_modules", "main"), ("a" * 64, "node_modules", "main")]
     assert all(e["size"] > 200_000 for e in listed)
     assert listed[0]["last_used"].endswith("+00:00")  # ISO 8601, UTC
 
-    bad = runner.invoke(cli, ["cache", "prune", "--max", "lots"])
-    assert bad.exit_code == 2 and "is not a size" in bad.output
-    trimmed = runner.invoke(cli, ["cache", "prune", "--max", "300K"])
-    assert trimmed.exit_code == 0
-    assert trimmed.output.splitlines()[0] == f"removed node_modules {'a' * 12} (r)"
+    code, bad = cistate("cache", "prune", "--max", "lots")
+    assert code == 2 and "is not a size" in bad
+    code, trimmed = cistate("cache", "prune", "--max", "300K")
+    assert code == 0
+    assert trimmed.splitlines()[0] == f"removed node_modules {'a' * 12} (r)"
     assert [e.key for e in cache.entries(root)] == ["b" * 64]
-    everything = runner.invoke(cli, ["cache", "prune", "--all"])
-    assert "removed 1 entries; 0 left" in everything.output
-    assert "no caches in" in runner.invoke(cli, ["cache", "list"]).output
+    assert "removed 1 entries; 0 left" in cistate("cache", "prune", "--all")[1]
+    assert "no caches in" in cistate("cache", "list")[1]
 
 
 def test_eviction_sweeps_what_a_killed_worker_left_behind(tmp_path: Path) -> None:
