@@ -64,7 +64,7 @@ def run_in(container: str, *argv: str) -> str:
     (["unshare", "--version"], r"util-linux"),
     (["sh", "-c", "command -v newuidmap && command -v newgidmap"], r"^/usr/bin/newgidmap$"),
     (["helm", "version"], r'Version:"v4\.1\.'),  # deploy, helm-release
-    (["cistate", "--help"], r"Usage: cistate"),
+    (["cistate", "--help"], r"usage: cistate"),
 ])
 def test_every_tool_of_the_default_pipeline_answers_in_the_image(
     container: str, argv: list[str], answer: str
