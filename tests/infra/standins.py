@@ -92,22 +92,31 @@ class KubeletStandIn(_Polling):
                 if time.monotonic() - seen < self.delay:
                     continue
                 replicas = deployment.spec.replicas or 1
-                await self.apps.patch_namespaced_deployment_status(
-                    deployment.metadata.name,
-                    namespace,
-                    {
-                        "status": {
-                            "observedGeneration": generation,
-                            "replicas": replicas,
-                            "updatedReplicas": replicas,
-                            "readyReplicas": replicas,
-                            "availableReplicas": replicas,
-                        }
-                    },
-                )
-                self.patched.append((deployment.metadata.name, generation))
+                # Recorded before the report is sent: the step that waits sees the status as
+                # soon as the apiserver has it and may leave this context (cancelling the
+                # loop) before the patch's response comes back here.
+                report = (deployment.metadata.name, generation)
+                self.patched.append(report)
                 self.patched_at.append(time.monotonic())
                 self.namespaces.add(namespace)
+                try:
+                    await self.apps.patch_namespaced_deployment_status(
+                        deployment.metadata.name,
+                        namespace,
+                        {
+                            "status": {
+                                "observedGeneration": generation,
+                                "replicas": replicas,
+                                "updatedReplicas": replicas,
+                                "readyReplicas": replicas,
+                                "availableReplicas": replicas,
+                            }
+                        },
+                    )
+                except Exception:
+                    self.patched.pop()  # not reported after all
+                    self.patched_at.pop()
+                    raise
             await asyncio.sleep(self.interval)
 
 

@@ -41,8 +41,11 @@ async def test_metrics_count_this_process_work_and_read_the_store(
                 assert resp.status == 200
                 assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 got = samples(await resp.text())
-            # counts move just after the store does (an ack, a confirm): wait for the last
-            settled = got.get(("cistate_deliveries_finished_total", ()), 0) >= 16
+            # counts move just after the store does (an ack, a confirm): wait for the last.
+            # Live-log pieces are deliveries too, so the total alone can be reached before
+            # the bad message is handled: wait for its dead letter as well.
+            settled = (got.get(("cistate_deliveries_finished_total", ()), 0) >= 16
+                       and ("cistate_messages_total", (("outcome", "dead_lettered"),)) in got)
             return got if settled else None
 
         got = await wait_until(scrape, timeout=10, what="every delivery counted")
