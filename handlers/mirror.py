@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from handlers import process
 from handlers.base import StepFailed
 
 MIRRORS_DIR = "mirrors"
@@ -229,8 +230,9 @@ def _git(mirror: Path, *args: str, stdin: str | None = None,
     """A local git command on the mirror, named by --git-dir: a broken mirror is never taken
     for some repository above it."""
     done = subprocess.run(
-        [*_GIT, f"--git-dir={mirror}", *args], cwd=mirror.parent, env={**os.environ, **_ENV},
-        input=stdin, capture_output=True, text=True, check=False)
+        [*_GIT, f"--git-dir={mirror}", *args], cwd=mirror.parent,
+        env={**process.tool_env(), **_ENV}, input=stdin, capture_output=True, text=True,
+        check=False)
     if check and done.returncode != 0:
         raise StepFailed(f"git {args[0]} in the worker's mirror {mirror} failed: "
                          f"{done.stderr.strip()}", exit_code=done.returncode,

@@ -38,6 +38,12 @@ class Completed:
     tail: str
 
 
+def tool_env() -> dict[str, str]:
+    """The environment of cistate's own tools (git, cp, buildah, helm): the worker's, without
+    its CISTATE_* settings (database and broker URLs, the bus key, secrets)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CISTATE_")}
+
+
 async def run(
     argv: Sequence[str],
     *,
@@ -54,8 +60,7 @@ async def run(
     Pass secrets through env or files, never argv (argv is visible to every user of the
     machine). Never use this for the repo's code: that is `run_sandboxed`.
     """
-    worker_env = {k: v for k, v in os.environ.items() if not k.startswith("CISTATE_")}
-    command = Command(list(argv), {**worker_env, **(env or {})}, cwd)
+    command = Command(list(argv), {**tool_env(), **(env or {})}, cwd)
     try:
         return await _spawn(command, shown=argv, log=log, what=what, check=check,
                             retryable=retryable)

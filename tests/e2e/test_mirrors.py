@@ -500,3 +500,15 @@ async def test_a_checkout_waits_for_another_worker_holding_the_mirror(
     waited = asyncio.get_running_loop().time() - started
     await holder.wait()
     assert waited > 1.0, "it waited for the other worker's fetch"
+
+
+def test_the_mirrors_git_gets_none_of_the_workers_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CISTATE_DATABASE_URL", "postgresql://cistate:db-secret@db/cistate")
+    monkeypatch.setenv("CISTATE_BUS_KEY", "bus-key-secret")
+    folder = mirror.path_for(tmp_path, "https://git.example.com/acme/app.git")
+    assert mirror.ready(folder, "https://git.example.com/acme/app.git") is None
+    # an alias that prints the environment git runs its commands with
+    done = mirror._git(folder, "-c", "alias.dump-env=!env", "dump-env", check=True)
+    assert "PATH=" in done.stdout
+    assert "CISTATE_" not in done.stdout and "secret" not in done.stdout
