@@ -90,6 +90,12 @@ class Graph:
     def finally_order(self) -> tuple[str, ...]:
         return tuple(_topological(self.finally_steps, self.needs))
 
+    # Answers of `moves`, by the states asked about: a decision asks the same questions of the
+    # same few combinations of states, run after run. Bounded; emptied when full.
+    @cached_property
+    def _moves(self) -> dict[tuple[bool, tuple[str, ...]], Moves]:
+        return {}
+
     def order(self, names: tuple[str, ...]) -> Sequence[str]:
         """_topological(names, needs) for the graph's own lists, without working it out."""
         if names is self.steps:
@@ -227,6 +233,42 @@ def topological_order(graph: Graph) -> list[str]:
     """Every step so that each comes after its needs: the main steps, then the finally steps
     (which run after all of them); ties go in file order. For drawing and for walking."""
     return [*graph.steps_order, *graph.finally_order]
+
+
+@dataclass(frozen=True)
+class Moves:
+    """Every scheduling answer for one set of states: what to stop first, else what to
+    skip, else what to start; the first failed main step (whom a stop names); and how the
+    run ended when nothing is left to do."""
+
+    stopping: tuple[str, ...]
+    blocked: tuple[tuple[str, str], ...]  # (step, the step that blocks it), in file order
+    starting: tuple[str, ...]  # the main steps ready, then the finally steps ready
+    first_failure: str | None
+    outcome: Outcome | None
+
+
+MOVES_KEPT = 4096  # answers remembered per graph
+
+
+def moves(graph: Graph, states: Mapping[str, str], fail_fast: bool = True) -> Moves:
+    """to_cancel, unreachable, ready + finally_ready and outcome for `states`, answered once
+    per combination of states (they depend on nothing else) and remembered on the graph."""
+    key = (fail_fast, tuple(states.get(name, "") for name in graph.names))
+    memo = graph._moves
+    found = memo.get(key)
+    if found is None:
+        found = Moves(
+            stopping=tuple(to_cancel(graph, states, fail_fast)),
+            blocked=tuple(unreachable(graph, states, fail_fast).items()),
+            starting=tuple(ready(graph, states, fail_fast) + finally_ready(graph, states)),
+            first_failure=_first_failure(graph, _statuses(graph, states)),
+            outcome=outcome(graph, states),
+        )
+        if len(memo) >= MOVES_KEPT:
+            memo.clear()
+        memo[key] = found
+    return found
 
 
 def ready(graph: Graph, states: Mapping[str, str], fail_fast: bool = True) -> list[str]:

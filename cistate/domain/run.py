@@ -484,7 +484,9 @@ class _Builder:
         if self.pipeline.is_finally(name):
             env[OUTCOME_VARIABLE] = self.outcome_so_far()
         self.event(E.STEP_STARTED, started, attempt=attempt)
-        command = StepCommand(
+        # Built from what was validated already (the pinned pipeline, the stored run and
+        # outputs), so not validated again here: the worker validates it at its door.
+        command = StepCommand.model_construct(
             run_id=self.run.id, step=name, attempt=attempt, uses=spec.uses, token=token,
             settings=spec.with_, script=spec.run, timeout=spec.timeout,
             deadline=self.now + timedelta(seconds=spec.timeout) if spec.timeout else None,
@@ -800,27 +802,23 @@ class _Builder:
         graph, fail_fast = self.graph, self.pipeline.fail_fast
         while True:
             states = self.states()
-            stopping = step_graph.to_cancel(graph, states, fail_fast)
-            if stopping:
-                failed = next(n for n in graph.steps if states[n] in step_graph.FAILURES)
-                for name in stopping:
+            moves = step_graph.moves(graph, states, fail_fast)
+            if moves.stopping:
+                failed = moves.first_failure
+                for name in moves.stopping:
                     self.stop(name, f"cancelled: step {failed!r} failed and the pipeline "
                                     "fails fast (fail_fast: true)")
                 continue
-            blocked = step_graph.unreachable(graph, states, fail_fast)
-            if blocked:
-                for name, cause in blocked.items():
+            if moves.blocked:
+                for name, cause in moves.blocked:
                     self.skip(name, self.blocked_reason(name, cause, states[cause]))
                 continue
-            starting = (step_graph.ready(graph, states, fail_fast)
-                        + step_graph.finally_ready(graph, states))
-            if not starting:
+            if not moves.starting:
                 break
-            for name in starting:
+            for name in moves.starting:
                 self.start(name, self.run.steps[name].attempts + 1)
-        ended = step_graph.outcome(graph, self.states())
-        if ended is not None:
-            self.finish(ended)
+        if moves.outcome is not None:  # of the states nothing more was done to
+            self.finish(moves.outcome)
 
     def blocked_reason(self, name: str, cause: str, state: str) -> str:
         how = {FAILED: "failed", TIMED_OUT: "timed out", CANCELLED: "was cancelled"}.get(

@@ -24,6 +24,7 @@ from cistate.domain.graph import (
     downstream,
     finally_ready,
     mermaid,
+    moves,
     outcome,
     ready,
     to_cancel,
@@ -267,6 +268,31 @@ def test_states_must_name_every_step_with_a_known_state() -> None:
         ready(FINAL, {"build": "pending", "test": "pending", "report": "pending"})
     with pytest.raises(ValueError, match="step 'test' has state 'done', not one of pending"):
         ready(FINAL, {**_states(FINAL), "test": "done"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["DIAMOND", "FAN", "FINAL"]), st.data(), st.booleans())
+def test_moves_answer_as_the_questions_asked_one_by_one(name: str, data: st.DataObject,
+                                                       fail_fast: bool) -> None:
+    # moves() is what a decision asks, remembered per combination of states: asked twice
+    # (the second answer comes from the memo) it says what each question says on its own.
+    graph = {"DIAMOND": DIAMOND, "FAN": FAN, "FINAL": FINAL}[name]
+    states = {step: data.draw(st.sampled_from(list(S))).value for step in graph.names}
+    for answer in (moves(graph, states, fail_fast), moves(graph, dict(states), fail_fast)):
+        assert answer.stopping == tuple(to_cancel(graph, states, fail_fast))
+        assert dict(answer.blocked) == unreachable(graph, states, fail_fast)
+        assert answer.starting == tuple(ready(graph, states, fail_fast)
+                                        + finally_ready(graph, states))
+        assert answer.outcome == outcome(graph, states)
+        failed = [step for step in graph.steps if states[step] in FAILURES]
+        assert answer.first_failure == (failed[0] if failed else None)
+
+
+def test_moves_refuse_states_that_miss_a_step_every_time() -> None:
+    partial = {"build": "pending", "test": "pending", "report": "pending"}
+    for _ in range(2):  # a refusal is never remembered as an answer
+        with pytest.raises(ValueError, match="no state given for step\\(s\\) clean"):
+            moves(FINAL, partial)
 
 
 def test_plain_strings_of_the_run_model_are_accepted_as_states() -> None:

@@ -894,3 +894,42 @@ steps:
     h.send(h.control("approve", "gate"), actor="api:alice")
     assert h.state.steps["gate"].timing == {"waiting": 60.0}
     assert r.fold(h.run_id, h.log).steps["build"].timing == {"queued": 0.25, "running": 2.5}
+
+
+def test_every_command_is_what_the_worker_validates_it_to_be() -> None:
+    # The decider builds commands without validating them again (model_construct, from the
+    # pinned pipeline and stored outputs). Each must serialise to exactly the body the
+    # worker validates back into the same command, for every kind of field a step sets.
+    text = """name: fields
+steps:
+  - name: first
+    uses: script
+    run: echo "héllo" && exit 0
+    timeout: 90s
+    env: {GREETING: "grüß dich", EMPTY: ""}
+    secrets: [NPM_TOKEN, {name: KUBECONFIG, as: file}]
+    network: none
+  - name: second
+    uses: noop
+    timeout: 0
+    with: {nested: {list: [1, 2.5, null, true], text: "x"}}
+"""
+    pipeline = parse(text, "<test>", ["script", "noop"])
+    h = Harness(r.Decider(pipeline, lambda run, step, attempt: f"tok-{step}-{attempt}"))
+    commands = _commands(h.send(push()))
+    commands += _commands(h.send(StepResult(
+        run_id=h.run_id, step="first", attempt=1, status="succeeded",
+        outputs={"made": {"a": [1, "b"]}}, token="tok-first-1")))
+    assert [c.step for c in commands] == ["first", "second"]
+    for command in commands:
+        body = command.model_dump_json(by_alias=True)
+        validated = StepCommand.model_validate_json(body)
+        assert validated == command
+        assert validated.model_dump_json(by_alias=True) == body
+    first, second = commands
+    assert first.env == {"GREETING": "grüß dich", "EMPTY": ""} and first.network == "none"
+    assert [(s.name, s.as_) for s in first.secrets] == [("NPM_TOKEN", "env"),
+                                                        ("KUBECONFIG", "file")]
+    assert first.timeout == 90.0 and first.deadline == NOW + timedelta(seconds=90)
+    assert second.inputs == {"first": {"made": {"a": [1, "b"]}}}
+    assert second.settings == {"nested": {"list": [1, 2.5, None, True], "text": "x"}}
