@@ -434,36 +434,56 @@ class Orchestrator:
 
 
 class GroupCommit:
-    """Stores the decisions of messages handled in the same turn of the event loop with one
-    statement (Store.append_many): one round trip and one commit for all of them. Each
-    caller still gets its own outcome (rows, Conflict, Duplicate) and acks only after the
-    statement that holds its decision has committed."""
+    """Stores the decisions of messages handled meanwhile with one statement
+    (Store.append_many): one round trip and one commit for all of them. Each caller still
+    gets its own outcome (rows, Conflict, Duplicate) and acks only after the statement that
+    holds its decision has committed.
 
-    def __init__(self, store: Store, max_batch: int = 64) -> None:
+    At most `max_in_flight` statements run at once: under load, the decisions made while
+    they run wait for the next one together (as PostgreSQL's own group commit gathers the
+    commits that arrive during a WAL flush), so a statement carries several decisions
+    instead of each taking its own round trip and commit. With nothing in flight a decision
+    is stored after the other messages of its turn of the event loop joined it."""
+
+    def __init__(self, store: Store, max_batch: int = 64, max_in_flight: int = 2) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self._pending: list[tuple[Append, asyncio.Future[list[OutboxRow] | Exception]]] = []
         self._flushes: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self.statements = 0  # how many statements stored decisions (tests, benchmarks)
 
     async def append(self, item: Append) -> list[OutboxRow]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[OutboxRow] | Exception] = loop.create_future()
         self._pending.append((item, future))
-        if len(self._pending) == 1:
-            loop.call_soon(self._flush)  # after the other messages of this turn joined
-        elif len(self._pending) >= self.max_batch:
-            self._flush()
+        self._schedule()
         result = await future
         if isinstance(result, Exception):
             raise result
         return result
 
+    def _schedule(self) -> None:
+        if self._pending and not self._scheduled and len(self._flushes) < self.max_in_flight:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        if batch:
-            task = asyncio.create_task(self._store(batch))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+        self._scheduled = False
+        if not self._pending or len(self._flushes) >= self.max_in_flight:
+            return
+        batch = self._pending[:self.max_batch]
+        del self._pending[:self.max_batch]
+        self.statements += 1
+        task = asyncio.create_task(self._store(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._stored)
+        self._schedule()  # more than a batch waited: the rest, if a statement may start
+
+    def _stored(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._schedule()  # what gathered meanwhile
 
     async def _store(self, batch: list[tuple[Append, asyncio.Future[Any]]]) -> None:
         try:

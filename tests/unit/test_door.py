@@ -99,6 +99,44 @@ async def test_one_bad_message_in_a_group_commit_fails_alone() -> None:
     assert store.committed == good
 
 
+class SlowStore:
+    """Holds each statement open until the test lets it go, noting what each carried."""
+
+    def __init__(self) -> None:
+        self.statements: list[list[uuid.UUID]] = []
+        self.open = 0
+        self.most_open = 0
+        self.go = asyncio.Event()
+
+    async def append_many(self, items: list[Append]) -> list[list[object]]:
+        self.statements.append([item.message_id for item in items])
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        await self.go.wait()
+        self.open -= 1
+        return [[] for _ in items]
+
+
+async def test_decisions_made_while_statements_run_are_stored_together_after_them() -> None:
+    store = SlowStore()
+    commits = GroupCommit(store, max_batch=4, max_in_flight=2)  # type: ignore[arg-type]
+    first = [asyncio.create_task(commits.append(append(uuid.uuid4()))) for _ in range(2)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the first statement has started, holding both
+    later = [append(uuid.uuid4()) for _ in range(9)]
+    waiting = []
+    for item in later:  # one a turn, as deliveries come while the statement runs
+        waiting.append(asyncio.create_task(commits.append(item)))
+        await asyncio.sleep(0)
+    assert store.open == 2  # the second statement took the first later one; the rest wait
+    store.go.set()
+    assert await asyncio.gather(*first, *waiting) == [[]] * 11
+    assert store.most_open == 2
+    ids = [item.message_id for item in later]
+    assert store.statements[1:] == [ids[:1], ids[1:5], ids[5:9]]  # max_batch each
+    assert commits.statements == 4
+
+
 _JSONISH = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False)
     | st.integers(min_value=-(2**65), max_value=2**65) | st.text(max_size=6),
