@@ -17,6 +17,7 @@ import traceback
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,8 @@ class Worker:
         self.own_credentials = worker_credentials(os.environ)
         self._own_masker = Masker(self.own_credentials)  # a step without secrets gets it
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._running: dict[tuple[str, str, int], asyncio.Task[StepResult]] = {}
+        self._running: dict[tuple[str, str, int],
+                            asyncio.Task[tuple[StepResult, _Workspace | None]]] = {}
         self._cancelled: set[tuple[str, str, int]] = set()
         self.attempts: Counter[tuple[str, str]] = Counter()  # (step, status) (metrics)
 
@@ -147,13 +149,15 @@ class Worker:
             return
         command_id = message.message_id or str(uuid.uuid4())
         key = (str(command.run_id), command.step, command.attempt)
-        task = asyncio.create_task(self.execute(command))
+        task = asyncio.create_task(self._attempt(command))
         self._running[key] = task
+        workspace: _Workspace | None = None
         try:
-            result = await task
+            result, workspace = await task
         except asyncio.CancelledError:
             if key not in self._cancelled:
                 raise  # the worker itself is stopping: leave the message unacked
+            # a cancelled attempt removed its workspace itself
             result = _result(command, "failed", error=StepError(
                 message=f"step {command.step!r} was cancelled", kind="cancelled",
                 retryable=False))
@@ -175,11 +179,25 @@ class Worker:
                         run_id=key[0], step=key[1], error=f"{type(exc).__name__}: {exc}")
             self.bus.acker.nack(message, requeue=True)
             return
+        finally:
+            # After the result is out, not before: the run's next step need not wait for a
+            # tree of thousands of files (node_modules) to be deleted.
+            if workspace is not None:
+                await workspace.remove()
         self.bus.acker.ack(message)  # after the result is confirmed
         self.attempts[(command.step, result.status)] += 1
 
     async def execute(self, command: StepCommand) -> StepResult:
-        """Run the handler for one attempt; every outcome becomes a result."""
+        """Run the handler for one attempt; every outcome becomes a result. The attempt's
+        workspace is gone when it returns."""
+        result, workspace = await self._attempt(command)
+        if workspace is not None:
+            await workspace.remove()
+        return result
+
+    async def _attempt(self, command: StepCommand) -> tuple[StepResult, _Workspace | None]:
+        """One attempt and the workspace it leaves for the caller to remove; a cancelled
+        attempt removes its own before the cancellation goes on."""
         started = datetime.now(UTC)
         run_dir = self.workdir / "runs" / str(command.run_id)
         attempt_dir = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
@@ -213,53 +231,57 @@ class Worker:
             cache_root=self.workdir / "cache", untrusted=command.untrusted,
         )
         try:
-            if failure is not None:
-                raise failure
+            try:
+                if failure is not None:
+                    raise failure
+                if uses_workspace:
+                    sandbox.prepare()
+                handler = self.load_handler(command.uses)
+                if command.timeout:
+                    # The orchestrator times the step out too; this stops the process here.
+                    outputs = await asyncio.wait_for(handler(request), command.timeout)
+                else:
+                    outputs = await handler(request)
+                result = _result(command, "succeeded", outputs=_checked_outputs(
+                    command.step, masker.mask_data(outputs)))
+            except StepSkipped as skipped:
+                step_log.line(f"cistate: skipped: {skipped.reason}")
+                result = _result(command, "skipped", reason=masker.mask(skipped.reason)[
+                    :MAX_TEXT_CHARS], outputs=_checked_outputs(
+                        command.step, masker.mask_data(skipped.outputs)))
+            except StepFailed as exc:
+                step_log.line(f"cistate: {exc.message}")
+                result = _result(command, "failed", error=_error(
+                    masker.mask(exc.message), exit_code=exc.exit_code,
+                    output_tail=masker.mask(exc.output_tail) or step_log.tail(),
+                    retryable=exc.retryable))
+            except TimeoutError:
+                result = _result(command, "failed", error=_error(
+                    f"step {command.step!r} did not finish within {command.timeout:g}s",
+                    kind="timeout", output_tail=step_log.tail()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                step_log.write(traceback.format_exc())
+                result = _result(command, "failed", error=_error(
+                    masker.mask(f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}"),
+                    output_tail=step_log.tail()))
+            finally:
+                if live is not None:
+                    step_log.flush()  # what was held back in case it began a secret
+                    try:
+                        await live.close()
+                    except asyncio.CancelledError:
+                        live.abandon()
+                        raise
+        except BaseException:  # cancelled, or the worker is going down
             if uses_workspace:
-                sandbox.prepare()
-            handler = self.load_handler(command.uses)
-            if command.timeout:
-                # The orchestrator times the step out too; this stops the process here.
-                outputs = await asyncio.wait_for(handler(request), command.timeout)
-            else:
-                outputs = await handler(request)
-            result = _result(command, "succeeded", outputs=_checked_outputs(
-                command.step, masker.mask_data(outputs)))
-        except StepSkipped as skipped:
-            step_log.line(f"cistate: skipped: {skipped.reason}")
-            result = _result(command, "skipped", reason=masker.mask(skipped.reason)[
-                :MAX_TEXT_CHARS], outputs=_checked_outputs(
-                    command.step, masker.mask_data(skipped.outputs)))
-        except StepFailed as exc:
-            step_log.line(f"cistate: {exc.message}")
-            result = _result(command, "failed", error=_error(
-                masker.mask(exc.message), exit_code=exc.exit_code,
-                output_tail=masker.mask(exc.output_tail) or step_log.tail(),
-                retryable=exc.retryable))
-        except TimeoutError:
-            result = _result(command, "failed", error=_error(
-                f"step {command.step!r} did not finish within {command.timeout:g}s",
-                kind="timeout", output_tail=step_log.tail()))
-        except asyncio.CancelledError:
+                _Workspace(attempt_dir, run_dir).remove_now()
             raise
-        except Exception as exc:
-            step_log.write(traceback.format_exc())
-            result = _result(command, "failed", error=_error(
-                masker.mask(f"handler {command.uses!r} crashed: {type(exc).__name__}: {exc}"),
-                output_tail=step_log.tail()))
-        finally:
-            if uses_workspace:
-                _remove(attempt_dir, run_dir)
-            if live is not None:
-                step_log.flush()  # what was held back in case it began a secret
-                try:
-                    await live.close()
-                except asyncio.CancelledError:
-                    live.abandon()
-                    raise
         return result.model_copy(update={
             "log": _text(step_log.text(), MAX_LOG_CHARS) or None, "started_at": started,
-            "finished_at": datetime.now(UTC)})
+            "finished_at": datetime.now(UTC)}), (
+                _Workspace(attempt_dir, run_dir) if uses_workspace else None)
 
 
 def _checked_outputs(step: str, outputs: dict[str, Any]) -> dict[str, Any]:
@@ -285,12 +307,31 @@ def _text(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 40] + "\n... [cut at the limit]"
 
 
-def _remove(workspace: Path, run_dir: Path) -> None:
-    """The attempt's workspace, and the run's folder once no attempt uses it."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(workspace)
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()
+@dataclass(frozen=True)
+class _Workspace:
+    """An attempt's folder (`attempt`) in its run's folder (`run_dir`), to be removed."""
+
+    attempt: Path
+    run_dir: Path
+
+    async def remove(self) -> None:
+        """The attempt's folder, deleted in a thread (the event loop goes on), then the run's
+        folder once no attempt uses it. That last part stays on the loop: an attempt of the
+        same run making its folder (synchronously, on the loop) cannot come in between."""
+        await asyncio.to_thread(self._delete_tree)
+        self._drop_run_dir()
+
+    def remove_now(self) -> None:
+        self._delete_tree()
+        self._drop_run_dir()
+
+    def _delete_tree(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.attempt)
+
+    def _drop_run_dir(self) -> None:
+        with contextlib.suppress(OSError):
+            self.run_dir.rmdir()
 
 
 def _result(command: StepCommand, status: str, **kw: object) -> StepResult:
