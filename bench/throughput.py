@@ -68,7 +68,7 @@ REPO = THIS_FILE.parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # a fallback only: an installed (or PYTHONPATH) cistate wins
 
-TARGET_RATIO = 0.8
+TARGET_RATIO = 1.0  # issues 11 and 12: signing on, and the linear figures with the graph, >= 1.0
 ORCHESTRATOR_PREFETCH = 64  # what cistate.bootstrap.serve() gives the orchestrator's channel
 POOL_SIZE = 10  # cistate.adapters.postgres.store.connect() default max_size
 CLK_TCK = os.sysconf("SC_CLK_TCK")
