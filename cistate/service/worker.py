@@ -201,7 +201,8 @@ class Worker:
         started = datetime.now(UTC)
         run_dir = self.workdir / "runs" / str(command.run_id)
         attempt_dir = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
-        uses_workspace = command.uses not in NO_WORKSPACE
+        workspace = (_Workspace(attempt_dir, run_dir) if command.uses not in NO_WORKSPACE
+                     else None)
         secrets: list[Secret] = []
         failure: StepFailed | None = None
         try:
@@ -234,7 +235,7 @@ class Worker:
             try:
                 if failure is not None:
                     raise failure
-                if uses_workspace:
+                if workspace is not None:
                     sandbox.prepare()
                 handler = self.load_handler(command.uses)
                 if command.timeout:
@@ -275,13 +276,12 @@ class Worker:
                         live.abandon()
                         raise
         except BaseException:  # cancelled, or the worker is going down
-            if uses_workspace:
-                _Workspace(attempt_dir, run_dir).remove_now()
+            if workspace is not None:
+                workspace.remove_now()
             raise
         return result.model_copy(update={
             "log": _text(step_log.text(), MAX_LOG_CHARS) or None, "started_at": started,
-            "finished_at": datetime.now(UTC)}), (
-                _Workspace(attempt_dir, run_dir) if uses_workspace else None)
+            "finished_at": datetime.now(UTC)}), workspace
 
 
 def _checked_outputs(step: str, outputs: dict[str, Any]) -> dict[str, Any]:
