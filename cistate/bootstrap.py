@@ -78,6 +78,18 @@ def served_steps(catalog: p.Catalog, repo_pipelines: bool) -> tuple[str, ...]:
     return (*catalog.step_names, *(f"{HANDLER_QUEUE_MARK}{name}" for name in used))
 
 
+def served_handlers(catalog: p.Catalog, steps: Iterable[str]) -> tuple[str, ...]:
+    """The handlers behind the step queues a worker serves: what it imports before taking
+    work, so that no step's own time pays for loading a client library."""
+    used: dict[str, None] = {}
+    for step in steps:
+        if step.startswith(HANDLER_QUEUE_MARK):
+            used[step.removeprefix(HANDLER_QUEUE_MARK)] = None
+        else:
+            used.update((uses, None) for name, uses in sorted(catalog.served) if name == step)
+    return tuple(used)
+
+
 @dataclass
 class App:
     settings: Settings
@@ -198,8 +210,9 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
             if "worker" in roles:
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)
-                await worker.start(steps or served_steps(app.catalog,
-                                                         bool(app.catalog.repo_files)))
+                queues = steps or served_steps(app.catalog, bool(app.catalog.repo_files))
+                worker.preload(served_handlers(app.catalog, queues))
+                await worker.start(queues)
                 app.worker = worker
             if "api" in roles:
                 from cistate.adapters.http.api import make_app
