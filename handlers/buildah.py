@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ from handlers.git import redact
 from handlers.sandbox import Profile
 from handlers.settings import HandlerSettings, docker_auth
 
+AUTO_DRIVER = "auto"
+PREFERRED_DRIVER = "overlay"  # what `auto` tries: layers are mounts, not copies
+FALLBACK_DRIVER = "vfs"  # works on any kernel and filesystem
+# what `auto` found, per builder executable, sandbox and filesystem: a worker tries once
+_drivers: dict[tuple[str, ...], str] = {}
+
 
 class Buildah:
     def __init__(self, settings: HandlerSettings, request: StepRequest) -> None:
@@ -36,8 +43,56 @@ class Buildah:
         self.request = request
         self.sandbox = request.sandbox
         self.store = self.sandbox.build_dir / "storage"
+        # the storage driver the builds use (`resolve_driver`); `auto` until resolved
+        self.driver = settings.builder_storage_driver
         # the repo's own store in the worker's caches, kept between builds (`--layers`)
         self.cached: cache.Entry | None = None
+
+    async def resolve_driver(self) -> str:
+        """The storage driver: CISTATE_BUILDER_STORAGE_DRIVER, or for `auto` overlay when it
+        mounts in this worker's builder sandbox (a kernel that allows overlay in a user
+        namespace, a store not itself on overlayfs), else vfs. Tried once per worker and
+        builder executable; vfs copies every layer in full, which a cold build pays for."""
+        if self.driver != AUTO_DRIVER:  # set, or resolved already
+            return self.driver
+        command = shlex.split(self.settings.builder_command)[:1]
+        stamp = await asyncio.to_thread(
+            cache.executables, command, self.sandbox.settings.sandbox_path)
+        # the filesystems the stores are on: overlay refuses one on overlayfs
+        devices = [_device(path) for path in (self.sandbox.build_dir,
+                                              self.request.cache_root) if path]
+        key = (*(stamp or command), f"sandboxed={self.sandbox.settings.enabled}",
+               *map(str, devices))
+        found = _drivers.get(key)
+        if found is None:
+            found = await self._probe()
+            if stamp is not None:  # a builder not found now may be installed later
+                _drivers[key] = found
+        self.driver = found
+        return found
+
+    async def _probe(self) -> str:
+        store = self.sandbox.build_dir / "driver-probe"
+        argv = [*shlex.split(self.settings.builder_command),
+                "--root", str(store / "root"), "--runroot", str(store / "run"),
+                "--storage-driver", PREFERRED_DRIVER, "info",
+                "--format", "{{println .store.GraphDriverName}}"]
+        try:
+            done = await process.run_sandboxed(
+                argv, sandbox=self.sandbox, profile=Profile.BUILDER, cwd=self.sandbox.build_dir,
+                log=self.request.log, what=f"checking whether {PREFERRED_DRIVER} works here",
+                check=False, network=False)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, store, ignore_errors=True)
+        if done.exit_code == 0 and done.tail.strip().endswith(PREFERRED_DRIVER):
+            self.request.log.line(f"image store: {PREFERRED_DRIVER} (CISTATE_BUILDER_STORAGE_"
+                                  f"DRIVER=auto; it mounts in the builder sandbox)")
+            return PREFERRED_DRIVER
+        self.request.log.line(
+            f"image store: {FALLBACK_DRIVER}, slower: {PREFERRED_DRIVER} does not work in the "
+            f"builder sandbox here (exit code {done.exit_code}); set CISTATE_BUILDER_STORAGE_"
+            f"DRIVER={FALLBACK_DRIVER} to skip this check")
+        return FALLBACK_DRIVER
 
     @contextlib.asynccontextmanager
     async def layer_cache(self) -> AsyncIterator[None]:
@@ -46,6 +101,7 @@ class Buildah:
         A fork's pull request builds in a store of its own (it would write the layers of its
         `RUN` lines into the store the next trusted build reuses), as does a trusted worker
         that names a store (CISTATE_BUILDER_ROOT with CISTATE_SANDBOX=none)."""
+        await self.resolve_driver()
         root = self.request.cache_root
         own_store = not self.sandbox.settings.enabled and self.settings.builder_root
         if root is None or self.request.untrusted or own_store:
@@ -55,7 +111,7 @@ class Buildah:
         tool = await asyncio.to_thread(
             cache.executables, shlex.split(self.settings.builder_command)[:1],
             self.sandbox.settings.sandbox_path)
-        key = cache.digest("buildah", self.settings.builder_storage_driver, *(tool or ()))
+        key = cache.digest("buildah", self.driver, *(tool or ()))
         entry = await asyncio.to_thread(
             cache.ensure, root, "buildah", cache.digest(key, self.request.repo),
             {"key": key, "repo": redact(self.request.repo), "branch": ""})
@@ -76,8 +132,9 @@ class Buildah:
             root = self.settings.builder_root or str(self.store / "root")
             runroot = self.settings.builder_runroot or str(self.store / "run")
         argv += ["--root", root, "--runroot", runroot]
-        if self.settings.builder_storage_driver:
-            argv += ["--storage-driver", self.settings.builder_storage_driver]
+        assert self.driver != AUTO_DRIVER, "resolve_driver() before the first command"
+        if self.driver:
+            argv += ["--storage-driver", self.driver]
         return argv
 
     def _tls(self) -> list[str]:
@@ -182,6 +239,13 @@ class Buildah:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+
+def _device(path: Path) -> int:
+    """The filesystem `path` is on, or will be on when made."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.stat(path).st_dev
 
 
 def base_images(containerfile: str, build_args: Mapping[str, str] | None = None) -> list[str]:

@@ -82,8 +82,11 @@ class HandlerSettings(BaseSettings):
     """The image builder (buildah)"""
     builder_command: str = "buildah"  # the executable (a path, or a name on PATH)
     """The builder's executable: a path, or a name on PATH"""
-    builder_storage_driver: str = "vfs"
-    """buildah's storage driver"""
+    builder_storage_driver: str = "auto"
+    """buildah's storage driver: `auto` is `overlay` where it works in the builder sandbox (a
+    kernel that mounts overlay in a user namespace, a worker folder not itself on overlayfs),
+    else `vfs`
+    """
     builder_isolation: str = "chroot"
     """buildah's isolation for RUN lines (inside the step sandbox)"""
     builder_root: str = ""  # buildah --root; empty = buildah's default store

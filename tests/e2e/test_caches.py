@@ -298,7 +298,11 @@ async def test_a_second_image_build_of_the_repo_reuses_the_layers_of_the_first(
     assert (store.data / "root").is_dir()
     buildah = cache.executables(["buildah"], SandboxSettings().sandbox_path)
     assert buildah is not None
-    assert store.key == cache.digest("buildah", "vfs", *buildah), (
+    # CISTATE_BUILDER_STORAGE_DRIVER=auto: overlay mounts in the builder sandbox here
+    # (kernel 6.x, the worker folder on ext4), so layers are not copied in full
+    assert "image store: overlay" in first_log, first_log
+    assert (store.data / "root" / "overlay").is_dir()
+    assert store.key == cache.digest("buildah", "overlay", *buildah), (
         "another storage driver or buildah gets a store of its own")
     sha = repo.commit({"README.md": "a change outside the image\n"})
     second, second_log = await build(handler_worker, handler_env, repo, sha)
@@ -313,3 +317,51 @@ async def test_a_second_image_build_of_the_repo_reuses_the_layers_of_the_first(
                               ref="refs/heads/fork-head", untrusted=True)
     assert "Using cache" not in fork_log
     assert store.size() == size
+
+
+async def test_a_named_storage_driver_is_used_without_trying_overlay(
+        handler_worker: Worker, handler_env: Env, make_repo: Callable[..., GitRepo]) -> None:
+    handler_env.set(builder_storage_driver="vfs")
+    repo = make_repo()
+    outputs, log = await build(handler_worker, handler_env, repo, repo.initial)
+    assert outputs["image_digest"].startswith("sha256:")
+    assert "image store:" not in log and "info --format" not in log, log
+    [store] = handler_worker.entries("buildah")
+    assert (store.data / "root" / "vfs").is_dir()
+    assert not (store.data / "root" / "overlay").exists()
+
+
+@pytest.fixture
+def overlayfs_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on an overlayfs mount, as a worker's folder is inside many containers: an
+    overlay image store cannot live there."""
+    layers = tmp_path / "overlayfs"
+    for name in ("lower", "upper", "work", "merged"):
+        (layers / name).mkdir(parents=True)
+    subprocess.run(
+        ["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={layers / 'lower'},upperdir={layers / 'upper'},workdir={layers / 'work'}",
+         str(layers / "merged")], check=True, capture_output=True)
+    try:
+        yield layers / "merged"
+    finally:
+        subprocess.run(["umount", "-l", str(layers / "merged")], check=False)
+
+
+async def test_where_overlay_cannot_mount_the_build_falls_back_to_vfs_and_says_so(
+        handler_env: Env, make_repo: Callable[..., GitRepo], overlayfs_folder: Path) -> None:
+    on_overlayfs = Worker(overlayfs_folder / "worker")
+    try:
+        repo = make_repo()
+        outputs, log = await build(on_overlayfs, handler_env, repo, repo.initial)
+        assert outputs["image_digest"].startswith("sha256:")
+        assert "image store: vfs, slower: overlay does not work in the builder sandbox" in log
+        assert "CISTATE_BUILDER_STORAGE_DRIVER=vfs" in log  # what to set to skip the check
+        [store] = on_overlayfs.entries("buildah")
+        buildah = cache.executables(["buildah"], SandboxSettings().sandbox_path)
+        assert buildah is not None
+        assert store.key == cache.digest("buildah", "vfs", *buildah)
+        assert (store.data / "root" / "vfs").is_dir()
+    finally:
+        for step_log in on_overlayfs.logs:
+            step_log.close()
