@@ -393,7 +393,7 @@ async def run_git(
 @dataclass(frozen=True)
 class Tag:
     name: str
-    commit: str
+    commit: str  # "" for a tag of a tree or blob
 
     @property
     def version(self) -> tuple[int, int, int] | None:
@@ -423,8 +423,8 @@ def _tags(path: Path) -> list[Tag]:
         for ref in repo.tags:
             try:
                 commit = ref.commit.hexsha
-            except ValueError:  # a tag of a tree or blob: not a release
-                continue
+            except ValueError:  # a tag of a tree or blob: no commit's, but the name is taken
+                commit = ""
             found.append(Tag(ref.name, commit))
     return found
 

@@ -599,6 +599,19 @@ async def test_tag_release_reuses_the_commits_tag_and_bumps_the_highest(
     assert sorted(tags) == ["0.10.0", "0.10.1", "0.9.0", "1.0.0-rc.1", "release", "v9.9.9"]
 
 
+async def test_a_version_tag_on_a_tree_takes_its_name_and_the_next_one_is_used(
+    make_repo: Any, make_request: Requests, handler_env: Env
+) -> None:
+    # a release name the remote has, though not on a commit (`git tag 0.3.0 HEAD^{tree}`):
+    # pushing that name again is refused, so it counts when choosing the next version
+    repo = make_repo()
+    tree = git(repo.work, "rev-parse", f"{repo.initial}^{{tree}}").strip()
+    repo.push_tag("0.3.0", tree)
+    outputs, _ = await run_step(make_request, repo, repo.initial, "tag-release")
+    assert outputs == {"tag": "0.3.1"}
+    assert repo.remote_tags()["0.3.1"] == repo.initial
+
+
 async def test_tag_release_skips_other_branches_and_so_does_img_release(
     make_repo: Any, make_request: Requests, handler_env: Env
 ) -> None:
