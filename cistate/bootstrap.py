@@ -211,8 +211,11 @@ async def serve(settings: Settings, roles: Iterable[str], steps: Iterable[str] |
                 worker = Worker(app.bus, settings.workdir, handlers.load,
                                 settings.worker_concurrency)
                 queues = steps or served_steps(app.catalog, bool(app.catalog.repo_files))
-                worker.preload(served_handlers(app.catalog, queues))
+                uses = served_handlers(app.catalog, queues)
+                worker.preload(uses)
                 await worker.start(queues)
+                warm_ups = dict.fromkeys(w for w in map(handlers.warm_up_of, uses) if w)
+                background.append(asyncio.create_task(worker.warm_up(warm_ups)))
                 app.worker = worker
             if "api" in roles:
                 from cistate.adapters.http.api import make_app

@@ -8,10 +8,18 @@ and what each handler reads of the steps before it (`Entry.inputs`).
 from __future__ import annotations
 
 import importlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cistate.domain.pipeline import Input
 from handlers.base import Handler
+
+if TYPE_CHECKING:
+    from handlers.sandbox import SandboxSettings
+
+WarmUp = Callable[[Path, "SandboxSettings"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,15 @@ def inputs() -> dict[str, tuple[Input, ...]]:
     """What each handler reads, by name: what pipeline.parse checks and resolves a file's
     steps against."""
     return {name: entry.inputs for name, entry in REGISTRY.items()}
+
+
+def warm_up_of(name: str) -> WarmUp | None:
+    """The handler module's `warm_up(workdir, sandbox_settings)`: what a worker does once,
+    in the background, at its start, so that its first step does not (tool versions, the
+    image store's driver); None when it has none."""
+    module = importlib.import_module(REGISTRY[name].module)
+    warm_up: WarmUp | None = getattr(module, "warm_up", None)
+    return warm_up
 
 
 def load(name: str) -> Handler:

@@ -24,11 +24,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from handlers import git, npm
+from handlers import buildah, git, npm
 from handlers.base import StepFailed, StepRequest
 from handlers.buildah import Buildah, registry_auths
 from handlers.helm import refuse_links_out
 from handlers.registry import ImageRef, RegistryClient
+from handlers.sandbox import SandboxSettings
 from handlers.settings import HandlerSettings, for_request
 
 REVISION_LABEL = "org.opencontainers.image.revision"
@@ -87,6 +88,12 @@ async def run(request: StepRequest) -> dict[str, Any]:
             request.log.line(f"note: buildah reported {pushed}, the registry has {digest}")
         request.log.line(f"pushed {image_url} ({digest})")
         return {"image_url": image_url, "image_digest": digest}
+
+
+async def warm_up(workdir: Path, sandbox_settings: SandboxSettings) -> None:
+    """At the worker's start (handlers.warm_up_of): npm's versions and the storage driver."""
+    await npm.warm_up(workdir, sandbox_settings)
+    await buildah.warm_up(workdir, sandbox_settings)
 
 
 async def _built_from(registry: RegistryClient, image: ImageRef, commit: str) -> str | None:

@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from handlers import cache, process
-from handlers.base import StepFailed, StepRequest
+from handlers.base import StepFailed, StepLog, StepRequest
 from handlers.git import redact
-from handlers.sandbox import Profile
+from handlers.sandbox import Profile, Sandbox, SandboxSettings
 from handlers.settings import HandlerSettings, docker_auth
 
 AUTO_DRIVER = "auto"
 PREFERRED_DRIVER = "overlay"  # what `auto` tries: layers are mounts, not copies
 FALLBACK_DRIVER = "vfs"  # works on any kernel and filesystem
 # what `auto` found, per builder executable, sandbox and filesystem: a worker tries once
+WARM_UP = f"warm-up-{os.getpid()}"  # the attempt folder of a worker's warm-up
 _drivers: dict[tuple[str, ...], str] = {}
 
 
@@ -49,50 +50,12 @@ class Buildah:
         self.cached: cache.Entry | None = None
 
     async def resolve_driver(self) -> str:
-        """The storage driver: CISTATE_BUILDER_STORAGE_DRIVER, or for `auto` overlay when it
-        mounts in this worker's builder sandbox (a kernel that allows overlay in a user
-        namespace, a store not itself on overlayfs), else vfs. Tried once per worker and
-        builder executable; vfs copies every layer in full, which a cold build pays for."""
-        if self.driver != AUTO_DRIVER:  # set, or resolved already
-            return self.driver
-        command = shlex.split(self.settings.builder_command)[:1]
-        stamp = await asyncio.to_thread(
-            cache.executables, command, self.sandbox.settings.sandbox_path)
-        # the filesystems the stores are on: overlay refuses one on overlayfs
-        devices = [_device(path) for path in (self.sandbox.build_dir,
-                                              self.request.cache_root) if path]
-        key = (*(stamp or command), f"sandboxed={self.sandbox.settings.enabled}",
-               *map(str, devices))
-        found = _drivers.get(key)
-        if found is None:
-            found = await self._probe()
-            if stamp is not None:  # a builder not found now may be installed later
-                _drivers[key] = found
-        self.driver = found
-        return found
-
-    async def _probe(self) -> str:
-        store = self.sandbox.build_dir / "driver-probe"
-        argv = [*shlex.split(self.settings.builder_command),
-                "--root", str(store / "root"), "--runroot", str(store / "run"),
-                "--storage-driver", PREFERRED_DRIVER, "info",
-                "--format", "{{println .store.GraphDriverName}}"]
-        try:
-            done = await process.run_sandboxed(
-                argv, sandbox=self.sandbox, profile=Profile.BUILDER, cwd=self.sandbox.build_dir,
-                log=self.request.log, what=f"checking whether {PREFERRED_DRIVER} works here",
-                check=False, network=False)
-        finally:
-            await asyncio.to_thread(shutil.rmtree, store, ignore_errors=True)
-        if done.exit_code == 0 and done.tail.strip().endswith(PREFERRED_DRIVER):
-            self.request.log.line(f"image store: {PREFERRED_DRIVER} (CISTATE_BUILDER_STORAGE_"
-                                  f"DRIVER=auto; it mounts in the builder sandbox)")
-            return PREFERRED_DRIVER
-        self.request.log.line(
-            f"image store: {FALLBACK_DRIVER}, slower: {PREFERRED_DRIVER} does not work in the "
-            f"builder sandbox here (exit code {done.exit_code}); set CISTATE_BUILDER_STORAGE_"
-            f"DRIVER={FALLBACK_DRIVER} to skip this check")
-        return FALLBACK_DRIVER
+        """The storage driver: CISTATE_BUILDER_STORAGE_DRIVER, or what `auto` finds
+        (`find_driver`)."""
+        if self.driver == AUTO_DRIVER:
+            self.driver = await find_driver(self.settings, self.sandbox,
+                                            self.request.cache_root, self.request.log)
+        return self.driver
 
     @contextlib.asynccontextmanager
     async def layer_cache(self) -> AsyncIterator[None]:
@@ -239,6 +202,62 @@ class Buildah:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+
+async def find_driver(settings: HandlerSettings, sandbox: Sandbox, cache_root: Path | None,
+                      log: StepLog) -> str:
+    """What `auto` builds on: overlay when it mounts in this worker's builder sandbox (a
+    kernel that allows overlay in a user namespace, stores not on overlayfs), else vfs,
+    which copies every layer in full. Tried once per worker, builder and filesystem."""
+    command = shlex.split(settings.builder_command)[:1]
+    stamp = await asyncio.to_thread(cache.executables, command, sandbox.settings.sandbox_path)
+    # the filesystems the stores are on: overlay refuses one on overlayfs
+    devices = [_device(path) for path in (sandbox.build_dir, cache_root) if path]
+    key = (*(stamp or command), f"sandboxed={sandbox.settings.enabled}", *map(str, devices))
+    found = _drivers.get(key)
+    if found is None:
+        found = await _probe(settings, sandbox, log)
+        if stamp is not None:  # a builder not found now may be installed later
+            _drivers[key] = found
+    if found == PREFERRED_DRIVER:
+        log.line(f"image store: {PREFERRED_DRIVER} (CISTATE_BUILDER_STORAGE_DRIVER=auto; it "
+                 "mounts in the builder sandbox)")
+    else:
+        log.line(f"image store: {FALLBACK_DRIVER}, slower: {PREFERRED_DRIVER} does not work "
+                 f"in the builder sandbox here; set CISTATE_BUILDER_STORAGE_DRIVER="
+                 f"{FALLBACK_DRIVER} to skip this check")
+    return found
+
+
+async def _probe(settings: HandlerSettings, sandbox: Sandbox, log: StepLog) -> str:
+    store = sandbox.build_dir / "driver-probe"
+    argv = [*shlex.split(settings.builder_command),
+            "--root", str(store / "root"), "--runroot", str(store / "run"),
+            "--storage-driver", PREFERRED_DRIVER, "info",
+            "--format", "{{println .store.GraphDriverName}}"]
+    try:
+        done = await process.run_sandboxed(
+            argv, sandbox=sandbox, profile=Profile.BUILDER, cwd=sandbox.build_dir, log=log,
+            what=f"checking whether {PREFERRED_DRIVER} works here", check=False,
+            network=False)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, store, ignore_errors=True)
+    works = done.exit_code == 0 and done.tail.strip().endswith(PREFERRED_DRIVER)
+    return PREFERRED_DRIVER if works else FALLBACK_DRIVER
+
+
+async def warm_up(workdir: Path, sandbox_settings: SandboxSettings) -> None:
+    """At a worker's start: find the storage driver, so that its first build does not."""
+    settings = HandlerSettings()
+    if settings.builder_storage_driver != AUTO_DRIVER:
+        return
+    sandbox = Sandbox(settings=sandbox_settings, attempt=workdir / "runs" / WARM_UP,
+                      identity={}, hidden=(workdir,))
+    try:
+        sandbox.prepare()
+        await find_driver(settings, sandbox, workdir / "cache", StepLog())
+    finally:
+        await asyncio.to_thread(shutil.rmtree, sandbox.attempt, ignore_errors=True)
 
 
 def _device(path: Path) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 from handlers import cache, node_modules, process
 from handlers.base import StepFailed, StepRequest
+from handlers.sandbox import SandboxSettings
+from handlers.settings import HandlerSettings
 
 LOCK_FILES = ("package-lock.json", "npm-shrinkwrap.json")
 # quiet, offline-friendly npm: no update check, no audit or funding requests
@@ -83,6 +85,13 @@ async def install(request: StepRequest, source: Path, npm: str) -> str:
     if request.cache_root is not None and not request.untrusted:  # after each write
         await asyncio.to_thread(cache.evict, request.cache_root, node_modules.limit())
     return f"npm {command}"
+
+
+async def warm_up(workdir: Path, sandbox_settings: SandboxSettings) -> None:
+    """At a worker's start: the npm and node versions (part of a node_modules key), asked
+    once so that the first install does not wait for two node processes."""
+    await node_modules.tool_versions(HandlerSettings().npm_command,
+                                     sandbox_settings.sandbox_path)
 
 
 async def run(

@@ -17,6 +17,8 @@ from handlers import git, npm
 from handlers.base import StepFailed, StepRequest
 from handlers.settings import for_request
 
+warm_up = npm.warm_up  # at the worker's start (handlers.warm_up_of)
+
 
 async def run(request: StepRequest) -> dict[str, Any]:
     git.validate_request(request)

@@ -41,7 +41,7 @@ from cistate.domain.messages import (
     storable_problem,
 )
 from cistate.service.livelog import LiveLog
-from handlers import NO_WORKSPACE, mirror
+from handlers import NO_WORKSPACE, WarmUp, mirror
 from handlers.base import (
     Handler,
     StepFailed,
@@ -93,6 +93,17 @@ class Worker:
                 self.load_handler(name)
             except Exception as exc:  # reported again, as a step error, on use
                 log.warning("could not load a handler", uses=name, reason=str(exc))
+
+    async def warm_up(self, warm_ups: Iterable[WarmUp]) -> None:
+        """Run the served handlers' warm-ups (handlers.warm_up_of), one after another, in
+        the background of a worker that takes work already; one that fails is logged and
+        its step does that work itself."""
+        for warm_up in warm_ups:
+            try:
+                await warm_up(self.workdir, self.sandbox)
+            except Exception as exc:  # the step does it again, and says what fails
+                log.warning("a handler's warm-up failed", warm_up=warm_up.__module__,
+                            reason=str(exc))
 
     async def start(self, steps: Iterable[str]) -> None:
         if not self.sandbox.enabled:

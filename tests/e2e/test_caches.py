@@ -23,6 +23,8 @@ import pytest
 
 import handlers
 from cistate.adapters.cli.cache import list_caches
+from handlers import build as build_module
+from handlers import buildah as buildah_module
 from handlers import cache, process
 from handlers.base import StepFailed, StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
@@ -365,3 +367,15 @@ async def test_where_overlay_cannot_mount_the_build_falls_back_to_vfs_and_says_s
     finally:
         for step_log in on_overlayfs.logs:
             step_log.close()
+
+
+async def test_a_worker_that_warmed_up_builds_without_asking_for_the_driver_again(
+        handler_worker: Worker, handler_env: Env, make_repo: Callable[..., GitRepo]) -> None:
+    buildah_module._drivers.clear()  # as in a worker that has just started
+    await build_module.warm_up(handler_worker.folder, SandboxSettings())
+    assert not (handler_worker.folder / "runs" / buildah_module.WARM_UP).exists()
+    repo = make_repo()
+    outputs, log = await build(handler_worker, handler_env, repo, repo.initial)
+    assert outputs["image_digest"].startswith("sha256:")
+    assert "image store: overlay" in log, log
+    assert "info --format" not in log, "the build asked again what its warm-up found"

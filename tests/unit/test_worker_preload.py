@@ -16,6 +16,7 @@ from cistate.bootstrap import served_handlers, served_steps
 from cistate.domain import pipeline as p
 from cistate.service.worker import Worker
 from handlers.base import Handler
+from handlers.sandbox import SandboxSettings
 
 pytestmark = pytest.mark.unit
 
@@ -69,3 +70,25 @@ def test_the_deploy_handler_is_imported_before_its_first_step(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+async def test_a_warm_up_that_fails_is_logged_and_the_next_one_runs(tmp_path: Path) -> None:
+    ran: list[Path] = []
+
+    async def broken(workdir: Path, sandbox: SandboxSettings) -> None:
+        raise OSError("buildah: not found")
+
+    async def fine(workdir: Path, sandbox: SandboxSettings) -> None:
+        ran.append(workdir)
+
+    worker = Worker(None, tmp_path, handlers.load)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        await worker.warm_up([broken, fine])
+    assert ran == [tmp_path]
+    assert [e["reason"] for e in logs] == ["buildah: not found"]
+
+
+def test_the_build_and_test_handlers_warm_up_and_noop_does_not() -> None:
+    assert handlers.warm_up_of("build") is not None
+    assert handlers.warm_up_of("test") is not None
+    assert handlers.warm_up_of("noop") is None
