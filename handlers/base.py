@@ -10,6 +10,7 @@ result message. They must be idempotent: the same request may run more than once
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ class StepRequest:
     cache_root: Path | None = field(default=None, kw_only=True)
     # a fork's pull request: reads the caches, never writes them (StepCommand.untrusted)
     untrusted: bool = field(default=False, kw_only=True)
+    # what the attempt holds until its workspace is removed, which the worker then closes: the
+    # repo mirror its checkout borrows objects from (handlers.mirror.borrowed)
+    holds: contextlib.ExitStack[bool | None] = field(
+        default_factory=contextlib.ExitStack, kw_only=True, repr=False, compare=False)
 
     def outputs_from(self, producer: str) -> Mapping[str, Any]:
         """The outputs of the earlier step that used handler `producer` (`setup`), whatever

@@ -219,8 +219,14 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: s
     assert request.mirrors is not None
     mirror_dir = mirror.path_for(request.mirrors, url)
     where = f"repo {redact(url)}"
+    held = False
     for last in (False, True):
         async with mirror.locked(mirror_dir):
+            if not held:
+                # from before the mirror is looked at until the attempt's workspace is gone:
+                # the tree borrows its objects all that time, no prune may remove it
+                request.holds.enter_context(mirror.borrowed(mirror_dir))
+                held = True
             rebuilt = await mirror.call(mirror.ready, mirror_dir, url)
             if rebuilt:
                 request.log.line(f"made the worker's mirror of {where} again: {rebuilt}")
@@ -231,6 +237,7 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: s
         try:
             await asyncio.to_thread(_init_borrowing, path, url, mirror.objects_of(mirror_dir),
                                     full, detach)
+            await asyncio.to_thread(mirror.touch, mirror_dir)
             return full, " from the worker's mirror"
         except (git.GitError, git.BadName, git.BadObject, ValueError) as exc:
             failed = StepFailed(f"cannot check out {full} of {where} from the worker's mirror: "

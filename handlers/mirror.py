@@ -17,7 +17,20 @@ step tree borrows is ever pruned. A fetch writes MARKER first and removes it aft
 killed mid-fetch leaves it, and whoever takes the lock next removes stale `*.lock` and
 temporary pack files and checks the mirror (`git fsck --connectivity-only`). A mirror that
 fails that check, whose ref tips are missing, or that is no git directory at all is deleted
-and fetched again. Removing `<workdir>/mirrors` while no step runs is always safe.
+and fetched again.
+
+Bounded with the worker's caches (handlers.cache: `cistate cache list|prune`, and
+CISTATE_CACHE_MAX, counted in one total with them, least recently used first). A checkout
+touches `<mirror>/cistate-last-used` (the mirror's last use) and, from before it looks at the
+mirror until the attempt's workspace is removed, holds a shared `flock` on `<mirror>.use`
+(`borrowed`, kept in `StepRequest.holds`): its tree's `alternates` names the mirror's objects
+all that time. `remove` takes the mirror's lock (no fetch is under way or starts) and the
+exclusive `flock` on `<mirror>.use`, both without waiting, and skips a mirror that is busy;
+it renames the mirror into `<mirrors>/.trash/` first and deletes it after, so a remover
+killed halfway leaves no half of a mirror where a checkout would look (`sweep` empties the
+trash). A removed mirror is fetched again by the next checkout of its repo. The kernel drops
+a killed worker's flocks: nothing it held keeps a mirror from being removed. The lock files
+beside the mirrors are never deleted (a lock on a deleted file would lock nothing).
 """
 
 from __future__ import annotations
@@ -29,8 +42,9 @@ import hashlib
 import os
 import shutil
 import subprocess
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -40,6 +54,8 @@ from handlers.base import StepFailed
 
 MIRRORS_DIR = "mirrors"
 MARKER = "cistate-fetch-in-progress"
+STAMP = "cistate-last-used"  # its mtime: the mirror's last use by a checkout
+TRASH = ".trash"  # in the mirrors folder: mirrors being removed
 PIN_PREFIX = "refs/cistate/"
 REPACK_OVER = 32  # packs: one per fetch, merged into one beyond this many
 _GIT = ("git", "-c", "protocol.ext.allow=never", "-c", "protocol.fd.allow=never")
@@ -94,6 +110,93 @@ async def locked(mirror: Path) -> AsyncIterator[None]:
             yield
         finally:
             os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def borrowed(mirror: Path) -> Iterator[None]:
+    """Hold the mirror against removal while a step's tree borrows its objects: a shared
+    flock on `<mirror>.use`. Taken under the mirror's lock (`locked`): `remove` takes both, so
+    none is between its check and its rename."""
+    fd = os.open(f"{mirror}.use", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)  # only a remover holds it exclusively, and only with the mirror's lock
+        raise StepFailed(f"the worker's mirror {mirror} is being removed; the step is "
+                         "retried") from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def touch(mirror: Path) -> None:
+    """A checkout used the mirror now."""
+    with contextlib.suppress(OSError):
+        (mirror / STAMP).touch()
+
+
+def last_used(mirror: Path) -> float:
+    """When a checkout last used the mirror (the mirror's own mtime before any did)."""
+    for path in (mirror / STAMP, mirror):
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime
+    return 0.0
+
+
+def mirrors(root: Path) -> list[Path]:
+    """The mirrors in the worker's mirrors folder (not those being removed)."""
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.glob("*.git")
+                  if path.is_dir() and not path.is_symlink())
+
+
+def url_of(mirror: Path) -> str:
+    """The repo's URL as the mirror's config has it (with the credentials of its last fetch:
+    redact it before showing it); empty when it has none."""
+    done = subprocess.run(
+        ["git", "config", "--file", str(mirror / "config"), "--get", "remote.origin.url"],
+        cwd=mirror.parent, env={**process.tool_env(), **_ENV}, capture_output=True,
+        text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def remove(mirror: Path) -> bool:
+    """Remove the mirror unless it is busy: a fetch holds its lock, or a step's tree borrows
+    from it (`borrowed`); both flocks are tried without waiting. Renamed aside (into the
+    mirrors folder's trash) first, then deleted. Whether it was removed."""
+    if not mirror.is_dir():
+        return False
+    gone = mirror.parent / TRASH / f"{mirror.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        fetch = os.open(f"{mirror}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fetch, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        use = os.open(f"{mirror}.use", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            gone.parent.mkdir(mode=0o700, exist_ok=True)
+            os.rename(mirror, gone)
+        finally:
+            os.close(use)
+    except OSError:  # busy (BlockingIOError), or removed by another meanwhile
+        return False
+    finally:
+        os.close(fetch)
+    shutil.rmtree(gone, ignore_errors=True)
+    return True
+
+
+def sweep(root: Path) -> None:
+    """Delete what a remover killed halfway left in the trash (never a mirror in use: it was
+    renamed there under both locks)."""
+    trash = root / TRASH
+    if trash.is_dir():
+        for child in trash.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 async def call(operation: Callable[..., T], *args: Any) -> T:

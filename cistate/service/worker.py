@@ -221,8 +221,10 @@ class Worker:
         started = datetime.now(UTC)
         run_dir = self.workdir / "runs" / str(command.run_id)
         attempt_dir = run_dir / f"{command.step}-{command.attempt}-{uuid.uuid4().hex[:8]}"
-        workspace = (_Workspace(attempt_dir, run_dir) if command.uses not in NO_WORKSPACE
-                     else None)
+        # what the attempt holds until its tree is deleted (the repo mirror it borrows from)
+        holds = contextlib.ExitStack()
+        workspace = (_Workspace(attempt_dir, run_dir, holds)
+                     if command.uses not in NO_WORKSPACE else None)
         secrets: list[Secret] = []
         failure: StepFailed | None = None
         try:
@@ -249,7 +251,7 @@ class Worker:
             settings=command.settings, script=command.script, inputs=command.inputs,
             workdir=sandbox.work, log=step_log, sandbox=sandbox, sources=command.sources,
             mirrors=self.mirrors,
-            cache_root=self.workdir / "cache", untrusted=command.untrusted,
+            cache_root=self.workdir / "cache", untrusted=command.untrusted, holds=holds,
         )
         try:
             try:
@@ -299,6 +301,9 @@ class Worker:
             if workspace is not None:
                 workspace.remove_now()
             raise
+        finally:
+            if workspace is None:
+                holds.close()
         return result.model_copy(update={
             "log": _text(step_log.text(), MAX_LOG_CHARS) or None, "started_at": started,
             "finished_at": datetime.now(UTC)}), workspace
@@ -329,20 +334,30 @@ def _text(text: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class _Workspace:
-    """An attempt's folder (`attempt`) in its run's folder (`run_dir`), to be removed."""
+    """An attempt's folder (`attempt`) in its run's folder (`run_dir`), to be removed, and
+    what the attempt holds while its folder is there (`holds`: the repo mirror its checkout
+    borrows objects from, which no prune may remove before the tree is gone)."""
 
     attempt: Path
     run_dir: Path
+    holds: contextlib.ExitStack[bool | None]
 
     async def remove(self) -> None:
-        """The attempt's folder, deleted in a thread (the event loop goes on), then the run's
-        folder once no attempt uses it. That last part stays on the loop: an attempt of the
-        same run making its folder (synchronously, on the loop) cannot come in between."""
-        await asyncio.to_thread(self._delete_tree)
+        """The attempt's folder, deleted in a thread (the event loop goes on), then what it
+        held let go, then the run's folder once no attempt uses it. That last part stays on
+        the loop: an attempt of the same run making its folder (synchronously, on the loop)
+        cannot come in between."""
+        try:
+            await asyncio.to_thread(self._delete_tree)
+        finally:
+            self.holds.close()
         self._drop_run_dir()
 
     def remove_now(self) -> None:
-        self._delete_tree()
+        try:
+            self._delete_tree()
+        finally:
+            self.holds.close()
         self._drop_run_dir()
 
     def _delete_tree(self) -> None:

@@ -436,6 +436,7 @@ class Requests:
 
     tmp_path: Path
     logs: list[StepLog] = field(default_factory=list)
+    made: list[StepRequest] = field(default_factory=list)
 
     def __call__(
         self,
@@ -462,7 +463,7 @@ class Requests:
             read_only_binds=(mirror.objects_of(mirror.path_for(self.mirrors, url)),),
         )
         sandbox.prepare()
-        return StepRequest(
+        request = StepRequest(
             run_id=run_id,
             repo=url,
             ref=ref,
@@ -477,15 +478,24 @@ class Requests:
             sandbox=sandbox,
             mirrors=self.mirrors,
         )
+        self.made.append(request)
+        return request
 
     @property
     def mirrors(self) -> Path:
         """The worker's repo mirrors (handlers.mirror), shared by the test's steps."""
         return self.tmp_path / "steps" / mirror.MIRRORS_DIR
 
+    @property
+    def workdir(self) -> Path:
+        """The folder that plays the worker's workdir (its mirrors, its caches)."""
+        return self.tmp_path / "steps"
+
     def close(self) -> None:
         for log in self.logs:
             log.close()
+        for request in self.made:
+            request.holds.close()  # as the worker does once the workspace is removed
 
 
 @pytest.fixture
