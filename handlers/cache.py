@@ -11,6 +11,11 @@ One folder per entry, `<root>/<kind>/<id>/`, holding `meta.json` (kind, key, rep
   .npmrc, npm and node versions) on one branch; see handlers.node_modules.
 - `buildah`: one repository's image store (per buildah executable and storage driver), so
   that `buildah bud --layers` reuses its layers.
+- `mirror`: the worker's bare mirror of one repository, which checkouts borrow objects from
+  (handlers.mirror). Not under `<root>` but beside it, in `<workdir>/mirrors/`, and not made
+  here: listed, counted in the total and evicted like the others. In use while a step's tree
+  borrows from it or a fetch fills it (`mirror.borrowed`, `mirror.locked`); removed by
+  `mirror.remove`, and fetched again by the next checkout of its repo.
 
 Entries are written whole or not at all: filled in a temporary folder and renamed into place.
 A reader holds a shared lock on the entry while it copies from it (or a build uses it);
@@ -38,7 +43,10 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-KINDS = ("npm", "node_modules", "buildah")
+from handlers import mirror
+
+KINDS = ("npm", "node_modules", "buildah")  # entries of the cache folder
+MIRROR = "mirror"  # the repo mirrors beside it (handlers.mirror)
 TRASH = ".trash"
 STALE_SECONDS = 3600.0  # a temporary folder this old is a killed worker's
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -73,8 +81,9 @@ class CacheSettings(BaseSettings):
                                       use_attribute_docstrings=True)
 
     cache_max: ByteCount = Field(default="5G", ge=0, validate_default=True)
-    """The most the worker's caches (npm downloads, node_modules, image layers) may take on
-    disk, in bytes or with K/M/G/T; least recently used entries go first after each write
+    """The most the worker's caches (npm downloads, node_modules, image layers, repo mirrors)
+    may take on disk, in bytes or with K/M/G/T; least recently used entries go first after
+    each write or fetch
     """
 
 
@@ -113,10 +122,12 @@ class Entry:
 
     @property
     def data(self) -> Path:
-        return self.path / "data"
+        return self.path if self.kind == MIRROR else self.path / "data"
 
     @property
     def last_used(self) -> float:
+        if self.kind == MIRROR:
+            return mirror.last_used(self.path)
         try:
             return (self.path / "last-used").stat().st_mtime
         except OSError:
@@ -126,6 +137,9 @@ class Entry:
         return self.fixed_size if self.fixed_size is not None else disk_usage(self.path)
 
     def touch(self) -> None:
+        if self.kind == MIRROR:
+            mirror.touch(self.path)
+            return
         with contextlib.suppress(OSError):
             (self.path / "last-used").touch()
 
@@ -157,7 +171,25 @@ def read(root: Path, kind: str, entry_id: str) -> Entry | None:
                  str(meta.get("branch", "")), size if isinstance(size, int) else None)
 
 
+def mirrors_of(root: Path) -> Path:
+    """The worker's repo mirrors: `<workdir>/mirrors`, beside its caches (`<workdir>/cache`)."""
+    return root.parent / mirror.MIRRORS_DIR
+
+
+def mirror_entries(root: Path) -> list[Entry]:
+    """The repo mirrors beside the caches at `root`, each with its repo's URL shown without
+    credentials."""
+    found = mirror.mirrors(mirrors_of(root))
+    if not found:
+        return []
+    from handlers.git import redact  # here: GitPython is big, and most caches have no mirror
+
+    return [Entry(path, MIRROR, path.name.removesuffix(".git"), redact(mirror.url_of(path)),
+                  "") for path in found]
+
+
 def entries(root: Path) -> list[Entry]:
+    """Every entry of the caches at `root`, and the repo mirrors beside them."""
     found = []
     for kind in KINDS:
         folder = root / kind
@@ -167,13 +199,16 @@ def entries(root: Path) -> list[Entry]:
             entry = read(root, kind, child.name) if not child.name.startswith(".") else None
             if entry is not None:
                 found.append(entry)
-    return found
+    return [*found, *mirror_entries(root)]
 
 
 @contextlib.contextmanager
 def using(entry: Entry) -> Iterator[bool]:
     """Hold `entry` against eviction while the block reads it; False when it was evicted
-    before the lock was had (a miss). Counts as a use (its `last-used` is touched)."""
+    before the lock was had (a miss). Counts as a use (its `last-used` is touched). Not for
+    mirrors: a checkout holds those (`mirror.borrowed`)."""
+    if entry.kind == MIRROR:
+        raise ValueError("a repo mirror is held by mirror.borrowed, not cache.using")
     try:
         fd = os.open(entry.path / "lock", os.O_RDONLY)
     except OSError:
@@ -253,8 +288,9 @@ def evict(root: Path, limit: int) -> list[Entry]:
 
 
 def sweep(root: Path, *, stale: float = STALE_SECONDS) -> None:
-    """Remove what a killed worker left: the trash, and temporary folders older than
-    `stale` seconds (a write in progress takes seconds)."""
+    """Remove what a killed worker left: the trash (and the mirrors'), and temporary folders
+    older than `stale` seconds (a write in progress takes seconds)."""
+    mirror.sweep(mirrors_of(root))
     trash = root / TRASH
     if trash.is_dir():
         for child in trash.iterdir():
@@ -272,6 +308,8 @@ def sweep(root: Path, *, stale: float = STALE_SECONDS) -> None:
 
 def remove(root: Path, entry: Entry) -> bool:
     """Remove one entry unless it is in use; whether it was removed."""
+    if entry.kind == MIRROR:
+        return mirror.remove(entry.path)
     try:
         fd = os.open(entry.path / "lock", os.O_RDONLY)
     except OSError:
@@ -298,6 +336,7 @@ def prune(root: Path, *, limit: int | None) -> list[Entry]:
     """`cistate cache prune`: down to `limit` bytes, or every entry not in use (None)."""
     if limit is not None:
         return evict(root, limit)
+    sweep(root)
     return [entry for entry in entries(root) if remove(root, entry)]
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import git
 
 from cistate.config import RepoSettings
-from handlers import mirror, process
+from handlers import cache, mirror, process
 from handlers.base import StepFailed, StepRequest
 
 SOURCE_DIR = "source"
@@ -219,7 +219,7 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: s
     assert request.mirrors is not None
     mirror_dir = mirror.path_for(request.mirrors, url)
     where = f"repo {redact(url)}"
-    held = False
+    held = fetched = False
     for last in (False, True):
         async with mirror.locked(mirror_dir):
             if not held:
@@ -233,11 +233,14 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: s
             full = await mirror.call(mirror.resolve, mirror_dir, sha)
             if full is None:
                 full = await _fetch_into_mirror(request, mirror_dir, url, sha)
+                fetched = True
                 request.log.line(f"fetched {full} of {where} into the worker's mirror")
         try:
             await asyncio.to_thread(_init_borrowing, path, url, mirror.objects_of(mirror_dir),
                                     full, detach)
             await asyncio.to_thread(mirror.touch, mirror_dir)
+            if fetched and request.cache_root is not None:
+                await _trim_caches(request, request.cache_root)
             return full, " from the worker's mirror"
         except (git.GitError, git.BadName, git.BadObject, ValueError) as exc:
             failed = StepFailed(f"cannot check out {full} of {where} from the worker's mirror: "
@@ -254,6 +257,15 @@ async def _borrow_from_mirror(request: StepRequest, path: Path, url: str, sha: s
                                      "from it failed and it is broken")
                 # else another worker made the mirror again under us: fetch once more
     raise AssertionError("unreachable")
+
+
+async def _trim_caches(request: StepRequest, root: Path) -> None:
+    """The mirror grew: trim the caches and mirrors (the step's own is held) to their bound.
+    A failure is the step's log's, not the step's: the checkout is done."""
+    try:
+        await asyncio.to_thread(cache.evict, root, cache.CacheSettings().cache_max)
+    except (OSError, ValueError) as exc:
+        request.log.line(f"could not trim the worker's caches: {type(exc).__name__}: {exc}")
 
 
 async def _fetch_into_mirror(request: StepRequest, mirror_dir: Path, url: str,

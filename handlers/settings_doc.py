@@ -49,7 +49,7 @@ def rows() -> list[tuple[str, str, str, str]]:
         users.setdefault(needs.model, []).append(step)
     models: list[tuple[type[BaseSettings], Iterable[str]]] = [
         *users.items(), (SandboxSettings, ["every step (the sandbox)"]),
-        (CacheSettings, ["test, build (the worker's caches)"])]
+        (CacheSettings, ["every step that checks out (the worker's caches and mirrors)"])]
     found = []
     for model, steps in models:
         for name, info in model.model_fields.items():

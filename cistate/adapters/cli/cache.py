@@ -1,4 +1,5 @@
-"""`cistate cache list|prune`: the worker's caches (handlers.cache) under `<workdir>/cache`.
+"""`cistate cache list|prune`: the worker's caches (handlers.cache) under `<workdir>/cache`
+and its repo mirrors (handlers.mirror) under `<workdir>/mirrors`.
 
 Plain functions that return what to print; the command line's parser calls them. Run them
 where the worker runs, with its CISTATE_WORKDIR.
@@ -15,7 +16,8 @@ def cache_root(workdir: Path) -> Path:
 
 
 def list_caches(workdir: Path, *, as_json: bool = False) -> str:
-    """Every entry: id, kind, key, repo, branch, size and last use, least recent last."""
+    """Every entry and mirror: id, kind, key, repo (a mirror's without credentials), branch,
+    size and last use, least recent last."""
     from handlers import cache
 
     found = sorted(cache.entries(cache_root(workdir)), key=lambda e: e.last_used,
@@ -61,5 +63,6 @@ def prune(workdir: Path, *, max_size: str | None = None, everything: bool = Fals
 
 
 def _shown_key(row: dict[str, object]) -> str:
-    """node_modules entries by their content key; npm and buildah ones (one per repo) by id."""
+    """node_modules entries by their content key; npm and buildah ones (one per repo) by id;
+    mirrors by the hash their folder is named by."""
     return str(row["key"] or row["id"])[:12]

@@ -684,14 +684,15 @@ def _run_table(state: RunState) -> RichTable:
 # -- caches (cistate.adapters.cli.cache)
 
 def cache_list(as_json: bool) -> None:
-    """Every cache entry of this machine's worker (CISTATE_WORKDIR), most recently used first."""
+    """Every cache entry and repo mirror of this machine's worker (CISTATE_WORKDIR), most
+    recently used first."""
     from cistate.adapters.cli.cache import list_caches
 
     echo(list_caches(settings().workdir, as_json=as_json))
 
 
 def cache_prune(max_size: str | None, everything: bool) -> None:
-    """Remove least recently used cache entries (entries in use stay)."""
+    """Remove least recently used cache entries and repo mirrors (those in use stay)."""
     from cistate.adapters.cli.cache import prune
 
     try:
@@ -858,12 +859,14 @@ def parser(words: Collection[str] | None = None) -> argparse.ArgumentParser:
         "--interval", type=_float_from(0.1), default=0.5, metavar="SECONDS",
         help="Seconds between looks (at least 0.1) [default: 0.5].")
 
-    cache = cli.group("cache", "The worker's caches (npm, node_modules, image layers).")
+    cache = cli.group("cache", "The worker's caches (npm, node_modules, image layers) and "
+                      "repo mirrors.")
     cache.command("list", cache_list).json()
     (cache.command("prune", cache_prune)
      .option("--max", dest="max_size", metavar="SIZE",
              help="Trim to this size (5G, 512M) [default: CISTATE_CACHE_MAX].")
-     .option("--all", dest="everything", action="store_true", help="Remove every entry."))
+     .option("--all", dest="everything", action="store_true",
+             help="Remove every entry and mirror not in use."))
 
     cli.group("schema", "Message and API schemas.").command("export", schema_export).option(
         "--directory", type=Path, default=SCHEMA_DIR, metavar="PATH",
