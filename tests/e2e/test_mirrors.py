@@ -4,13 +4,20 @@ and bubblewrap. Connections to the repo are counted through a TCP proxy in front
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import http.server
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,8 +25,8 @@ import pytest
 
 from cistate.domain.messages import StepCommand
 from cistate.service.worker import Worker
+from handlers import cache, mirror, process
 from handlers import git as git_client
-from handlers import mirror, process
 from handlers.base import StepRequest
 from tests.conftest import wait_until
 from tests.e2e.conftest import GitRepo, GitServer, Requests, git, log_text
@@ -512,3 +519,345 @@ def test_the_mirrors_git_gets_none_of_the_workers_settings(
     done = mirror._git(folder, "-c", "alias.dump-env=!env", "dump-env", check=True)
     assert "PATH=" in done.stdout
     assert "CISTATE_" not in done.stdout and "secret" not in done.stdout
+
+
+# ------------------------------------------- bounded with the caches (handlers.cache) --
+
+
+class SmartHttp:
+    """git's own smart HTTP server (`git http-backend`, run as CGI) over the git server's repos,
+    asking for Basic credentials as a git host does: a repo URL with a token in it."""
+
+    def __init__(self, repos: Path, user: str, token: str) -> None:
+        self.repos, self.expected = repos, base64.b64encode(f"{user}:{token}".encode()).decode()
+        self.authorized = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                outer.serve(self)
+
+            do_POST = do_GET
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, repo: GitRepo, credentials: str) -> str:
+        return f"http://{credentials}127.0.0.1:{self.server.server_port}/{repo.name}.git"
+
+    def serve(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        if handler.headers.get("Authorization") != f"Basic {self.expected}":
+            handler.send_response(401)
+            handler.send_header("WWW-Authenticate", 'Basic realm="git"')
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        self.authorized += 1
+        path, _, query = handler.path.partition("?")
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        env = {"PATH": os.environ["PATH"], "GIT_PROJECT_ROOT": str(self.repos),
+               "GIT_HTTP_EXPORT_ALL": "1", "PATH_INFO": path, "QUERY_STRING": query,
+               "REQUEST_METHOD": handler.command, "REMOTE_USER": "x", "REMOTE_ADDR": "127.0.0.1",
+               "CONTENT_TYPE": handler.headers.get("Content-Type", ""),
+               "CONTENT_LENGTH": str(len(body)),
+               "HTTP_CONTENT_ENCODING": handler.headers.get("Content-Encoding", ""),
+               "GIT_PROTOCOL": handler.headers.get("Git-Protocol", "")}
+        out = subprocess.run(["git", "http-backend"], input=body, env=env,
+                             capture_output=True, check=True).stdout
+        head, _, payload = out.partition(b"\r\n\r\n")
+        headers = [line.split(":", 1) for line in head.decode().splitlines() if ":" in line]
+        status = next((int(v.split()[0]) for k, v in headers if k.lower() == "status"), 200)
+        handler.send_response(status)
+        for key, value in headers:
+            if key.lower() != "status":
+                handler.send_header(key, value.strip())
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def smart_http(git_server: GitServer) -> Iterator[SmartHttp]:
+    server = SmartHttp(git_server.repos, "x-access-token", "ghs_s3cr3t")
+    yield server
+    server.close()
+
+
+def cistate_cli(workdir: Path, *args: str, **env: str) -> str:
+    """The real command line, as an operator runs it on the worker's machine."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CISTATE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "cistate", *args], cwd=ROOT, capture_output=True, text=True,
+        env={**clean, "PYTHONPATH": str(ROOT), "CISTATE_WORKDIR": str(workdir), **env},
+        timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def listed(workdir: Path, **env: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = json.loads(cistate_cli(workdir, "cache", "list", "--json",
+                                                        **env))
+    return rows
+
+
+def let_go(request: StepRequest) -> None:
+    """What the worker does when the attempt ends: its tree deleted, then its holds let go."""
+    shutil.rmtree(request.workdir)
+    request.holds.close()
+
+
+async def test_cache_list_shows_a_mirror_with_its_repo_without_credentials_and_its_size(
+    make_repo: Any, make_request: Requests, smart_http: SmartHttp
+) -> None:
+    repo: GitRepo = make_repo()
+    url = smart_http.url(repo, "x-access-token:ghs_s3cr3t@")
+    request = await checkout(make_request, url, repo.initial)
+    assert smart_http.authorized >= 1, "fetched over http with the token"
+    folder = mirror_of(make_request, url)
+    assert "ghs_s3cr3t" in git(folder, "config", "remote.origin.url"), "the fetch's URL"
+    bare = smart_http.url(repo, "")
+
+    rows = listed(make_request.workdir)
+    assert [(r["kind"], r["id"], r["repo"], r["branch"]) for r in rows] == [
+        ("mirror", folder.name, bare, "")]
+    packs = sum(p.stat().st_size for p in (folder / "objects" / "pack").iterdir())
+    assert packs <= rows[0]["size"] == cache.disk_usage(folder)
+    used = datetime.fromisoformat(rows[0]["last_used"]).timestamp()
+    assert abs(used - (folder / mirror.STAMP).stat().st_mtime) < 1
+    assert time.time() - used < 60
+
+    text = cistate_cli(make_request.workdir, "cache", "list")
+    assert "ghs_s3cr3t" not in text and "x-access-token" not in text
+    header, row, total = text.splitlines()
+    assert header.split()[:3] == ["key", "kind", "repo"]
+    assert row.split()[:3] == [folder.name[:12], "mirror", bare]
+    assert row.endswith("s ago") and total.startswith("1 entries, ")
+
+    # a later checkout is a use: the stamp moves
+    os.utime(folder / mirror.STAMP, (time.time() - 3600,) * 2)
+    await checkout(make_request, url, repo.initial, "test")
+    used = datetime.fromisoformat(listed(make_request.workdir)[0]["last_used"]).timestamp()
+    assert time.time() - used < 60
+    let_go(request)
+
+
+async def test_prune_removes_an_idle_mirror_and_the_next_checkout_fetches_it_again(
+    make_repo: Any, make_request: Requests, proxy: TcpProxy
+) -> None:
+    repo: GitRepo = make_repo()
+    url = proxied(proxy, repo)
+    first = await checkout(make_request, url, repo.initial)
+    folder = mirror_of(make_request, url)
+    let_go(first)
+    assert proxy.accepted == 1
+
+    pruned = cistate_cli(make_request.workdir, "cache", "prune", "--all")
+    assert pruned.splitlines()[0] == f"removed mirror {folder.name[:12]} ({url})"
+    assert "removed 1 entries; 0 left" in pruned
+    assert not folder.exists()
+    assert list((make_request.mirrors / mirror.TRASH).iterdir()) == [], "deleted, not kept"
+    assert listed(make_request.workdir) == []
+
+    again = await checkout(make_request, url, repo.initial, "test")
+    assert proxy.accepted == 2, "fetched again"
+    assert f"fetched {repo.initial} of repo {url} into the worker's mirror" in log_text(again)
+    assert git(source(again), "rev-parse", "HEAD") == repo.initial
+    assert git(source(again), "status", "--porcelain") == ""
+    assert mirror.connected(folder)
+
+
+async def test_prune_skips_a_mirror_a_step_tree_borrows_from_and_the_tree_still_reads_it(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    newer = repo.commit({"NEWS": "second\n"}, "second commit")
+    request = await checkout(make_request, repo.url, newer)
+    folder = mirror_of(make_request, repo.url)
+
+    pruned = cistate_cli(make_request.workdir, "cache", "prune", "--all")
+    assert "removed 0 entries; 1 left" in pruned, pruned
+    pruned = cistate_cli(make_request.workdir, "cache", "prune", "--max", "0")
+    assert "removed 0 entries; 1 left" in pruned, pruned
+    assert mirror.connected(folder)
+    # the tree still reads every object it borrows, on the host and in the step's sandbox
+    assert git(source(request), "log", "--format=%H") == f"{newer}\n{repo.initial}"
+    assert git(source(request), "cat-file", "-p", "HEAD:NEWS") == "second"
+    git(source(request), "fsck", "--no-dangling")
+    done = await process.run_sandboxed(
+        ["git", "-C", "source", "cat-file", "-p", f"{repo.initial}:package.json"],
+        sandbox=request.sandbox, cwd=request.workdir, log=request.log, what="git")
+    assert '"name"' in done.tail
+
+    # a fetch under way (another worker holds the mirror's lock) keeps it too
+    let_go(request)
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import fcntl, sys; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); sys.stdin.read()", f"{folder}.lock",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdin is not None
+    assert await holder.stdout.readline() == b"held\n"
+    assert "removed 0 entries; 1 left" in cistate_cli(make_request.workdir, "cache", "prune",
+                                                      "--all")
+    holder.stdin.close()
+    await holder.wait()
+    assert "removed 1 entries; 0 left" in cistate_cli(make_request.workdir, "cache", "prune",
+                                                      "--all")
+    assert not folder.exists()
+
+
+async def test_the_worker_holds_the_mirror_until_the_attempts_tree_is_gone(
+    make_repo: Any, tmp_path: Path
+) -> None:
+    repo: GitRepo = make_repo()
+    workdir = tmp_path / "worker"
+    folder = mirror.path_for(workdir / mirror.MIRRORS_DIR, repo.url)
+
+    async def step(request: StepRequest) -> dict[str, Any]:
+        await git_client.checkout(request)
+        pruned = await asyncio.to_thread(cistate_cli, workdir, "cache", "prune", "--all")
+        done = await process.run_sandboxed(
+            ["git", "-C", "source", "log", "--format=%H"], sandbox=request.sandbox,
+            cwd=request.workdir, log=request.log, what="git")
+        return {"pruned": pruned.splitlines()[-1], "log": done.tail.splitlines()[-1]}
+
+    worker = Worker(cast(Any, None), workdir, lambda name: step)
+    command = StepCommand(run_id=uuid.uuid4(), step="probe", attempt=1, uses="setup",
+                          repo=repo.url, ref="refs/heads/main", commit=repo.initial)
+    result = await worker.execute(command)
+    assert result.status == "succeeded", result.error
+    assert result.outputs is not None
+    assert result.outputs["log"] == repo.initial, "the tree read its history after the prune"
+    assert result.outputs["pruned"].startswith("removed 0 entries; 1 left"), result.outputs
+    # the attempt's workspace is gone: nothing holds the mirror any more
+    pruned = cistate_cli(workdir, "cache", "prune", "--all")
+    assert "removed 1 entries; 0 left" in pruned
+    assert not folder.exists()
+    again = await worker.execute(command.model_copy(update={"step": "again"}))
+    assert again.status == "succeeded", again.error
+    assert "into the worker's mirror" in (again.log or ""), "fetched again"
+
+
+def put_entry(root: Path, name: str, size: int, used: float) -> cache.Entry:
+    """A node_modules entry of `size` random bytes, last used at `used`."""
+    def fill(data: Path) -> None:
+        data.mkdir()
+        (data / "blob").write_bytes(os.urandom(size))
+
+    entry = cache.store(root, "node_modules", name, {"key": name, "repo": "r", "branch": "main"},
+                        fill, immutable=True)
+    assert entry is not None
+    os.utime(entry.path / "last-used", (used, used))
+    return entry
+
+
+async def test_eviction_by_cache_max_counts_mirrors_with_the_other_caches(
+    make_repo: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old: GitRepo = make_repo()
+    big_commit = old.commit({"blob.bin": os.urandom(1 << 20).hex()}, "a big file")
+    new: GitRepo = make_repo()
+    workdir = tmp_path / "worker"
+    mirrors = workdir / mirror.MIRRORS_DIR
+
+    async def step(request: StepRequest) -> dict[str, Any]:
+        await git_client.checkout(request)
+        return {}
+
+    worker = Worker(cast(Any, None), workdir, lambda name: step)
+
+    def command(repo: GitRepo, commit: str) -> StepCommand:
+        return StepCommand(run_id=uuid.uuid4(), step="setup", attempt=1, uses="setup",
+                           repo=repo.url, ref="refs/heads/main", commit=commit)
+
+    assert (await worker.execute(command(old, big_commit))).status == "succeeded"
+    old_mirror = mirror.path_for(mirrors, old.url)
+    os.utime(old_mirror / mirror.STAMP, (time.time() - 7200,) * 2)
+    entry = put_entry(workdir / "cache", "e" * 64, 100_000, time.time() - 3600)
+    big = cache.disk_usage(old_mirror)
+    assert big > 1 << 20
+    rows = listed(workdir)
+    assert [r["kind"] for r in rows] == ["node_modules", "mirror"], "most recent first"
+    total = sum(r["size"] for r in rows)
+    assert cistate_cli(workdir, "cache", "list").splitlines()[-1].startswith(
+        f"2 entries, {cache.format_size(total)} of ")
+
+    # the limit leaves room for the entry and a small mirror, not for the big one: the
+    # worker's eviction after its next fetch drops the least recently used, the big mirror
+    limit = entry.size() + big // 2
+    monkeypatch.setenv("CISTATE_CACHE_MAX", str(limit))
+    result = await worker.execute(command(new, new.initial))
+    assert result.status == "succeeded", result.error
+    new_mirror = mirror.path_for(mirrors, new.url)
+    assert not old_mirror.exists() and new_mirror.exists() and entry.path.exists()
+    assert sum(e.size() for e in cache.entries(workdir / "cache")) <= limit
+    assert [r["kind"] for r in listed(workdir)] == ["mirror", "node_modules"]
+
+    # `cistate cache prune` with CISTATE_CACHE_MAX counts them the same way: the entry, now
+    # the least recently used, goes first, then the mirror when the limit is lower still
+    small = cache.disk_usage(new_mirror)
+    pruned = cistate_cli(workdir, "cache", "prune", CISTATE_CACHE_MAX=str(small + 10))
+    assert pruned.splitlines()[0] == f"removed node_modules {'e' * 12} (r)"
+    assert [r["kind"] for r in listed(workdir)] == ["mirror"]
+    pruned = cistate_cli(workdir, "cache", "prune", CISTATE_CACHE_MAX=str(small - 1))
+    assert pruned.splitlines()[0] == f"removed mirror {new_mirror.name[:12]} ({new.url})"
+    assert listed(workdir) == []
+
+    # and the next checkout of the evicted repo fetches it again
+    result = await worker.execute(command(old, big_commit))
+    assert result.status == "succeeded", result.error
+    assert "into the worker's mirror" in (result.log or "")
+    assert mirror.connected(old_mirror)
+
+
+REMOVE = """
+import sys
+from pathlib import Path
+from handlers import mirror
+print(mirror.remove(Path(sys.argv[1])), flush=True)
+"""
+
+
+async def test_a_remover_killed_halfway_leaves_no_half_mirror_that_a_checkout_trusts(
+    make_repo: Any, make_request: Requests
+) -> None:
+    repo: GitRepo = make_repo()
+    folder = mirror_of(make_request, repo.url)
+    let_go(await checkout(make_request, repo.url, repo.initial))
+    junk = folder / "junk"  # files enough that deleting them takes a while to be killed in
+    junk.mkdir()
+    for n in range(30_000):
+        (junk / str(n)).write_bytes(b"x")
+    remover = subprocess.Popen([sys.executable, "-c", REMOVE, str(folder)],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 30
+        while folder.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        remover.kill()  # renamed aside, being deleted
+    finally:
+        remover.wait()
+    assert not folder.exists()
+    half = list((make_request.mirrors / mirror.TRASH).iterdir())
+    assert len(half) == 1 and (half[0] / "junk").exists(), "killed while it deleted"
+
+    # where checkouts look there is nothing: the next one makes the mirror anew and fetches
+    again = await checkout(make_request, repo.url, repo.initial, "test")
+    assert f"fetched {repo.initial} of repo {repo.url} into the worker's mirror" in log_text(
+        again)
+    assert "made the worker's mirror" not in log_text(again)
+    assert mirror.connected(folder) and not (folder / "junk").exists()
+    assert git(source(again), "rev-parse", "HEAD") == repo.initial
+    # and the next prune (or eviction) empties the trash; the mirror in use stays
+    assert "removed 0 entries; 1 left" in cistate_cli(make_request.workdir, "cache", "prune",
+                                                      "--all")
+    assert list((make_request.mirrors / mirror.TRASH).iterdir()) == []
+    assert mirror.connected(folder)
