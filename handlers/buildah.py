@@ -33,8 +33,8 @@ from handlers.settings import HandlerSettings, docker_auth
 AUTO_DRIVER = "auto"
 PREFERRED_DRIVER = "overlay"  # what `auto` tries: layers are mounts, not copies
 FALLBACK_DRIVER = "vfs"  # works on any kernel and filesystem
-# what `auto` found, per builder executable, sandbox and filesystem: a worker tries once
 WARM_UP = f"warm-up-{os.getpid()}"  # the attempt folder of a worker's warm-up
+# what `auto` found, per builder executable, sandbox and filesystem: a worker tries once
 _drivers: dict[tuple[str, ...], str] = {}
 
 
