@@ -225,28 +225,43 @@ def using(entry: Entry) -> Iterator[bool]:
 
 
 def store(root: Path, kind: str, entry_id: str, meta: dict[str, str],
-          fill: Callable[[Path], None], *, immutable: bool = False) -> Entry | None:
+          fill: Callable[[Path], int | None], *, immutable: bool = False,
+          reclaim: Callable[[Path], None] | None = None) -> Entry | None:
     """Write a new entry: `fill(data)` makes its data in a temporary folder, which is then
     renamed into place. None when one with this id is there already (the same content, by
     its key: the first one stays); when `fill` raises, nothing is left behind. The size of
-    an `immutable` entry is counted once, here, not at every eviction."""
+    an `immutable` entry is counted once, here, not at every eviction (`fill` may return
+    it, counted as `disk_usage` does, when it walked the data anyway).
+
+    `reclaim(data)` is called when `fill` made data that is not stored after all (`fill`
+    raised, or writing the entry failed, or another writer was first), before the temporary
+    folder is removed: a `fill` that moved something in rather than copying it gets the
+    chance to take it back."""
     folder = root / kind
     if read(root, kind, entry_id) is not None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / f".tmp-{uuid.uuid4().hex}"
     temporary.mkdir(mode=0o700)
+    stored = False
     try:
-        fill(temporary / "data")
-        size = disk_usage(temporary / "data") if immutable else None
+        counted = fill(temporary / "data")
+        size = None
+        if immutable:
+            size = counted if counted is not None else disk_usage(temporary / "data")
         _write_meta(temporary, kind, meta, size)
         try:
             os.rename(temporary, folder / entry_id)
         except OSError:  # another writer was first
             return None
+        stored = True
     finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+        try:
+            if not stored and reclaim is not None and os.path.lexists(temporary / "data"):
+                reclaim(temporary / "data")
+        finally:
+            if temporary.exists():
+                shutil.rmtree(temporary, ignore_errors=True)
     return read(root, kind, entry_id)
 
 

@@ -120,6 +120,38 @@ def test_a_linked_node_modules_is_refused(tmp_path: Path) -> None:
     assert refusal(tmp_path / "node_modules") == "node_modules is a symbolic link"
 
 
+def test_what_fill_moved_in_is_handed_back_when_the_entry_is_not_stored(tmp_path: Path) -> None:
+    handed: list[str] = []
+
+    def reclaim(data: Path) -> None:
+        handed.append((data / "blob").read_text())
+        os.rename(data, tmp_path / "back")
+
+    def filled(data: Path) -> None:
+        data.mkdir()
+        (data / "blob").write_text("mine")
+
+    # another writer's entry (no meta.json yet) is in the way of the rename
+    (tmp_path / "node_modules" / "x").mkdir(parents=True)
+    (tmp_path / "node_modules" / "x" / "data").mkdir()
+    assert cache.store(tmp_path, "node_modules", "x", {"key": "x"}, filled,
+                       reclaim=reclaim) is None
+    assert handed == ["mine"] and (tmp_path / "back" / "blob").read_text() == "mine"
+
+    def broken(data: Path) -> None:
+        filled(data)
+        raise OSError("refused")
+
+    os.rename(tmp_path / "back", tmp_path / "gone")
+    with pytest.raises(OSError, match="refused"):
+        cache.store(tmp_path, "node_modules", "y", {"key": "y"}, broken, reclaim=reclaim)
+    assert handed == ["mine", "mine"] and (tmp_path / "back").is_dir()
+    assert sorted(p.name for p in (tmp_path / "node_modules").iterdir()) == ["x"], (
+        "no temporary left")
+    stored = cache.store(tmp_path, "node_modules", "z", {"key": "z"}, filled, reclaim=reclaim)
+    assert stored is not None and handed == ["mine", "mine"], "stored: nothing handed back"
+
+
 def test_cache_list_and_prune_show_and_trim_the_entries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
