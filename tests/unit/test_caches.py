@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from handlers import cache
-from handlers.node_modules import refusal
+from handlers.node_modules import Refused, admit, refusal
 
 pytestmark = pytest.mark.unit
 
@@ -118,6 +118,34 @@ def test_a_linked_node_modules_is_refused(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     os.symlink(tmp_path / "real", tmp_path / "node_modules")
     assert refusal(tmp_path / "node_modules") == "node_modules is a symbolic link"
+
+
+def test_admitting_a_tree_checks_and_seals_it_in_one_walk_and_counts_its_size(
+        tmp_path: Path) -> None:
+    top = tree(tmp_path)
+    (top / "pkg" / "index.js").write_text("module.exports = 1\n")
+    os.link(top / "pkg" / "index.js", top / "pkg" / "main.js")  # both names inside
+    os.chmod(top / "pkg" / "index.js", 0o664)
+    os.lchown(top / "pkg", 4242, 4242)
+    assert admit(top) == cache.disk_usage(top)
+    for path in [top / "pkg", top / "pkg" / "index.js", top / ".bin" / "cli"]:
+        assert os.lstat(path).st_uid == os.getuid()
+    assert (top / "pkg" / "main.js").stat().st_mode & 0o777 == 0o444
+    assert (top / "pkg" / "bin" / "cli.js").stat().st_mode & 0o222 == 0
+
+
+def test_a_tree_with_a_file_also_linked_from_outside_is_refused_and_that_file_untouched(
+        tmp_path: Path) -> None:
+    top = tree(tmp_path)
+    outside = tmp_path / "package.json"  # the checkout's, or a file of npm's download cache
+    outside.write_text("{}")
+    os.chmod(outside, 0o664)
+    os.chown(outside, 4242, 4242)
+    os.link(outside, top / "pkg" / "package.json")
+    with pytest.raises(Refused, match=r"pkg/package\.json is a hard link to a file outside"):
+        admit(top)
+    assert refusal(top) is None, "the copy path copies it: nothing outside is changed"
+    assert outside.stat().st_uid == 4242 and outside.stat().st_mode & 0o777 == 0o664
 
 
 def test_what_fill_moved_in_is_handed_back_when_the_entry_is_not_stored(tmp_path: Path) -> None:
