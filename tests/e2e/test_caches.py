@@ -12,7 +12,9 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import handlers
 from cistate.adapters.cli.cache import list_caches
 from handlers import build as build_module
 from handlers import buildah as buildah_module
-from handlers import cache, process
+from handlers import cache, node_modules, process
 from handlers.base import StepFailed, StepLog, StepRequest, identity_env
 from handlers.sandbox import Sandbox, SandboxSettings
 from tests.e2e.conftest import ROOT, SAMPLE_APP, Env, GitRepo
@@ -185,6 +187,150 @@ async def test_a_second_run_with_the_same_lock_file_restores_node_modules_withou
         worker.entries("node_modules")[1].data / "jest").exists(), "one tree without jest"
 
 
+# the repo's tests try to change a file of node_modules before jest runs
+TAMPER = """\
+const fs = require('fs');
+const file = 'node_modules/express/package.json';
+for (const [what, change] of [['append', () => fs.appendFileSync(file, ' ')],
+                              ['chmod', () => fs.chmodSync(file, 0o644)],
+                              ['truncate', () => fs.truncateSync(file, 0)]]) {
+  try { change(); console.log(`tamper ${what}: changed`); }
+  catch (error) { console.log(`tamper ${what}: ${error.code}`); }
+}
+"""
+
+
+def files_of(tree: Path) -> dict[str, os.stat_result]:
+    return {os.path.relpath(os.path.join(folder, name), tree): os.lstat(os.path.join(folder, name))
+            for folder, _, names in os.walk(tree) for name in names}
+
+
+async def test_a_cold_install_gives_the_tests_hard_links_to_the_stored_tree_they_cannot_change(
+        worker: Worker, bench_repo: GitRepo, npm_downloads: Path) -> None:
+    package = json.loads((BENCH_APP / "package.json").read_text())
+    package["scripts"]["test"] = "node tamper.js && jest --ci"
+    sha = bench_repo.commit({"package.json": json.dumps(package, indent=2) + "\n",
+                             "tamper.js": TAMPER})
+    outputs, log = await worker.run(bench_repo, sha)
+    assert outputs == {"install": "npm ci"}
+    [entry] = worker.entries("node_modules")
+    assert f"cached node_modules as {entry.key[:12]}" in log
+    assert "tamper append: EACCES" in log and "tamper chmod: EPERM" in log
+    assert "tamper truncate: EACCES" in log
+    assert "Tests:" in log and "passed" in log, "jest ran on the linked tree"
+
+    # the checkout's tree is the stored one: every file a hard link to the entry's, the
+    # worker's and read-only; the folders are the step's own
+    checkout = worker.requests[-1].workdir / "source" / "node_modules"
+    mine, stored = files_of(checkout), files_of(entry.data)
+    assert mine.keys() == stored.keys() and len(mine) > 3000
+    regular = [name for name, info in mine.items() if stat.S_ISREG(info.st_mode)]
+    assert all(mine[name].st_ino == stored[name].st_ino for name in regular)
+    assert all(mine[name].st_uid == os.getuid() and mine[name].st_mode & 0o222 == 0
+               for name in regular)
+    assert (checkout / "express").stat().st_uid == SandboxSettings().sandbox_uid
+    assert not [p for p in entry.path.parent.iterdir() if p.name.startswith(".tmp-")]
+
+    # what npm installed is what the next run gets
+    installed = npm_downloads.parent / "app" / "node_modules" / "express" / "package.json"
+    again = bench_repo.commit({"server.js": (BENCH_APP / "server.js").read_text() + "\n"})
+    outputs, log = await worker.run(bench_repo, again, env=DEAD_PROXY)
+    assert outputs == {"install": "cache"}
+    restored = worker.requests[-1].workdir / "source" / "node_modules" / "express"
+    assert (restored / "package.json").read_bytes() == installed.read_bytes()
+    assert (entry.data / "express" / "package.json").read_bytes() == installed.read_bytes()
+
+
+def main_entry_id(key: str) -> str:
+    return cache.digest(key, "main")
+
+
+async def test_a_tree_another_step_stored_first_is_the_one_the_tests_get(
+        worker: Worker, bench_repo: GitRepo, tmp_path: Path) -> None:
+    # a tree of this key, ready to be stored at once by another writer (from branch feature)
+    await worker.run(bench_repo, bench_repo.initial, ref="refs/heads/feature")
+    [feature] = worker.entries("node_modules")
+    theirs = tmp_path / "theirs"
+    subprocess.run(["cp", "-a", str(feature.data), str(theirs)], check=True)
+    (theirs / ".stored-first").write_text("the other step's\n")
+    size = node_modules.admit(theirs)
+    folder = worker.cache_root / "node_modules"
+    stored: list[cache.Entry | None] = []
+    done = threading.Event()
+
+    def other_writer() -> None:
+        # the moment this step's store starts (its temporary folder), another stores the entry
+        while not any(p.name.startswith(".tmp-") for p in folder.iterdir()):
+            if done.wait(0.001):
+                return
+
+        def fill(data: Path) -> int:
+            os.rename(theirs, data)
+            return size
+
+        stored.append(cache.store(worker.cache_root, "node_modules", main_entry_id(feature.key),
+                                  {"key": feature.key, "repo": bench_repo.url, "branch": "main"},
+                                  fill, immutable=True))
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    try:
+        outputs, log = await worker.run(bench_repo, bench_repo.initial)
+    finally:
+        done.set()
+        thread.join()
+    assert outputs == {"install": "npm ci"} and "$ npm ci" in log
+    [winner] = stored
+    assert winner is not None and winner.path.name == main_entry_id(feature.key)
+    assert f"node_modules restored from cache {feature.key[:12]} (stored meanwhile)" in log
+    assert "Tests:" in log and "passed" in log
+    checkout = worker.requests[-1].workdir / "source" / "node_modules"
+    assert (checkout / ".stored-first").stat().st_ino == (
+        winner.data / ".stored-first").stat().st_ino
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [feature.path.name, winner.path.name]), "the loser's temporary is gone"
+
+
+async def test_a_tree_that_cannot_be_stored_goes_back_to_the_checkout(
+        worker: Worker, bench_repo: GitRepo) -> None:
+    await worker.run(bench_repo, bench_repo.initial, ref="refs/heads/feature")
+    [feature] = worker.entries("node_modules")
+    # a folder where main's entry goes that is no entry (no meta.json): the rename fails,
+    # and there is no stored tree to take instead
+    stray = worker.cache_root / "node_modules" / main_entry_id(feature.key)
+    (stray / "data").mkdir(parents=True)
+    outputs, log = await worker.run(bench_repo, bench_repo.initial)
+    assert outputs == {"install": "npm ci"}
+    assert "node_modules not cached: " in log and "Tests:" in log and "passed" in log
+    assert [e.branch for e in worker.entries("node_modules")] == ["feature"]
+    checkout = worker.requests[-1].workdir / "source" / "node_modules"
+    jest = checkout / "jest" / "package.json"
+    assert jest.stat().st_nlink == 1 and jest.stat().st_uid == SandboxSettings().sandbox_uid
+
+
+async def test_a_tree_that_cannot_be_sealed_goes_back_to_the_checkout(
+        worker: Worker, make_repo: Callable[..., GitRepo]) -> None:
+    repo = make_repo()
+    request = worker.request(repo, repo.initial)
+    source = request.workdir / "source"
+    (source / "node_modules" / "pkg").mkdir(parents=True)
+    stuck = source / "node_modules" / "pkg" / "index.js"
+    stuck.write_text("module.exports = 1\n")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i (a file even root cannot chmod) is not supported here")
+    try:
+        tree = node_modules.Tree(request, source, "k" * 64)
+        await tree.save()
+        assert stuck.read_text() == "module.exports = 1\n", "back in the checkout"
+        assert worker.entries("node_modules") == []
+        assert not (worker.cache_root / "node_modules").exists() or not list(
+            (worker.cache_root / "node_modules").iterdir())
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert request.log.path is not None
+    assert "node_modules not cached: " in request.log.path.read_text(encoding="utf-8")
+
+
 async def test_a_changed_lock_file_misses_and_the_least_recently_used_tree_makes_room(
         worker: Worker, bench_repo: GitRepo, monkeypatch: pytest.MonkeyPatch) -> None:
     await worker.run(bench_repo, bench_repo.initial)
@@ -264,6 +410,11 @@ async def test_a_node_modules_with_a_link_out_of_it_is_not_cached(
     assert outputs == {"install": "npm ci"}
     assert "node_modules not cached: " in log and "local-lib is a link that leads out" in log
     assert worker.entries("node_modules") == []
+    # moved into the cache, refused there, moved back: the tests ran on it
+    assert "$ npm test" in log and "# pass 1" in log
+    checkout = worker.requests[-1].workdir / "source" / "node_modules"
+    assert os.readlink(checkout / "local-lib") == "../local-lib"
+    assert not list((worker.cache_root / "node_modules").iterdir()), "no temporary left"
 
 
 async def test_a_checkout_with_a_node_modules_link_is_neither_restored_over_nor_cached(
