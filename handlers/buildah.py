@@ -108,11 +108,11 @@ class Buildah:
                 "--retry-delay", f"{max(self.settings.registry_backoff, 0.1)}s"]
 
     async def _run(self, args: list[str], *, cwd: Path, what: str, retryable: bool,
-                   network: bool | None = None) -> process.Completed:
+                   network: bool | None = None, with_work: bool = True) -> process.Completed:
         return await process.run_sandboxed(
             [*self._base(), *args], sandbox=self.sandbox, profile=Profile.BUILDER,
             cwd=cwd, log=self.request.log, what=what, retryable=retryable, network=network,
-            shared=[self.store] if self.cached is not None else [])
+            shared=[self.store] if self.cached is not None else [], with_work=with_work)
 
     async def pull_bases(self, containerfile: Path, auths: Mapping[str, Any]) -> None:
         """Pull the base images the `FROM` lines name, with credentials, before the build."""
@@ -123,7 +123,7 @@ class Buildah:
                     ["pull", "--quiet", *self._tls(), *self._retries(),
                      *(["--authfile", str(authfile)] if authfile else []), image],
                     cwd=self.sandbox.build_dir, what=f"pulling the base image {image}",
-                    retryable=True, network=True)
+                    retryable=True, network=True, with_work=False)
 
     async def build(
         self,
@@ -166,7 +166,7 @@ class Buildah:
                 ["push", *self._tls(), *(["--authfile", str(authfile)] if authfile else []),
                  *self._retries(), "--digestfile", str(digestfile), image, f"docker://{image}"],
                 cwd=self.sandbox.build_dir, what=f"pushing {image}", retryable=True,
-                network=True)
+                network=True, with_work=False)
         text = await asyncio.to_thread(digestfile.read_text, encoding="utf-8")
         return text.strip()
 
@@ -239,7 +239,7 @@ async def _probe(settings: HandlerSettings, sandbox: Sandbox, log: StepLog) -> s
         done = await process.run_sandboxed(
             argv, sandbox=sandbox, profile=Profile.BUILDER, cwd=sandbox.build_dir, log=log,
             what=f"checking whether {PREFERRED_DRIVER} works here", check=False,
-            network=False)
+            network=False, with_work=False)
     finally:
         await asyncio.to_thread(shutil.rmtree, store, ignore_errors=True)
     works = done.exit_code == 0 and done.tail.strip().endswith(PREFERRED_DRIVER)

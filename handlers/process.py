@@ -83,14 +83,16 @@ async def run_sandboxed(
     check: bool = True,
     retryable: bool = False,
     shared: Sequence[Path] = (),
+    with_work: bool = True,
 ) -> Completed:
     """Run argv inside the attempt's sandbox (see `handlers.sandbox`); `env` adds to the
-    environment the sandbox builds from nothing; `shared` are cache folders bound writable."""
+    environment the sandbox builds from nothing; `shared` are cache folders bound writable;
+    a BUILDER process `with_work=False` does not see the checkout."""
     status_read, status_write = os.pipe() if sandbox.settings.enabled else (-1, -1)
     try:
         command = sandbox.command(argv, cwd=cwd, profile=profile, env=env, network=network,
                                   status_fd=status_write if status_write >= 0 else None,
-                                  shared=shared)
+                                  shared=shared, with_work=with_work)
         extra = (status_write,) if status_write >= 0 else ()
         try:
             done = await _spawn(command, shown=argv, log=log, what=what, check=False,

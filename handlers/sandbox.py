@@ -194,8 +194,13 @@ class Sandbox:
         network: bool | None = None,
         status_fd: int | None = None,
         shared: Sequence[Path] = (),
+        with_work: bool = True,
     ) -> Command:
         """argv wrapped in the launcher, with the environment it must be started with.
+
+        Without `with_work` a BUILDER process does not see the step's workdir (the checkout)
+        at all: pulls and pushes need only the image store, and their launch then neither
+        walks the checkout nor changes its owner, so they may run beside a STEP process.
 
         `network` overrides the step's setting (the builder pulls and pushes images). The
         bwrap that starts the command itself reports on `status_fd` once it does: a sandbox
@@ -211,6 +216,8 @@ class Sandbox:
             return Command(list(argv), environment, cwd)
         owner = self._owner(profile)
         writable = self._writable(profile)
+        if profile is Profile.BUILDER and not with_work:
+            writable.remove(self.work)
         read_only = []
         if profile is not Profile.BUILDER and any(s.as_file for s in self.secrets):
             read_only.append(self.secrets_dir)

@@ -82,6 +82,22 @@ def test_the_builder_is_root_of_a_user_namespace_on_subordinate_ids(tmp_path: Pa
     assert box.build_dir.stat().st_uid == uid
 
 
+def test_a_builder_without_the_workdir_neither_sees_nor_takes_the_checkout(
+        tmp_path: Path) -> None:
+    box = sandbox(tmp_path, sandbox_uid=4242, sandbox_gid=4243)
+    (box.work / "source").mkdir()
+    (box.work / "source" / "app.js").write_text("x")
+    box.command(["npm", "run", "build"], cwd=box.work)  # the step's own
+    argv = box.command(["buildah", "pull", "busybox"], cwd=box.build_dir,
+                       profile=Profile.BUILDER, with_work=False).argv
+    view = " ".join(argv)
+    assert str(box.work) not in view, "a pull or push does not see the checkout"
+    assert f"--bind {box.build_dir} {box.build_dir}" in view
+    # a STEP process may go on running in it meanwhile: it stays the step user's
+    assert (box.work / "source" / "app.js").stat().st_uid == 4242
+    assert box.build_dir.stat().st_uid == subordinate_ids()[0]
+
+
 def test_unsandboxed_mode_runs_the_command_itself_with_the_same_environment(
         tmp_path: Path) -> None:
     box = sandbox(tmp_path, sandbox="none")
