@@ -20,7 +20,9 @@ Outputs: `image_url` (from setup), `image_digest` (`sha256:...`, as the registry
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +58,23 @@ async def run(request: StepRequest) -> dict[str, Any]:
         source = await git.checkout(request)
         sha = await git.head_sha(source)
         await git.standalone(request, source)  # the builder cannot see the worker's mirror
-        await _build_app(request, settings, source)
-        containerfile = _containerfile(settings, source)
-        context = _inside(source, settings.build_context, "build_context")
-        # after the repo's build script, which may have made links of its own
-        await asyncio.to_thread(refuse_links_out, source.resolve(), context,
-                                f"the build context {settings.build_context!r}")
         builder = Buildah(settings, request)
         auths = registry_auths(settings, {image.host})
         async with builder.layer_cache():
             try:
-                await builder.pull_bases(containerfile, auths)
+                # The bases the Dockerfile names as pushed come down while the app builds
+                # (the pull sees no checkout, the build script no image store); a build
+                # script that changes the FROM lines gets its new bases pulled after it.
+                early = await _bases_as_pushed(builder, settings, source)  # no repo code ran
+                async with _beside(asyncio.create_task(builder.pull(early, auths))):
+                    await _build_app(request, settings, source)
+                containerfile = _containerfile(settings, source)
+                context = _inside(source, settings.build_context, "build_context")
+                # after the repo's build script, which may have made links of its own
+                await asyncio.to_thread(refuse_links_out, source.resolve(), context,
+                                        f"the build context {settings.build_context!r}")
+                bases = await builder.bases(containerfile)
+                await builder.pull([base for base in bases if base not in early], auths)
                 await builder.build(
                     context=context,
                     containerfile=containerfile,
@@ -88,6 +96,31 @@ async def run(request: StepRequest) -> dict[str, Any]:
             request.log.line(f"note: buildah reported {pushed}, the registry has {digest}")
         request.log.line(f"pushed {image_url} ({digest})")
         return {"image_url": image_url, "image_digest": digest}
+
+
+async def _bases_as_pushed(builder: Buildah, settings: HandlerSettings,
+                           source: Path) -> list[str]:
+    """The base images of the Dockerfile as checked out; none if it has none yet. Read
+    before any of the repo's code runs: the build script may replace the file, or a folder
+    on its path with a link, while it runs."""
+    try:
+        return await builder.bases(_containerfile(settings, source))
+    except StepFailed:
+        return []  # perhaps the build script makes one; the step says so after it if not
+
+
+@contextlib.asynccontextmanager
+async def _beside(task: asyncio.Task[Any]) -> AsyncIterator[None]:
+    """The body runs while `task` does and waits for it at its end (the task's error is
+    raised there); a body that fails cancels it."""
+    try:
+        yield
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise
+    await task
 
 
 async def warm_up(workdir: Path, sandbox_settings: SandboxSettings) -> None:

@@ -114,10 +114,14 @@ class Buildah:
             cwd=cwd, log=self.request.log, what=what, retryable=retryable, network=network,
             shared=[self.store] if self.cached is not None else [], with_work=with_work)
 
-    async def pull_bases(self, containerfile: Path, auths: Mapping[str, Any]) -> None:
-        """Pull the base images the `FROM` lines name, with credentials, before the build."""
+    async def bases(self, containerfile: Path) -> list[str]:
+        """The base images the `FROM` lines name."""
         text = await asyncio.to_thread(_read_no_links, containerfile)
-        for image in base_images(text, self.settings.build_args):
+        return base_images(text, self.settings.build_args)
+
+    async def pull(self, images: Iterable[str], auths: Mapping[str, Any]) -> None:
+        """Pull base images, with credentials, before the build."""
+        for image in images:
             with self._authfile(auths) as authfile:
                 await self._run(
                     ["pull", "--quiet", *self._tls(), *self._retries(),

@@ -530,3 +530,20 @@ async def test_a_worker_that_warmed_up_builds_without_asking_for_the_driver_agai
     assert outputs["image_digest"].startswith("sha256:")
     assert "image store: overlay" in log, log
     assert "info --format" not in log, "the build asked again what its warm-up found"
+
+
+async def test_a_dockerfile_the_build_script_makes_gets_its_base_pulled_after_it(
+        handler_worker: Worker, handler_env: Env, make_repo: Callable[..., GitRepo]) -> None:
+    # the base images of the Dockerfile as pushed come down while `npm run build` runs; one
+    # the build script writes is read, and its bases pulled, once the script is done
+    repo = make_repo()
+    package = json.loads((SAMPLE_APP / "package.json").read_text())
+    package["scripts"]["build"] += " && cp Dockerfile.in Dockerfile"
+    sha = repo.commit({"Dockerfile.in": (SAMPLE_APP / "Dockerfile").read_text(),
+                       "Dockerfile": None, "package.json": json.dumps(package)})
+    outputs, log = await build(handler_worker, handler_env, repo, sha)
+    assert outputs["image_digest"].startswith("sha256:")
+    lines = log.splitlines()
+    ran_build = next(i for i, line in enumerate(lines) if "run build" in line)
+    pulled = next(i for i, line in enumerate(lines) if " pull --quiet" in line)
+    assert ran_build < pulled, "pulled after the script made the Dockerfile"
