@@ -38,7 +38,9 @@ async def test_a_committed_link_out_of_the_checkout_fails_the_build_before_build
     assert failed.retryable is False
     assert "assets/passwd (a link to '/etc/passwd')" in failed.message
     assert "assets/up (a link to '../../..')" in failed.message
-    assert "buildah" not in log
+    # no build read the context (the base image may have been pulled meanwhile: a pull
+    # sees no checkout)
+    assert " bud " not in log and " push " not in log
     assert handler_env.registry.digest(f"{handler_env.namespace}/{APP}", sha[:7]) is None
 
 
@@ -55,5 +57,5 @@ async def test_a_link_the_build_script_makes_fails_the_build_before_buildah(
     failed, log = await build_fails(make_request, handler_env, repo, sha)
     assert failed.retryable is False
     assert "dist/shadow (a link to '/etc/shadow')" in failed.message
-    assert "npm run build" in log and "buildah" not in log
+    assert "npm run build" in log and " bud " not in log and " push " not in log
     assert handler_env.registry.digest(f"{handler_env.namespace}/{APP}", sha[:7]) is None
