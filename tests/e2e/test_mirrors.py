@@ -31,6 +31,7 @@ from handlers.base import StepRequest
 from tests.conftest import wait_until
 from tests.e2e.conftest import GitRepo, GitServer, Requests, git, log_text
 from tests.tcpproxy import TcpProxy
+from tests.unit.test_caches import put as put_entry  # a node_modules entry of a size
 
 pytestmark = pytest.mark.e2e
 
@@ -746,17 +747,6 @@ async def test_the_worker_holds_the_mirror_until_the_attempts_tree_is_gone(
     assert "into the worker's mirror" in (again.log or ""), "fetched again"
 
 
-def put_entry(root: Path, name: str, size: int, used: float) -> cache.Entry:
-    """A node_modules entry of `size` random bytes, last used at `used`."""
-    def fill(data: Path) -> None:
-        data.mkdir()
-        (data / "blob").write_bytes(os.urandom(size))
-
-    entry = cache.store(root, "node_modules", name, {"key": name, "repo": "r", "branch": "main"},
-                        fill, immutable=True)
-    assert entry is not None
-    os.utime(entry.path / "last-used", (used, used))
-    return entry
 
 
 async def test_eviction_by_cache_max_counts_mirrors_with_the_other_caches(
