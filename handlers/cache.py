@@ -26,6 +26,7 @@ Pull requests from forks (`StepRequest.untrusted`) read entries but never write 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -176,20 +177,27 @@ def mirrors_of(root: Path) -> Path:
     return root.parent / mirror.MIRRORS_DIR
 
 
-def mirror_entries(root: Path) -> list[Entry]:
+def mirror_entries(root: Path, *, repos: bool = True) -> list[Entry]:
     """The repo mirrors beside the caches at `root`, each with its repo's URL shown without
-    credentials."""
-    found = mirror.mirrors(mirrors_of(root))
-    if not found:
-        return []
+    credentials (`repos`; else left empty, for `with_repo` to fill in when needed)."""
+    found = [Entry(path, MIRROR, path.name.removesuffix(".git"), "", "")
+             for path in mirror.mirrors(mirrors_of(root))]
+    return [with_repo(entry) for entry in found] if repos else found
+
+
+def with_repo(entry: Entry) -> Entry:
+    """A mirror's entry with its repo's URL, without credentials, read from the mirror's
+    config (a git process: what eviction does only for the mirrors it drops)."""
+    if entry.kind != MIRROR or entry.repo:
+        return entry
     from handlers.git import redact  # here: GitPython is big, and most caches have no mirror
 
-    return [Entry(path, MIRROR, path.name.removesuffix(".git"), redact(mirror.url_of(path)),
-                  "") for path in found]
+    return dataclasses.replace(entry, repo=redact(mirror.url_of(entry.path)))
 
 
-def entries(root: Path) -> list[Entry]:
-    """Every entry of the caches at `root`, and the repo mirrors beside them."""
+def entries(root: Path, *, repos: bool = True) -> list[Entry]:
+    """Every entry of the caches at `root`, and the repo mirrors beside them (their repos'
+    URLs only with `repos`)."""
     found = []
     for kind in KINDS:
         folder = root / kind
@@ -199,7 +207,7 @@ def entries(root: Path) -> list[Entry]:
             entry = read(root, kind, child.name) if not child.name.startswith(".") else None
             if entry is not None:
                 found.append(entry)
-    return [*found, *mirror_entries(root)]
+    return [*found, *mirror_entries(root, repos=repos)]
 
 
 @contextlib.contextmanager
@@ -290,15 +298,17 @@ def evict(root: Path, limit: int) -> list[Entry]:
     entry in use is skipped. The entries dropped. Leftovers of a worker killed while it
     wrote or removed an entry go first."""
     sweep(root)
-    found = [(entry.last_used, entry, entry.size()) for entry in entries(root)]
+    # after every write: no git process per mirror to read a URL nobody is shown
+    found = [(entry.last_used, entry, entry.size()) for entry in entries(root, repos=False)]
     total = sum(size for _, _, size in found)
     dropped = []
     for _, entry, size in sorted(found, key=lambda item: item[0]):
         if total <= limit:
             break
+        shown = with_repo(entry)  # read before the mirror (and its config) is gone
         if remove(root, entry):
             total -= size
-            dropped.append(entry)
+            dropped.append(shown)
     return dropped
 
 
